@@ -1,0 +1,59 @@
+# Tollgate: `make run` starts the gateway with the quickstart config,
+# `make test` runs everything CI runs. Both install what they need.
+
+CARGO        ?= cargo
+PLUGIN_CRATES = rules-router trim-compressor default-cache-policy daily-budget hostile-fixture
+PLUGIN_DIR    = target/plugins
+WASM_OUT      = target/wasm32-wasip2/plugin
+VENV          = target/venv
+CONFIG       ?= examples/quickstart.toml
+
+.PHONY: run build plugins setup test test-rust test-python lint fmt bench clean
+
+run: build
+	./target/release/tollgate serve --config $(CONFIG)
+
+build: plugins
+	$(CARGO) build --release -p tollgate
+
+# The wasm target is not on a fresh machine.
+setup:
+	@rustup target list --installed | grep -qx wasm32-wasip2 || rustup target add wasm32-wasip2
+
+plugins: setup
+	$(CARGO) build --target wasm32-wasip2 --profile plugin $(addprefix -p ,$(PLUGIN_CRATES))
+	@mkdir -p $(PLUGIN_DIR)
+	@for c in $(PLUGIN_CRATES); do cp $(WASM_OUT)/$$(echo $$c | tr - _).wasm $(PLUGIN_DIR)/; done
+	@ls -1 $(PLUGIN_DIR)
+
+fmt:
+	$(CARGO) fmt --all
+
+lint: setup
+	$(CARGO) fmt --all -- --check
+	$(CARGO) clippy -p tollgate --all-targets -- -D warnings
+	$(CARGO) clippy --target wasm32-wasip2 $(addprefix -p ,tollgate-sdk $(PLUGIN_CRATES)) -- -D warnings
+
+test: lint plugins test-rust test-python
+
+# Unit tests of the host, the SDK and the plugins' own logic (native), then
+# the end-to-end tests in tests/ that start the real binary.
+test-rust: plugins
+	$(CARGO) test -p tollgate -p tollgate-sdk $(addprefix -p ,$(PLUGIN_CRATES))
+
+# The official openai Python package against the real binary.
+$(VENV)/.ok:
+	python3 -m venv $(VENV)
+	$(VENV)/bin/pip install --quiet --disable-pip-version-check openai==1.* 
+	touch $@
+
+test-python: plugins $(VENV)/.ok
+	$(CARGO) build -p tollgate
+	$(VENV)/bin/python tests/openai_client_test.py --bin target/debug/tollgate --config examples/quickstart.toml
+
+bench: plugins
+	$(CARGO) build --release -p tollgate
+	./target/release/tollgate bench --plugins $(PLUGIN_DIR)
+
+clean:
+	$(CARGO) clean

@@ -1,0 +1,201 @@
+//! The answer cache. Keys are BLAKE3 hashes of the canonical request inside a
+//! scope the cache policy chose: the tenant always, plus the user for
+//! personal answers. Two tenants can never share an entry, because the
+//! tenant is part of every key.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use serde_json::{Map, Value};
+
+use crate::plugins::types::CacheScope;
+use crate::pricing::Usage;
+
+/// Request fields that change the answer. Everything else (stream,
+/// stream_options, user, metadata) does not take part in the key.
+const KEY_FIELDS: [&str; 21] = [
+    "model",
+    "messages",
+    "temperature",
+    "top_p",
+    "n",
+    "stop",
+    "max_tokens",
+    "max_completion_tokens",
+    "presence_penalty",
+    "frequency_penalty",
+    "logit_bias",
+    "seed",
+    "tools",
+    "tool_choice",
+    "functions",
+    "function_call",
+    "response_format",
+    "logprobs",
+    "top_logprobs",
+    "parallel_tool_calls",
+    "reasoning_effort",
+];
+
+pub type CacheKey = [u8; 32];
+
+/// The cache key of a request body within a scope.
+pub fn key(scope: CacheScope, tenant: &str, user: &str, body: &Map<String, Value>) -> CacheKey {
+    let mut canonical = Map::new();
+    for f in KEY_FIELDS {
+        if let Some(v) = body.get(f) {
+            canonical.insert(f.to_string(), v.clone());
+        }
+    }
+    let json = Value::Object(canonical).to_string();
+    let mut h = blake3::Hasher::new();
+    let mut part = |bytes: &[u8]| {
+        h.update(&(bytes.len() as u64).to_le_bytes());
+        h.update(bytes);
+    };
+    part(b"tollgate-cache-v1");
+    part(tenant.as_bytes());
+    match scope {
+        CacheScope::Tenant => part(b"tenant"),
+        CacheScope::TenantUser => {
+            part(b"tenant-user");
+            part(user.as_bytes());
+        }
+    }
+    part(json.as_bytes());
+    *h.finalize().as_bytes()
+}
+
+/// A stored answer, enough to replay it as JSON or as a stream.
+#[derive(Debug)]
+pub struct CachedAnswer {
+    pub model: String,
+    pub content: String,
+    pub finish: String,
+    pub usage: Usage,
+    /// The original JSON response, replayed as-is to non-streaming clients.
+    pub body: Bytes,
+    pub ttl: Duration,
+    pub stored_at: Instant,
+}
+
+/// Where answers live. The in-memory store is the default; a shared store
+/// for several replicas implements the same trait.
+pub trait AnswerStore: Send + Sync {
+    fn get(&self, key: &CacheKey) -> Option<Arc<CachedAnswer>>;
+    fn put(&self, key: CacheKey, answer: Arc<CachedAnswer>);
+}
+
+struct PerEntryTtl;
+
+impl moka::Expiry<CacheKey, Arc<CachedAnswer>> for PerEntryTtl {
+    fn expire_after_create(
+        &self,
+        _k: &CacheKey,
+        v: &Arc<CachedAnswer>,
+        _now: Instant,
+    ) -> Option<Duration> {
+        Some(v.ttl)
+    }
+}
+
+/// In-process store bounded by bytes, with the TTL the policy chose per entry.
+pub struct MemoryStore {
+    inner: moka::sync::Cache<CacheKey, Arc<CachedAnswer>>,
+}
+
+impl MemoryStore {
+    pub fn new(max_bytes: u64) -> Self {
+        let inner = moka::sync::Cache::builder()
+            .max_capacity(max_bytes)
+            .weigher(|_k: &CacheKey, v: &Arc<CachedAnswer>| {
+                u32::try_from(v.body.len() + v.content.len() + v.model.len() + 128)
+                    .unwrap_or(u32::MAX)
+            })
+            .expire_after(PerEntryTtl)
+            .build();
+        Self { inner }
+    }
+
+    pub fn entries(&self) -> u64 {
+        self.inner.entry_count()
+    }
+}
+
+impl AnswerStore for MemoryStore {
+    fn get(&self, key: &CacheKey) -> Option<Arc<CachedAnswer>> {
+        self.inner.get(key)
+    }
+
+    fn put(&self, key: CacheKey, answer: Arc<CachedAnswer>) {
+        self.inner.insert(key, answer);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn body(v: Value) -> Map<String, Value> {
+        v.as_object().unwrap().clone()
+    }
+
+    #[test]
+    fn tenant_and_user_separate_keys_and_stream_does_not() {
+        let b = body(json!({"model": "m", "messages": [{"role": "user", "content": "q"}]}));
+        let mut streamed = b.clone();
+        streamed.insert("stream".into(), json!(true));
+        let k = |s, t, u, b: &Map<String, Value>| key(s, t, u, b);
+        assert_eq!(
+            k(CacheScope::Tenant, "a", "u1", &b),
+            k(CacheScope::Tenant, "a", "u2", &b)
+        );
+        assert_eq!(
+            k(CacheScope::Tenant, "a", "u1", &b),
+            k(CacheScope::Tenant, "a", "u1", &streamed)
+        );
+        assert_ne!(
+            k(CacheScope::Tenant, "a", "u1", &b),
+            k(CacheScope::Tenant, "b", "u1", &b)
+        );
+        assert_ne!(
+            k(CacheScope::TenantUser, "a", "u1", &b),
+            k(CacheScope::TenantUser, "a", "u2", &b)
+        );
+        assert_ne!(
+            k(CacheScope::Tenant, "a", "u1", &b),
+            k(CacheScope::TenantUser, "a", "u1", &b)
+        );
+        let mut hot = b.clone();
+        hot.insert("temperature".into(), json!(0.9));
+        assert_ne!(
+            k(CacheScope::Tenant, "a", "", &b),
+            k(CacheScope::Tenant, "a", "", &hot)
+        );
+        // A tenant name cannot smuggle a user into another scope.
+        assert_ne!(
+            k(CacheScope::Tenant, "ab", "", &b),
+            k(CacheScope::TenantUser, "a", "b", &b)
+        );
+    }
+
+    #[test]
+    fn entries_expire_after_their_ttl() {
+        let s = MemoryStore::new(1 << 20);
+        let a = Arc::new(CachedAnswer {
+            model: "m".into(),
+            content: "c".into(),
+            finish: "stop".into(),
+            usage: Usage::default(),
+            body: Bytes::from_static(b"{}"),
+            ttl: Duration::from_millis(50),
+            stored_at: Instant::now(),
+        });
+        s.put([1; 32], a);
+        assert!(s.get(&[1; 32]).is_some());
+        std::thread::sleep(Duration::from_millis(120));
+        assert!(s.get(&[1; 32]).is_none());
+    }
+}

@@ -1,0 +1,563 @@
+//! The gateway's configuration: one TOML file, every key optional.
+//! `examples/quickstart.toml` documents each key. Relative paths are resolved
+//! against the directory of the config file.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+use crate::pricing::{Catalog, ModelPrice, PricingError};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("config file {path}: {message}")]
+    Parse { path: String, message: String },
+    #[error("config file {path}: `{key}`: {message}")]
+    Invalid {
+        path: String,
+        key: String,
+        message: String,
+    },
+    #[error("config file {path}: {source}")]
+    Pricing { path: String, source: PricingError },
+}
+
+#[derive(Debug, Clone, Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    pub server: ServerConfig,
+    pub identity: IdentityConfig,
+    pub providers: BTreeMap<String, ProviderConfig>,
+    pub models: BTreeMap<String, ModelRoute>,
+    pub pricing: PricingConfig,
+    pub runtime: RuntimeConfig,
+    pub plugins: PluginsConfig,
+    pub cache: CacheConfig,
+    /// Where the file was read from (for messages); not a key.
+    #[serde(skip)]
+    pub origin: String,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServerConfig {
+    pub listen: String,
+    pub max_body_bytes: usize,
+    /// How long a shutdown waits for requests in flight.
+    pub drain_timeout_ms: u64,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        Self {
+            listen: "127.0.0.1:8080".into(),
+            max_body_bytes: 10 * 1024 * 1024,
+            drain_timeout_ms: 30_000,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct IdentityConfig {
+    pub default_tenant: String,
+    pub default_user: String,
+    pub default_feature: String,
+}
+
+impl Default for IdentityConfig {
+    fn default() -> Self {
+        Self {
+            default_tenant: "default".into(),
+            default_user: "anonymous".into(),
+            default_feature: "default".into(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(tag = "kind", rename_all = "lowercase", deny_unknown_fields)]
+pub enum ProviderConfig {
+    /// The built-in deterministic simulator.
+    Sim(SimConfig),
+    /// Any OpenAI-compatible `/chat/completions` API.
+    Openai(OpenAiConfig),
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SimConfig {
+    /// Time to the first token.
+    pub latency_ms: u64,
+    /// Time between streamed tokens.
+    pub ms_per_token: u64,
+    /// Completion length when the request has no `x-tollgate-sim-output-tokens` header.
+    pub default_output_tokens: u32,
+}
+
+impl Default for SimConfig {
+    fn default() -> Self {
+        Self {
+            latency_ms: 0,
+            ms_per_token: 0,
+            default_output_tokens: 16,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct OpenAiConfig {
+    pub base_url: String,
+    /// Environment variable holding the API key; none sends no key.
+    pub api_key_env: Option<String>,
+    pub timeout_ms: u64,
+    pub connect_timeout_ms: u64,
+    /// Serve from the built-in simulator when the key variable is unset
+    /// (the quickstart's behaviour) instead of failing at start.
+    pub sim_when_no_key: bool,
+    /// Pass `x-tollgate-sim-*` headers upstream (for a `tollgate sim` upstream).
+    pub forward_sim_headers: bool,
+    /// Simulator settings used when `sim_when_no_key` applies.
+    pub sim: SimConfig,
+}
+
+impl Default for OpenAiConfig {
+    fn default() -> Self {
+        Self {
+            base_url: "https://api.openai.com/v1".into(),
+            api_key_env: Some("OPENAI_API_KEY".into()),
+            timeout_ms: 120_000,
+            connect_timeout_ms: 5_000,
+            sim_when_no_key: false,
+            forward_sim_headers: false,
+            sim: SimConfig::default(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelRoute {
+    pub provider: String,
+    /// The name the upstream knows the model by, when it differs.
+    #[serde(default)]
+    pub upstream_model: Option<String>,
+}
+
+#[derive(Debug, Clone, Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct PricingConfig {
+    /// A catalog file replacing the built-in one.
+    pub catalog: Option<PathBuf>,
+    /// Models added to or overriding the catalog.
+    pub models: BTreeMap<String, ModelPrice>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RuntimeConfig {
+    /// Resolution of plugin deadlines.
+    pub epoch_tick_ms: u64,
+    /// The largest memory cap any plugin may be given; sizes the instance pool.
+    pub max_memory_mib: u64,
+    /// Plugin instances that may exist at once across all plugins.
+    pub max_instances: u32,
+    /// Warm instances kept per plugin.
+    pub idle_instances: usize,
+}
+
+impl Default for RuntimeConfig {
+    fn default() -> Self {
+        Self {
+            epoch_tick_ms: 1,
+            max_memory_mib: 256,
+            max_instances: 256,
+            idle_instances: 8,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct PluginsConfig {
+    pub router: Option<PluginSlotConfig>,
+    /// One compressor, or a list applied in order.
+    #[serde(deserialize_with = "one_or_many")]
+    pub compressor: Vec<PluginSlotConfig>,
+    pub cache_policy: Option<PluginSlotConfig>,
+    pub budget_rule: Option<PluginSlotConfig>,
+}
+
+fn one_or_many<'de, D>(d: D) -> Result<Vec<PluginSlotConfig>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+{
+    // Dispatch on the shape by hand: an untagged enum would hide which key was wrong.
+    let value = toml::Value::deserialize(d)?;
+    match value {
+        toml::Value::Array(_) => {
+            Vec::<PluginSlotConfig>::deserialize(value).map_err(serde::de::Error::custom)
+        }
+        other => PluginSlotConfig::deserialize(other)
+            .map(|one| vec![one])
+            .map_err(serde::de::Error::custom),
+    }
+}
+
+/// What happens to a request when its plugin fails (trap, timeout, memory,
+/// invalid decision).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum FailMode {
+    /// Go on without the plugin's decision.
+    #[default]
+    Open,
+    /// Reject the request with an error naming the plugin.
+    Closed,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PluginSlotConfig {
+    pub path: PathBuf,
+    /// Name in logs and metrics; the file stem by default.
+    #[serde(default)]
+    pub name: Option<String>,
+    #[serde(default)]
+    pub on_error: FailMode,
+    /// Wall-clock deadline of one call.
+    #[serde(default = "default_timeout_ms")]
+    pub timeout_ms: u64,
+    /// Deadline of `init` (instantiation and configuration).
+    #[serde(default = "default_init_timeout_ms")]
+    pub init_timeout_ms: u64,
+    #[serde(default = "default_memory_mib")]
+    pub memory_mib: u64,
+    /// WebAssembly instructions (roughly) one call may run; 0 turns fuel off.
+    #[serde(default = "default_fuel")]
+    pub fuel: u64,
+    /// Reuse warm instances between requests (fast); false gives every call
+    /// a fresh instance, so nothing a plugin keeps in memory survives a call.
+    #[serde(default = "default_true")]
+    pub reuse_instances: bool,
+    /// Required sha256 of the file (hex); a file that does not match is refused.
+    #[serde(default)]
+    pub sha256: Option<String>,
+    /// Passed to the plugin's `init` as JSON.
+    #[serde(default)]
+    pub config: Option<toml::Value>,
+}
+
+fn default_timeout_ms() -> u64 {
+    5
+}
+fn default_init_timeout_ms() -> u64 {
+    1_000
+}
+fn default_memory_mib() -> u64 {
+    64
+}
+fn default_fuel() -> u64 {
+    50_000_000
+}
+fn default_true() -> bool {
+    true
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CacheConfig {
+    /// Upper bound of cached answer bytes in memory.
+    pub max_bytes: u64,
+    /// Upper bound of any TTL a cache policy asks for.
+    pub max_ttl_seconds: u32,
+}
+
+impl Default for CacheConfig {
+    fn default() -> Self {
+        Self {
+            max_bytes: 256 * 1024 * 1024,
+            max_ttl_seconds: 86_400,
+        }
+    }
+}
+
+impl Config {
+    /// Reads and validates a config file.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        let base = path.parent().unwrap_or(Path::new("."));
+        Self::parse(&text, &path.display().to_string(), base)
+    }
+
+    /// Parses and validates config text; relative paths are resolved against `base`.
+    pub fn parse(text: &str, origin: &str, base: &Path) -> Result<Self, ConfigError> {
+        let mut cfg: Config = toml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: origin.to_string(),
+            message: e.to_string(),
+        })?;
+        cfg.origin = origin.to_string();
+        cfg.resolve_paths(base);
+        cfg.apply_defaults();
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    fn resolve_paths(&mut self, base: &Path) {
+        let fix = |p: &mut PathBuf| {
+            if p.is_relative() {
+                *p = base.join(&*p);
+            }
+        };
+        if let Some(c) = &mut self.pricing.catalog {
+            fix(c);
+        }
+        let slots = self
+            .plugins
+            .router
+            .iter_mut()
+            .chain(self.plugins.compressor.iter_mut())
+            .chain(self.plugins.cache_policy.iter_mut())
+            .chain(self.plugins.budget_rule.iter_mut());
+        for slot in slots {
+            fix(&mut slot.path);
+        }
+    }
+
+    /// An empty file gets the simulator and its three model tiers.
+    fn apply_defaults(&mut self) {
+        if self.providers.is_empty() {
+            self.providers
+                .insert("sim".into(), ProviderConfig::Sim(SimConfig::default()));
+        }
+        if self.models.is_empty() && self.providers.len() == 1 {
+            let provider = self.providers.keys().next().cloned().unwrap_or_default();
+            for m in ["gpt-4o-mini", "gpt-4.1-mini", "gpt-4o"] {
+                self.models.insert(
+                    m.into(),
+                    ModelRoute {
+                        provider: provider.clone(),
+                        upstream_model: None,
+                    },
+                );
+            }
+        }
+    }
+
+    fn invalid(&self, key: impl Into<String>, message: impl Into<String>) -> ConfigError {
+        ConfigError::Invalid {
+            path: self.origin.clone(),
+            key: key.into(),
+            message: message.into(),
+        }
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        if self.server.listen.parse::<std::net::SocketAddr>().is_err() {
+            return Err(self.invalid(
+                "server.listen",
+                format!(
+                    "expected an address like 127.0.0.1:8080, got {:?}",
+                    self.server.listen
+                ),
+            ));
+        }
+        if self.server.max_body_bytes == 0 {
+            return Err(self.invalid("server.max_body_bytes", "must be at least 1"));
+        }
+        if self.models.is_empty() {
+            return Err(self.invalid(
+                "models",
+                "with several providers, list the models each one serves",
+            ));
+        }
+        let known: Vec<&str> = self.providers.keys().map(String::as_str).collect();
+        for (name, route) in &self.models {
+            if !self.providers.contains_key(&route.provider) {
+                return Err(self.invalid(
+                    format!("models.\"{name}\".provider"),
+                    format!(
+                        "unknown provider {:?} (configured: {})",
+                        route.provider,
+                        known.join(", ")
+                    ),
+                ));
+            }
+        }
+        for (name, p) in &self.providers {
+            if let ProviderConfig::Openai(o) = p
+                && !(o.base_url.starts_with("http://") || o.base_url.starts_with("https://"))
+            {
+                return Err(self.invalid(
+                    format!("providers.{name}.base_url"),
+                    format!("expected an http:// or https:// URL, got {:?}", o.base_url),
+                ));
+            }
+        }
+        if self.runtime.epoch_tick_ms == 0 {
+            return Err(self.invalid("runtime.epoch_tick_ms", "must be at least 1"));
+        }
+        let slots = [("plugins.router", self.plugins.router.as_ref())]
+            .into_iter()
+            .chain(
+                self.plugins
+                    .compressor
+                    .iter()
+                    .map(|s| ("plugins.compressor", Some(s))),
+            )
+            .chain([
+                ("plugins.cache_policy", self.plugins.cache_policy.as_ref()),
+                ("plugins.budget_rule", self.plugins.budget_rule.as_ref()),
+            ]);
+        for (key, slot) in slots {
+            let Some(slot) = slot else { continue };
+            if slot.timeout_ms == 0 {
+                return Err(self.invalid(format!("{key}.timeout_ms"), "must be at least 1"));
+            }
+            if slot.memory_mib == 0 || slot.memory_mib > self.runtime.max_memory_mib {
+                return Err(self.invalid(
+                    format!("{key}.memory_mib"),
+                    format!(
+                        "must be between 1 and runtime.max_memory_mib ({})",
+                        self.runtime.max_memory_mib
+                    ),
+                ));
+            }
+            if let Some(d) = &slot.sha256
+                && !(d.len() == 64 && d.bytes().all(|b| b.is_ascii_hexdigit()))
+            {
+                return Err(self.invalid(format!("{key}.sha256"), "expected 64 hex characters"));
+            }
+            if let Some(c) = &slot.config
+                && !c.is_table()
+            {
+                return Err(self.invalid(format!("{key}.config"), "expected a table"));
+            }
+        }
+        Ok(())
+    }
+
+    /// The price catalog: built in (or the configured file) plus overrides.
+    pub fn catalog(&self) -> Result<Catalog, ConfigError> {
+        let wrap = |source| ConfigError::Pricing {
+            path: self.origin.clone(),
+            source,
+        };
+        let mut catalog = match &self.pricing.catalog {
+            Some(path) => {
+                let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+                    path: path.clone(),
+                    source,
+                })?;
+                Catalog::parse(&text, &path.display().to_string()).map_err(wrap)?
+            }
+            None => Catalog::builtin().map_err(wrap)?,
+        };
+        for (name, price) in &self.pricing.models {
+            catalog.insert(name.clone(), price.clone()).map_err(wrap)?;
+        }
+        Ok(catalog)
+    }
+}
+
+impl PluginSlotConfig {
+    /// A slot with every default, for a plugin at `path`.
+    pub fn new(path: impl Into<PathBuf>) -> Self {
+        Self {
+            path: path.into(),
+            name: None,
+            on_error: FailMode::default(),
+            timeout_ms: default_timeout_ms(),
+            init_timeout_ms: default_init_timeout_ms(),
+            memory_mib: default_memory_mib(),
+            fuel: default_fuel(),
+            reuse_instances: true,
+            sha256: None,
+            config: None,
+        }
+    }
+
+    /// The plugin's config as the JSON string its `init` receives.
+    pub fn config_json(&self) -> String {
+        match &self.config {
+            Some(v) => serde_json::to_string(v).unwrap_or_default(),
+            None => String::new(),
+        }
+    }
+
+    pub fn display_name(&self) -> String {
+        self.name.clone().unwrap_or_else(|| {
+            self.path
+                .file_stem()
+                .map(|s| s.to_string_lossy().into_owned())
+                .unwrap_or_else(|| "plugin".into())
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<Config, ConfigError> {
+        Config::parse(text, "test.toml", Path::new("/etc/tollgate"))
+    }
+
+    #[test]
+    fn empty_file_serves_the_simulator_tiers() {
+        let c = parse("").unwrap();
+        assert!(matches!(c.providers["sim"], ProviderConfig::Sim(_)));
+        assert_eq!(c.models.len(), 3);
+        assert_eq!(c.server.listen, "127.0.0.1:8080");
+    }
+
+    #[test]
+    fn errors_name_the_file_and_key() {
+        let e = parse("[server]\nlisten = \"nope\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("test.toml") && e.contains("server.listen"),
+            "{e}"
+        );
+        let e = parse("[server]\nlistn = 1\n").unwrap_err().to_string();
+        assert!(e.contains("unknown field `listn`"), "{e}");
+        let e = parse("[models.m]\nprovider = \"x\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("models.\"m\".provider") && e.contains("unknown provider"),
+            "{e}"
+        );
+        let e = parse("[plugins.router]\npath = \"r.wasm\"\nmemory_mib = 100000\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("plugins.router.memory_mib"), "{e}");
+    }
+
+    #[test]
+    fn plugin_paths_are_relative_to_the_config_file_and_compressors_chain() {
+        let c = parse(
+            "[plugins.router]\npath = \"r.wasm\"\nconfig = { default = \"gpt-4o\" }\n\
+             [[plugins.compressor]]\npath = \"a.wasm\"\n[[plugins.compressor]]\npath = \"/abs/b.wasm\"\n",
+        )
+        .unwrap();
+        let r = c.plugins.router.as_ref().unwrap();
+        assert_eq!(r.path, Path::new("/etc/tollgate/r.wasm"));
+        assert_eq!(r.config_json(), r#"{"default":"gpt-4o"}"#);
+        assert_eq!(c.plugins.compressor.len(), 2);
+        assert_eq!(c.plugins.compressor[1].path, Path::new("/abs/b.wasm"));
+        let one = parse("[plugins.compressor]\npath = \"a.wasm\"\n").unwrap();
+        assert_eq!(one.plugins.compressor.len(), 1);
+    }
+}

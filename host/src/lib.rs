@@ -1,0 +1,17 @@
+//! Tollgate: an OpenAI-compatible LLM gateway whose cost decisions (routing,
+//! prompt compression, caching, budgets) are sandboxed WebAssembly plugins.
+//!
+//! Follow one request by reading [`pipeline`] top to bottom.
+
+pub mod api;
+pub mod budget;
+pub mod cache;
+pub mod clock;
+pub mod config;
+pub mod metrics;
+pub mod pipeline;
+pub mod plugins;
+pub mod pricing;
+pub mod providers;
+pub mod server;
+pub mod tokens;

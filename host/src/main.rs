@@ -1,0 +1,151 @@
+//! `tollgate`: the gateway binary.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use clap::{Parser, Subcommand};
+use tollgate::clock::SystemClock;
+use tollgate::config::{Config, SimConfig};
+use tollgate::pipeline::Gateway;
+use tollgate::pricing::Catalog;
+use tollgate::providers::SimProvider;
+use tollgate::server;
+
+mod bench;
+
+#[derive(Parser)]
+#[command(
+    name = "tollgate",
+    version,
+    about = "LLM cost-control gateway with WebAssembly policy plugins"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the gateway (the default).
+    Serve(ServeArgs),
+    /// Run the simulator alone as an OpenAI-compatible upstream.
+    Sim {
+        #[arg(long, default_value = "127.0.0.1:9090")]
+        listen: String,
+        #[arg(long, default_value_t = 0)]
+        latency_ms: u64,
+        #[arg(long, default_value_t = 0)]
+        ms_per_token: u64,
+    },
+    /// Measure plugin call cost and gateway overhead; prints JSON.
+    Bench(bench::BenchArgs),
+}
+
+#[derive(clap::Args, Default)]
+struct ServeArgs {
+    /// Config file (TOML); without one every default applies.
+    #[arg(long, short, env = "TOLLGATE_CONFIG")]
+    config: Option<PathBuf>,
+    /// Overrides `server.listen`.
+    #[arg(long)]
+    listen: Option<String>,
+}
+
+fn main() -> Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
+    match cli.command.unwrap_or(Command::Serve(ServeArgs::default())) {
+        Command::Serve(args) => rt.block_on(serve(args)),
+        Command::Sim {
+            listen,
+            latency_ms,
+            ms_per_token,
+        } => rt.block_on(sim(listen, latency_ms, ms_per_token)),
+        Command::Bench(args) => rt.block_on(bench::run(args)),
+    }
+}
+
+pub fn load_config(path: Option<&std::path::Path>) -> Result<Config> {
+    Ok(match path {
+        Some(p) => Config::load(p)?,
+        None => Config::parse("", "(defaults)", std::path::Path::new("."))?,
+    })
+}
+
+async fn serve(args: ServeArgs) -> Result<()> {
+    let mut config = load_config(args.config.as_deref())?;
+    if let Some(l) = args.listen {
+        config.server.listen = l;
+    }
+    let listen = config.server.listen.clone();
+    let drain = Duration::from_millis(config.server.drain_timeout_ms);
+    let gw = Gateway::new(config, Arc::new(SystemClock)).context("cannot start the gateway")?;
+    let listener = server::bind(&listen).await?;
+    tracing::info!(
+        "tollgate listening on http://{} (models: {})",
+        listener.local_addr()?,
+        gw.providers.model_names().join(", ")
+    );
+    server::serve(
+        listener,
+        server::gateway_handler(gw),
+        shutdown_signal(),
+        drain,
+    )
+    .await;
+    tracing::info!("stopped");
+    Ok(())
+}
+
+async fn sim(listen: String, latency_ms: u64, ms_per_token: u64) -> Result<()> {
+    let cfg = SimConfig {
+        latency_ms,
+        ms_per_token,
+        ..SimConfig::default()
+    };
+    let sim = Arc::new(SimProvider::new(cfg, Catalog::builtin()?));
+    let listener = server::bind(&listen).await?;
+    tracing::info!("simulator listening on http://{}", listener.local_addr()?);
+    server::serve(
+        listener,
+        server::sim_handler(sim),
+        shutdown_signal(),
+        Duration::from_secs(5),
+    )
+    .await;
+    Ok(())
+}
+
+/// Completes on SIGINT or SIGTERM.
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        () = ctrl_c => {},
+        () = term => {},
+    }
+}

@@ -1,0 +1,630 @@
+//! One chat completion request, top to bottom:
+//!
+//! 1. parse and validate the body; the asked model must be served;
+//! 2. budget: the budget-rule plugin sees the spend so far and allows,
+//!    denies or downgrades;
+//! 3. compressors rewrite the prompt (validated, applied, tokens saved counted);
+//! 4. cache policy: bypass, or look up in the tenant (or tenant+user) scope;
+//!    a hit is answered from the cache;
+//! 5. router: a model, a fallback ladder, a fixed answer, or a rejection;
+//! 6. reserve the worst-case cost, call upstream along the ladder;
+//! 7. account: usage, cost, spend settled, answer admitted to the cache,
+//!    metrics; respond with `x-tollgate-*` headers.
+//!
+//! Each plugin call is contained: on failure the slot's mode either skips the
+//! plugin (fail-open) or rejects the request (fail-closed).
+
+mod account;
+pub mod identity;
+mod stream;
+pub mod view;
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use arc_swap::ArcSwap;
+use bytes::Bytes;
+use http::StatusCode;
+use serde_json::Value;
+use tokio::sync::mpsc;
+
+use crate::api::{self, ApiError, ChatRequest};
+use crate::budget::{Scopes, SpendCounters};
+use crate::cache::{self, AnswerStore, CachedAnswer, MemoryStore};
+use crate::clock::{Clock, utc_day};
+use crate::config::{Config, FailMode};
+use crate::metrics::{Metrics, inc};
+use crate::plugins::types::{
+    CacheDecision, Compression, ModelInfo, RequestView, RouteDecision, SpendSnapshot, Verdict,
+};
+use crate::plugins::{Kind, LoadError, PluginError, PluginSet, Runtime, Slot};
+use crate::pricing::{Catalog, Usage};
+use crate::providers::{ProviderError, ProviderSetupError, Providers, UpstreamCall, UpstreamReply};
+use crate::tokens;
+pub use identity::Identity;
+
+use account::Accounting;
+
+/// Output tokens assumed for the worst case when a request sets no `max_tokens`.
+const DEFAULT_MAX_OUTPUT: u32 = 4096;
+
+/// A response ready for the HTTP layer.
+pub struct Reply {
+    pub status: StatusCode,
+    pub headers: Vec<(&'static str, String)>,
+    pub body: ReplyBody,
+}
+
+pub enum ReplyBody {
+    Json(Bytes),
+    /// Server-sent events, produced by a task that also does the accounting.
+    Sse(mpsc::Receiver<Bytes>),
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum GatewayError {
+    #[error(transparent)]
+    Config(#[from] crate::config::ConfigError),
+    #[error(transparent)]
+    Plugin(#[from] LoadError),
+    #[error(transparent)]
+    Provider(#[from] ProviderSetupError),
+}
+
+/// Everything a request needs, shared by all requests.
+pub struct Gateway {
+    pub config: Config,
+    pub catalog: Catalog,
+    pub providers: Providers,
+    pub runtime: Arc<Runtime>,
+    /// The active plugin set; replaced as a whole, never mutated.
+    pub plugins: ArcSwap<PluginSet>,
+    pub cache: MemoryStore,
+    pub spend: Arc<SpendCounters>,
+    pub clock: Arc<dyn Clock>,
+    pub metrics: Metrics,
+}
+
+impl Gateway {
+    /// Builds the gateway: price catalog, providers, plugin runtime, and
+    /// every configured plugin loaded and initialised (a bad plugin or
+    /// plugin config stops the start with a precise error).
+    pub fn new(config: Config, clock: Arc<dyn Clock>) -> Result<Arc<Self>, GatewayError> {
+        let catalog = config.catalog()?;
+        let providers = Providers::from_config(&config, &catalog)?;
+        let runtime = Runtime::new(&config.runtime, clock.clone())?;
+        let p = &config.plugins;
+        let set = PluginSet {
+            router: p
+                .router
+                .as_ref()
+                .map(|s| load_slot(&runtime, s))
+                .transpose()?,
+            compressors: p
+                .compressor
+                .iter()
+                .map(|s| load_slot(&runtime, s))
+                .collect::<Result<_, _>>()?,
+            cache_policy: p
+                .cache_policy
+                .as_ref()
+                .map(|s| load_slot(&runtime, s))
+                .transpose()?,
+            budget_rule: p
+                .budget_rule
+                .as_ref()
+                .map(|s| load_slot(&runtime, s))
+                .transpose()?,
+        };
+        for s in set.summaries() {
+            tracing::info!(kind = %s.kind, plugin = s.name, sha256 = s.digest, fail_mode = ?s.fail_mode, "plugin loaded");
+        }
+        Ok(Arc::new(Self {
+            cache: MemoryStore::new(config.cache.max_bytes),
+            catalog,
+            providers,
+            runtime,
+            plugins: ArcSwap::from_pointee(set),
+            spend: Arc::new(SpendCounters::default()),
+            clock,
+            metrics: Metrics::default(),
+            config,
+        }))
+    }
+
+    /// Answers one chat completion request; never fails: errors become
+    /// OpenAI-style error replies.
+    pub async fn chat(self: &Arc<Self>, id: Identity, raw: &[u8]) -> Reply {
+        inc(&self.metrics.requests);
+        let request_id = format!("req_{}", uuid::Uuid::now_v7().simple());
+        match self.handle(&request_id, id, raw).await {
+            Ok(reply) => reply,
+            Err(e) => self.error_reply(&request_id, &e),
+        }
+    }
+
+    pub fn error_reply(&self, request_id: &str, e: &ApiError) -> Reply {
+        if e.status.is_server_error() {
+            inc(&self.metrics.errors_server);
+            tracing::warn!(
+                request_id,
+                status = e.status.as_u16(),
+                code = e.code,
+                "{}",
+                e.message
+            );
+        } else {
+            inc(&self.metrics.errors_client);
+            tracing::info!(
+                request_id,
+                status = e.status.as_u16(),
+                code = e.code,
+                "{}",
+                e.message
+            );
+        }
+        Reply {
+            status: e.status,
+            headers: vec![("x-tollgate-request-id", request_id.to_string())],
+            body: ReplyBody::Json(e.body()),
+        }
+    }
+
+    async fn handle(
+        self: &Arc<Self>,
+        rid: &str,
+        id: Identity,
+        raw: &[u8],
+    ) -> Result<Reply, ApiError> {
+        let started = Instant::now();
+
+        // 1. Parse and validate.
+        let mut req = ChatRequest::parse(raw)?;
+        if self.providers.get(&req.model).is_none() {
+            return Err(model_not_found(&req.model, &self.providers));
+        }
+        let plugins = self.plugins.load_full();
+        let mut view = view::build(rid, &id, &req);
+        let chars_before = view::prompt_chars(&view);
+        let scopes = Scopes {
+            day: utc_day(self.clock.now_ms()),
+            tenant: id.tenant.clone(),
+            feature: id.feature.clone(),
+            user: id.user.clone(),
+        };
+        let mut trail: Vec<String> = Vec::new();
+
+        // 2. Budget.
+        let mut ceiling: Option<String> = None;
+        if let Some(slot) = &plugins.budget_rule {
+            let snap = self.spend.snapshot(&scopes);
+            let spend = SpendSnapshot {
+                day: scopes.day.clone(),
+                tenant_today_usd: snap.tenant,
+                feature_today_usd: snap.feature,
+                user_today_usd: snap.user,
+                estimated_cost_usd: self.worst_case(&req.model, &view),
+            };
+            let verdict = contain(slot, slot.plugin.check(&view, &spend))?;
+            match verdict {
+                None | Some(Verdict::Allow) => {}
+                Some(Verdict::Deny(reason)) => {
+                    inc(&self.metrics.budget_denied);
+                    return Err(ApiError::new(
+                        StatusCode::TOO_MANY_REQUESTS,
+                        "insufficient_quota",
+                        "budget_exceeded",
+                        format!("{reason} (budget rule {})", slot.plugin.name()),
+                    ));
+                }
+                Some(Verdict::Downgrade(model)) => {
+                    if self.providers.get(&model).is_some() {
+                        inc(&self.metrics.budget_downgraded);
+                        trail.push(format!("budget:{}=downgrade:{model}", slot.plugin.name()));
+                        ceiling = Some(model);
+                    } else {
+                        let e = slot_invalid(
+                            slot,
+                            format!("downgrade to {model:?}, which is not served"),
+                        );
+                        contain::<_, ()>(slot, Err(e))?;
+                    }
+                }
+                Some(Verdict::Alert(message)) => {
+                    inc(&self.metrics.budget_alerts);
+                    tracing::warn!(request_id = rid, tenant = %id.tenant, plugin = slot.plugin.name(), "budget alert: {message}");
+                    trail.push(format!("budget:{}=alert", slot.plugin.name()));
+                }
+            }
+        }
+
+        // 3. Compress.
+        let tokens_before = view.prompt_tokens;
+        for slot in &plugins.compressors {
+            if let Some(Compression::Rewritten(rw)) = contain(slot, slot.plugin.compress(&view))? {
+                view::apply_rewrite(&mut req, &rw);
+                view = view::build(rid, &id, &req);
+                trail.push(format!("compressor:{}={}", slot.plugin.name(), rw.note));
+            }
+        }
+        let tokens_saved = tokens_before.saturating_sub(view.prompt_tokens);
+        let chars_after = view::prompt_chars(&view);
+
+        // 4. Cache lookup.
+        let mut cache_plan = None;
+        let mut cache_outcome = "bypass";
+        if let Some(slot) = &plugins.cache_policy {
+            match contain(slot, slot.plugin.lookup(&view))? {
+                Some(CacheDecision::Lookup(l)) => {
+                    let key = cache::key(l.scope, &id.tenant, &id.user, &req.body);
+                    if let Some(hit) = self.cache.get(&key) {
+                        inc(&self.metrics.cache_hit);
+                        tracing::info!(request_id = rid, tenant = %id.tenant, model = %hit.model, "cache hit");
+                        return Ok(self.reply_cached(rid, &req, &hit));
+                    }
+                    let ttl = l.ttl_seconds.min(self.config.cache.max_ttl_seconds);
+                    cache_plan = Some((key, Duration::from_secs(u64::from(ttl))));
+                    cache_outcome = "miss";
+                }
+                Some(CacheDecision::Bypass(reason)) => {
+                    trail.push(format!("cache:{}=bypass:{reason}", slot.plugin.name()));
+                }
+                None => {}
+            }
+        }
+        inc(if cache_plan.is_some() {
+            &self.metrics.cache_miss
+        } else {
+            &self.metrics.cache_bypass
+        });
+
+        // 5. Route.
+        let default_model = ceiling.clone().unwrap_or_else(|| req.model.clone());
+        let mut ladder = vec![default_model];
+        if let Some(slot) = &plugins.router {
+            let candidates = self.candidates(ceiling.as_deref());
+            match contain(slot, slot.plugin.route(&view, &candidates))? {
+                None | Some(RouteDecision::Keep) => {}
+                Some(RouteDecision::UseModel(m)) => ladder = vec![m],
+                Some(RouteDecision::Fallback(list)) => ladder = list,
+                Some(RouteDecision::Respond(text)) => {
+                    trail.push(format!("router:{}=respond", slot.plugin.name()));
+                    return Ok(self.reply_fixed(rid, &req, &view, &text));
+                }
+                Some(RouteDecision::Reject(reason)) => {
+                    return Err(ApiError::invalid(
+                        "rejected_by_policy",
+                        format!("{reason} (router {})", slot.plugin.name()),
+                    ));
+                }
+            }
+            trail.push(format!(
+                "router:{}={}",
+                slot.plugin.name(),
+                ladder.join(">")
+            ));
+        }
+
+        // 6. Reserve the worst case and call upstream along the ladder.
+        let reservation = self
+            .spend
+            .reserve(&scopes, self.worst_case(&ladder[0], &view));
+        let mut body = req.body.clone();
+        if req.stream {
+            // Always ask for usage, so streamed calls are billed exactly.
+            let mut opts = match body.remove("stream_options") {
+                Some(Value::Object(o)) => o,
+                _ => serde_json::Map::new(),
+            };
+            opts.insert("include_usage".into(), Value::Bool(true));
+            body.insert("stream_options".into(), Value::Object(opts));
+        }
+        let upstream_started = Instant::now();
+        let (model, provider_name, reply) =
+            self.call_ladder(&ladder, body, req.stream, &id).await?;
+
+        // 7. Account and respond.
+        let acct = Accounting {
+            gateway: self.clone(),
+            plugins: plugins.clone(),
+            request_id: rid.to_string(),
+            view,
+            model: model.clone(),
+            provider: provider_name,
+            cache_plan,
+            reservation: Some(reservation),
+            started,
+            upstream_started,
+            tokens_saved,
+            chars_before,
+            chars_after,
+            trail,
+        };
+        let headers = vec![
+            ("x-tollgate-request-id", rid.to_string()),
+            ("x-tollgate-model", model),
+            ("x-tollgate-cache", cache_outcome.to_string()),
+        ];
+        match reply {
+            UpstreamReply::Complete(body) => {
+                let cost = acct.complete_json(&body);
+                let mut headers = headers;
+                headers.push(("x-tollgate-cost-usd", format_cost(cost)));
+                Ok(Reply {
+                    status: StatusCode::OK,
+                    headers,
+                    body: ReplyBody::Json(body),
+                })
+            }
+            UpstreamReply::Stream(upstream) => Ok(Reply {
+                status: StatusCode::OK,
+                headers,
+                body: ReplyBody::Sse(stream::relay(upstream, acct, req.include_usage)),
+            }),
+        }
+    }
+
+    /// Calls each model of the ladder in turn until one answers; errors a
+    /// next model could fix (429, 5xx, timeouts, connection) move down the ladder.
+    async fn call_ladder(
+        &self,
+        ladder: &[String],
+        body: serde_json::Map<String, Value>,
+        stream: bool,
+        id: &Identity,
+    ) -> Result<(String, String, UpstreamReply), ApiError> {
+        let mut last: Option<ProviderError> = None;
+        for model in ladder {
+            let Some(target) = self.providers.get(model) else {
+                continue;
+            };
+            let mut body = body.clone();
+            body.insert("model".into(), Value::String(target.upstream_model.clone()));
+            let call = UpstreamCall {
+                body,
+                stream,
+                sim_output_tokens: id.sim_output_tokens,
+                sim_fault: id.sim_fault.clone(),
+            };
+            inc(&self.metrics.upstream_calls);
+            match target.provider.chat(call).await {
+                Ok(reply) => return Ok((model.clone(), target.provider_name.clone(), reply)),
+                Err(e) => {
+                    inc(&self.metrics.upstream_errors);
+                    tracing::warn!(model = %model, provider = %target.provider_name, "upstream failed: {e}");
+                    let retry = e.is_retryable();
+                    last = Some(e);
+                    if !retry {
+                        break;
+                    }
+                }
+            }
+        }
+        Err(match last {
+            Some(e) => upstream_error(&e),
+            None => ApiError::new(
+                StatusCode::BAD_GATEWAY,
+                "api_error",
+                "no_upstream",
+                "no model of the route is served",
+            ),
+        })
+    }
+
+    /// Worst-case cost of the request on `model` (0 when the model has no price).
+    fn worst_case(&self, model: &str, view: &RequestView) -> f64 {
+        self.catalog
+            .worst_case(
+                model,
+                view.prompt_tokens,
+                view.max_tokens.unwrap_or(DEFAULT_MAX_OUTPUT),
+            )
+            .unwrap_or(0.0)
+    }
+
+    /// Served models with prices, limited to the ceiling's tier after a downgrade.
+    pub fn candidates(&self, ceiling: Option<&str>) -> Vec<ModelInfo> {
+        let max_tier = ceiling.and_then(|m| self.catalog.get(m)).map(|p| p.tier);
+        self.providers
+            .model_names()
+            .into_iter()
+            .filter_map(|name| {
+                let target = self.providers.get(name)?;
+                let price = self.catalog.get(name);
+                let tier = price.map_or(0, |p| p.tier);
+                if max_tier.is_some_and(|max| tier > max) {
+                    return None;
+                }
+                Some(ModelInfo {
+                    name: name.to_string(),
+                    provider: target.provider_name.clone(),
+                    tier,
+                    input_per_mtok: price.map_or(f64::NAN, |p| p.input),
+                    cached_input_per_mtok: price.map_or(f64::NAN, |p| p.cached_input()),
+                    output_per_mtok: price.map_or(f64::NAN, |p| p.output),
+                })
+            })
+            .collect()
+    }
+
+    fn reply_cached(&self, rid: &str, req: &ChatRequest, hit: &CachedAnswer) -> Reply {
+        let headers = vec![
+            ("x-tollgate-request-id", rid.to_string()),
+            ("x-tollgate-model", hit.model.clone()),
+            ("x-tollgate-cache", "hit".to_string()),
+            ("x-tollgate-cost-usd", format_cost(Some(0.0))),
+        ];
+        let body = if req.stream {
+            let events = api::completion_sse(
+                &format!("chatcmpl-{}", rid.trim_start_matches("req_")),
+                self.clock.now_ms() / 1000,
+                &hit.model,
+                &hit.content,
+                &hit.finish,
+                &hit.usage,
+                req.include_usage,
+            );
+            ReplyBody::Sse(channel_of(events))
+        } else {
+            ReplyBody::Json(hit.body.clone())
+        };
+        Reply {
+            status: StatusCode::OK,
+            headers,
+            body,
+        }
+    }
+
+    /// A router's fixed answer: no upstream call, no cost.
+    fn reply_fixed(&self, rid: &str, req: &ChatRequest, view: &RequestView, text: &str) -> Reply {
+        let usage = Usage {
+            prompt_tokens: view.prompt_tokens,
+            cached_tokens: 0,
+            completion_tokens: tokens::count(text, &req.model),
+        };
+        let id = format!("chatcmpl-{}", rid.trim_start_matches("req_"));
+        let created = self.clock.now_ms() / 1000;
+        let body = if req.stream {
+            ReplyBody::Sse(channel_of(api::completion_sse(
+                &id,
+                created,
+                &req.model,
+                text,
+                "stop",
+                &usage,
+                req.include_usage,
+            )))
+        } else {
+            ReplyBody::Json(Bytes::from(
+                api::completion_json(&id, created, &req.model, text, "stop", &usage).to_string(),
+            ))
+        };
+        tracing::info!(request_id = rid, tenant = %view.tenant, "answered by the router without an upstream call");
+        Reply {
+            status: StatusCode::OK,
+            headers: vec![
+                ("x-tollgate-request-id", rid.to_string()),
+                ("x-tollgate-model", "fixed-response".to_string()),
+                ("x-tollgate-cache", "bypass".to_string()),
+                ("x-tollgate-cost-usd", format_cost(Some(0.0))),
+            ],
+            body,
+        }
+    }
+}
+
+fn load_slot<K: Kind>(
+    rt: &Arc<Runtime>,
+    cfg: &crate::config::PluginSlotConfig,
+) -> Result<Slot<K>, LoadError> {
+    Ok(Slot {
+        plugin: Arc::new(rt.load::<K>(cfg)?),
+        fail_mode: cfg.on_error,
+    })
+}
+
+/// Applies a slot's failure mode to a plugin result: the decision, nothing
+/// (fail-open: go on without the plugin), or an error (fail-closed).
+fn contain<K: Kind, T>(
+    slot: &Slot<K>,
+    result: Result<T, PluginError>,
+) -> Result<Option<T>, ApiError> {
+    match result {
+        Ok(v) => Ok(Some(v)),
+        Err(e) => match slot.fail_mode {
+            FailMode::Open => {
+                tracing::warn!(kind = %K::KIND, plugin = slot.plugin.name(), reason = e.reason(), "plugin failed, skipped (fail-open): {e}");
+                Ok(None)
+            }
+            FailMode::Closed => {
+                tracing::warn!(kind = %K::KIND, plugin = slot.plugin.name(), reason = e.reason(), "plugin failed, request rejected (fail-closed): {e}");
+                Err(ApiError::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "policy_error",
+                    "policy_failed",
+                    format!(
+                        "the {} policy failed and is configured fail-closed: {e}",
+                        K::KIND
+                    ),
+                ))
+            }
+        },
+    }
+}
+
+fn slot_invalid<K: Kind>(slot: &Slot<K>, message: String) -> PluginError {
+    let e = PluginError::Invalid {
+        plugin: slot.plugin.name().to_string(),
+        message,
+    };
+    slot.plugin.stats().record_failure(&e);
+    e
+}
+
+fn model_not_found(model: &str, providers: &Providers) -> ApiError {
+    ApiError::new(
+        StatusCode::NOT_FOUND,
+        "invalid_request_error",
+        "model_not_found",
+        format!(
+            "The model `{model}` is not served by this gateway (served: {})",
+            providers.model_names().join(", ")
+        ),
+    )
+    .param("model")
+}
+
+/// Maps an upstream failure to the client's status: the upstream's own 4xx
+/// are passed on, a rate limit stays 429, other failures are 502 or 504.
+fn upstream_error(e: &ProviderError) -> ApiError {
+    match e {
+        ProviderError::Status {
+            status, message, ..
+        } => {
+            let msg = format!("upstream: {message}");
+            match *status {
+                429 => ApiError::new(
+                    StatusCode::TOO_MANY_REQUESTS,
+                    "rate_limit_error",
+                    "upstream_rate_limited",
+                    msg,
+                ),
+                s @ 400..=499 => ApiError::new(
+                    StatusCode::from_u16(s).unwrap_or(StatusCode::BAD_REQUEST),
+                    "invalid_request_error",
+                    "upstream_rejected",
+                    msg,
+                ),
+                _ => ApiError::new(StatusCode::BAD_GATEWAY, "api_error", "upstream_error", msg),
+            }
+        }
+        ProviderError::Timeout(_) => ApiError::new(
+            StatusCode::GATEWAY_TIMEOUT,
+            "api_error",
+            "upstream_timeout",
+            e.to_string(),
+        ),
+        ProviderError::Connect(_) | ProviderError::Protocol(_) => ApiError::new(
+            StatusCode::BAD_GATEWAY,
+            "api_error",
+            "upstream_unreachable",
+            e.to_string(),
+        ),
+    }
+}
+
+pub fn format_cost(cost: Option<f64>) -> String {
+    match cost {
+        Some(c) => format!("{c:.9}"),
+        None => "unpriced".to_string(),
+    }
+}
+
+fn channel_of(events: Vec<Bytes>) -> mpsc::Receiver<Bytes> {
+    let (tx, rx) = mpsc::channel(events.len().max(1));
+    for e in events {
+        // Capacity equals the number of events, so this never fails.
+        let _ = tx.try_send(e);
+    }
+    rx
+}

@@ -1,0 +1,163 @@
+//! The four plugin kinds: how each is instantiated and called, and the
+//! checks the host applies to each kind's decisions before acting on them.
+
+use wasmtime::Store;
+use wasmtime::component::InstancePre;
+
+use super::bindings::v0_1_0::{budget_rule, cache_policy, compressor, router};
+use super::runtime::Plugin;
+use super::state::StoreState;
+use super::types::{
+    CacheDecision, Compression, ModelInfo, RequestView, ResponseMeta, RouteDecision, SpendSnapshot,
+    Verdict,
+};
+use super::{PluginError, PluginKind};
+
+/// What differs between plugin kinds for the runtime.
+pub trait Kind: Send + Sync + 'static {
+    const KIND: PluginKind;
+    type Pre: Send + Sync;
+    type Bindings: Send;
+
+    fn pre(instance_pre: InstancePre<StoreState>) -> wasmtime::Result<Self::Pre>;
+    fn instantiate(
+        pre: &Self::Pre,
+        store: &mut Store<StoreState>,
+    ) -> wasmtime::Result<Self::Bindings>;
+    fn init(
+        b: &Self::Bindings,
+        store: &mut Store<StoreState>,
+        config: &str,
+    ) -> wasmtime::Result<Result<(), String>>;
+}
+
+macro_rules! kind {
+    ($kind:ident, $variant:ident, $module:ident, $world:ident, $pre:ident) => {
+        pub struct $kind;
+
+        impl Kind for $kind {
+            const KIND: PluginKind = PluginKind::$variant;
+            type Pre = $module::$pre<StoreState>;
+            type Bindings = $module::$world;
+
+            fn pre(instance_pre: InstancePre<StoreState>) -> wasmtime::Result<Self::Pre> {
+                $module::$pre::new(instance_pre)
+            }
+            fn instantiate(
+                pre: &Self::Pre,
+                store: &mut Store<StoreState>,
+            ) -> wasmtime::Result<Self::Bindings> {
+                pre.instantiate(store)
+            }
+            fn init(
+                b: &Self::Bindings,
+                store: &mut Store<StoreState>,
+                config: &str,
+            ) -> wasmtime::Result<Result<(), String>> {
+                b.call_init(store, config)
+            }
+        }
+    };
+}
+
+kind!(RouterKind, Router, router, Router, RouterPre);
+kind!(
+    CompressorKind,
+    Compressor,
+    compressor,
+    Compressor,
+    CompressorPre
+);
+kind!(
+    CachePolicyKind,
+    CachePolicy,
+    cache_policy,
+    CachePolicy,
+    CachePolicyPre
+);
+kind!(
+    BudgetRuleKind,
+    BudgetRule,
+    budget_rule,
+    BudgetRule,
+    BudgetRulePre
+);
+
+impl Plugin<RouterKind> {
+    /// The router's decision; a model outside `candidates` is an invalid decision.
+    pub fn route(
+        &self,
+        req: &RequestView,
+        candidates: &[ModelInfo],
+    ) -> Result<RouteDecision, PluginError> {
+        let d = self.call(|b, s| b.call_route(s, req, candidates))?;
+        let known = |m: &str| candidates.iter().any(|c| c.name == m);
+        match &d {
+            RouteDecision::UseModel(m) if !known(m) => {
+                Err(self.invalid(format!("chose model {m:?}, which is not a candidate")))
+            }
+            RouteDecision::Fallback(list) if list.is_empty() => {
+                Err(self.invalid("fallback list is empty".into()))
+            }
+            RouteDecision::Fallback(list) => match list.iter().find(|m| !known(m)) {
+                Some(m) => {
+                    Err(self.invalid(format!("fallback names {m:?}, which is not a candidate")))
+                }
+                None => Ok(d),
+            },
+            _ => Ok(d),
+        }
+    }
+}
+
+impl Plugin<CompressorKind> {
+    /// The compressor's rewrite, checked against the request it was given:
+    /// kept messages in order and in range, and only text-only messages rewritten.
+    pub fn compress(&self, req: &RequestView) -> Result<Compression, PluginError> {
+        let c = self.call(|b, s| b.call_compress(s, req))?;
+        if let Compression::Rewritten(rw) = &c {
+            let mut prev: Option<u32> = None;
+            for k in &rw.messages {
+                let Some(orig) = req.messages.get(k.source as usize) else {
+                    return Err(self.invalid(format!("kept message {} does not exist", k.source)));
+                };
+                if prev.is_some_and(|p| k.source <= p) {
+                    return Err(self.invalid("kept messages are not in increasing order".into()));
+                }
+                if k.content.is_some() && !orig.text_only {
+                    return Err(self.invalid(format!(
+                        "rewrote message {}, which carries more than text",
+                        k.source
+                    )));
+                }
+                prev = Some(k.source);
+            }
+            if rw.messages.is_empty() && !req.messages.is_empty() {
+                return Err(self.invalid("dropped every message".into()));
+            }
+        }
+        Ok(c)
+    }
+}
+
+impl Plugin<CachePolicyKind> {
+    pub fn lookup(&self, req: &RequestView) -> Result<CacheDecision, PluginError> {
+        let d = self.call(|b, s| b.call_lookup(s, req))?;
+        if let CacheDecision::Lookup(l) = &d
+            && l.ttl_seconds == 0
+        {
+            return Err(self.invalid("lookup with a TTL of 0 seconds".into()));
+        }
+        Ok(d)
+    }
+
+    pub fn admit(&self, req: &RequestView, response: &ResponseMeta) -> Result<bool, PluginError> {
+        self.call(|b, s| b.call_admit(s, req, response))
+    }
+}
+
+impl Plugin<BudgetRuleKind> {
+    pub fn check(&self, req: &RequestView, spend: &SpendSnapshot) -> Result<Verdict, PluginError> {
+        self.call(|b, s| b.call_check(s, req, spend))
+    }
+}

@@ -1,0 +1,204 @@
+//! The plugin runtime: every cost decision is a WebAssembly component run
+//! here under hard limits.
+//!
+//! One [`Runtime`] (wasmtime `Engine`, linker, epoch ticker) serves the
+//! process. Each plugin is compiled once into an `InstancePre`; warm
+//! instances are kept in a small pool so a call costs about a microsecond
+//! instead of an instantiation. Every call runs with a wall-clock deadline
+//! (epoch interruption), a fuel budget and a memory cap; an instance that
+//! fails is thrown away, never reused, so a bad call cannot poison the next.
+
+mod bindings;
+mod kinds;
+mod runtime;
+mod state;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+pub use bindings::types;
+pub use kinds::{BudgetRuleKind, CachePolicyKind, CompressorKind, Kind, RouterKind};
+pub use runtime::{Plugin, Runtime};
+
+use crate::config::FailMode;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum PluginKind {
+    Router,
+    Compressor,
+    CachePolicy,
+    BudgetRule,
+}
+
+impl PluginKind {
+    /// The WIT world a plugin of this kind must implement.
+    pub fn world(self) -> &'static str {
+        match self {
+            PluginKind::Router => "router",
+            PluginKind::Compressor => "compressor",
+            PluginKind::CachePolicy => "cache-policy",
+            PluginKind::BudgetRule => "budget-rule",
+        }
+    }
+}
+
+impl std::fmt::Display for PluginKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.world())
+    }
+}
+
+/// Why loading a plugin was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    #[error("cannot read plugin {path}: {source}")]
+    Read {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("plugin {path}: sha256 is {actual}, the config requires {expected}")]
+    DigestMismatch {
+        path: String,
+        expected: String,
+        actual: String,
+    },
+    #[error("plugin {path} is not a valid WebAssembly component: {message}")]
+    Compile { path: String, message: String },
+    #[error("plugin {path} imports something the gateway does not offer: {message}")]
+    Imports { path: String, message: String },
+    #[error("plugin {path} does not implement the `{world}` world: {message}")]
+    WrongWorld {
+        path: String,
+        world: &'static str,
+        message: String,
+    },
+    #[error("plugin {path} refused its config: {message}")]
+    Init { path: String, message: String },
+    #[error("plugin runtime: {0}")]
+    Engine(String),
+}
+
+/// Why one plugin call produced no decision.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum PluginError {
+    #[error("plugin {plugin} ran past its {deadline_ms} ms deadline")]
+    Timeout { plugin: String, deadline_ms: u64 },
+    #[error("plugin {plugin} ran out of fuel ({fuel} units)")]
+    OutOfFuel { plugin: String, fuel: u64 },
+    #[error("plugin {plugin} exceeded its memory cap of {cap_mib} MiB")]
+    Memory { plugin: String, cap_mib: u64 },
+    #[error("plugin {plugin} trapped: {message}")]
+    Trap { plugin: String, message: String },
+    #[error("plugin {plugin} returned an invalid decision: {message}")]
+    Invalid { plugin: String, message: String },
+    #[error("plugin {plugin} could not be instantiated: {message}")]
+    Instantiate { plugin: String, message: String },
+}
+
+impl PluginError {
+    /// Short label for metrics.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            PluginError::Timeout { .. } => "timeout",
+            PluginError::OutOfFuel { .. } => "fuel",
+            PluginError::Memory { .. } => "memory",
+            PluginError::Trap { .. } => "trap",
+            PluginError::Invalid { .. } => "invalid",
+            PluginError::Instantiate { .. } => "instantiate",
+        }
+    }
+}
+
+/// Counters of one plugin, read by `/metrics`.
+#[derive(Default, Debug)]
+pub struct PluginStats {
+    pub calls: AtomicU64,
+    pub instantiations: AtomicU64,
+    pub timeout: AtomicU64,
+    pub fuel: AtomicU64,
+    pub memory: AtomicU64,
+    pub trap: AtomicU64,
+    pub invalid: AtomicU64,
+    pub instantiate: AtomicU64,
+}
+
+impl PluginStats {
+    pub fn record_failure(&self, e: &PluginError) {
+        let c = match e {
+            PluginError::Timeout { .. } => &self.timeout,
+            PluginError::OutOfFuel { .. } => &self.fuel,
+            PluginError::Memory { .. } => &self.memory,
+            PluginError::Trap { .. } => &self.trap,
+            PluginError::Invalid { .. } => &self.invalid,
+            PluginError::Instantiate { .. } => &self.instantiate,
+        };
+        c.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// (reason, count) pairs of failures.
+    pub fn failures(&self) -> [(&'static str, u64); 6] {
+        let g = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        [
+            ("timeout", g(&self.timeout)),
+            ("fuel", g(&self.fuel)),
+            ("memory", g(&self.memory)),
+            ("trap", g(&self.trap)),
+            ("invalid", g(&self.invalid)),
+            ("instantiate", g(&self.instantiate)),
+        ]
+    }
+}
+
+/// A loaded plugin in a slot of the pipeline, with the slot's failure mode.
+pub struct Slot<K: Kind> {
+    pub plugin: Arc<Plugin<K>>,
+    pub fail_mode: FailMode,
+}
+
+impl<K: Kind> Clone for Slot<K> {
+    fn clone(&self) -> Self {
+        Self {
+            plugin: self.plugin.clone(),
+            fail_mode: self.fail_mode,
+        }
+    }
+}
+
+/// The plugins active for requests. Swapped as a whole (behind an
+/// `ArcSwap`), so a request sees one consistent set from start to end.
+#[derive(Default, Clone)]
+pub struct PluginSet {
+    pub router: Option<Slot<RouterKind>>,
+    pub compressors: Vec<Slot<CompressorKind>>,
+    pub cache_policy: Option<Slot<CachePolicyKind>>,
+    pub budget_rule: Option<Slot<BudgetRuleKind>>,
+}
+
+/// A reference to any plugin, for listing and metrics.
+pub struct PluginSummary<'a> {
+    pub kind: PluginKind,
+    pub name: &'a str,
+    pub digest: &'a str,
+    pub stats: &'a PluginStats,
+    pub fail_mode: FailMode,
+}
+
+impl PluginSet {
+    pub fn summaries(&self) -> Vec<PluginSummary<'_>> {
+        fn one<K: Kind>(s: &Slot<K>) -> PluginSummary<'_> {
+            PluginSummary {
+                kind: K::KIND,
+                name: s.plugin.name(),
+                digest: s.plugin.digest(),
+                stats: s.plugin.stats(),
+                fail_mode: s.fail_mode,
+            }
+        }
+        let mut out = Vec::new();
+        out.extend(self.router.iter().map(one));
+        out.extend(self.compressors.iter().map(one));
+        out.extend(self.cache_policy.iter().map(one));
+        out.extend(self.budget_rule.iter().map(one));
+        out
+    }
+}

@@ -1,0 +1,369 @@
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use sha2::{Digest, Sha256};
+use wasmtime::component::{Component, HasSelf, Linker};
+use wasmtime::{Config, Engine, InstanceAllocationStrategy, PoolingAllocationConfig, Store, Trap};
+
+use super::bindings::v0_1_0::Imports;
+use super::kinds::Kind;
+use super::state::StoreState;
+use super::{LoadError, PluginError, PluginStats};
+use crate::clock::Clock;
+use crate::config::{PluginSlotConfig, RuntimeConfig};
+
+/// The process-wide wasmtime engine, linker and epoch ticker.
+pub struct Runtime {
+    engine: Engine,
+    linker: Linker<StoreState>,
+    tick_ms: u64,
+    idle_instances: usize,
+    clock: Arc<dyn Clock>,
+    stop: Arc<AtomicBool>,
+}
+
+impl Drop for Runtime {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+    }
+}
+
+impl Runtime {
+    pub fn new(cfg: &RuntimeConfig, clock: Arc<dyn Clock>) -> Result<Arc<Self>, LoadError> {
+        let engine_err = |e: wasmtime::Error| LoadError::Engine(format!("{e:#}"));
+        let max_memory = usize::try_from(cfg.max_memory_mib.saturating_mul(1 << 20))
+            .map_err(|_| LoadError::Engine("runtime.max_memory_mib too large".into()))?;
+
+        let mut pool = PoolingAllocationConfig::new();
+        pool.total_component_instances(cfg.max_instances)
+            .total_core_instances(cfg.max_instances.saturating_mul(8))
+            .total_memories(cfg.max_instances.saturating_mul(2))
+            .total_tables(cfg.max_instances.saturating_mul(4))
+            .max_memories_per_module(2)
+            .max_tables_per_module(4)
+            .max_memory_size(max_memory)
+            .max_component_instance_size(4 << 20)
+            .max_core_instance_size(4 << 20);
+
+        let mut config = Config::new();
+        config
+            .wasm_component_model(true)
+            .epoch_interruption(true)
+            .consume_fuel(true)
+            .allocation_strategy(InstanceAllocationStrategy::Pooling(pool));
+        let engine = Engine::new(&config).map_err(engine_err)?;
+
+        let mut linker = Linker::<StoreState>::new(&engine);
+        wasmtime_wasi::p2::add_to_linker_sync(&mut linker).map_err(engine_err)?;
+        Imports::add_to_linker::<_, HasSelf<StoreState>>(&mut linker, |s| s).map_err(engine_err)?;
+
+        let stop = Arc::new(AtomicBool::new(false));
+        let ticker_engine = engine.weak();
+        let ticker_stop = stop.clone();
+        let tick = Duration::from_millis(cfg.epoch_tick_ms.max(1));
+        std::thread::Builder::new()
+            .name("tollgate-epoch".into())
+            .spawn(move || {
+                while !ticker_stop.load(Ordering::Relaxed) {
+                    std::thread::sleep(tick);
+                    match ticker_engine.upgrade() {
+                        Some(e) => e.increment_epoch(),
+                        None => break,
+                    }
+                }
+            })
+            .map_err(|e| LoadError::Engine(format!("cannot start epoch thread: {e}")))?;
+
+        Ok(Arc::new(Self {
+            engine,
+            linker,
+            tick_ms: cfg.epoch_tick_ms.max(1),
+            idle_instances: cfg.idle_instances,
+            clock,
+            stop,
+        }))
+    }
+
+    /// Loads, checks and initialises a plugin for one slot: reads the file,
+    /// checks a pinned digest, compiles it, checks it implements the slot's
+    /// world with only the imports we offer, and runs its `init` with its
+    /// config once. Nothing is active until all of that passed.
+    pub fn load<K: Kind>(
+        self: &Arc<Self>,
+        slot: &PluginSlotConfig,
+    ) -> Result<Plugin<K>, LoadError> {
+        let path = slot.path.display().to_string();
+        let bytes = std::fs::read(&slot.path).map_err(|source| LoadError::Read {
+            path: path.clone(),
+            source,
+        })?;
+        self.load_bytes::<K>(&bytes, &path, slot)
+    }
+
+    pub fn load_bytes<K: Kind>(
+        self: &Arc<Self>,
+        bytes: &[u8],
+        path: &str,
+        slot: &PluginSlotConfig,
+    ) -> Result<Plugin<K>, LoadError> {
+        let digest = hex(&Sha256::digest(bytes));
+        if let Some(expected) = &slot.sha256
+            && !expected.eq_ignore_ascii_case(&digest)
+        {
+            return Err(LoadError::DigestMismatch {
+                path: path.into(),
+                expected: expected.clone(),
+                actual: digest,
+            });
+        }
+        let component = Component::new(&self.engine, bytes).map_err(|e| LoadError::Compile {
+            path: path.into(),
+            message: format!("{e:#}"),
+        })?;
+        let instance_pre =
+            self.linker
+                .instantiate_pre(&component)
+                .map_err(|e| LoadError::Imports {
+                    path: path.into(),
+                    message: format!("{e:#}"),
+                })?;
+        let pre = K::pre(instance_pre).map_err(|e| LoadError::WrongWorld {
+            path: path.into(),
+            world: K::KIND.world(),
+            message: format!("{e:#}"),
+        })?;
+        let limits = Limits {
+            deadline_ms: slot.timeout_ms,
+            init_deadline_ms: slot.init_timeout_ms,
+            memory_bytes: usize::try_from(slot.memory_mib.saturating_mul(1 << 20))
+                .unwrap_or(usize::MAX),
+            memory_mib: slot.memory_mib,
+            fuel: slot.fuel,
+        };
+        let plugin = Plugin {
+            name: Arc::from(slot.display_name()),
+            digest,
+            runtime: self.clone(),
+            pre,
+            config_json: slot.config_json(),
+            limits,
+            reuse: slot.reuse_instances,
+            idle: Mutex::new(Vec::new()),
+            stats: PluginStats::default(),
+        };
+        // One real instantiation and `init` now, so a bad config is refused at
+        // load time rather than on the first request. The instance is kept warm.
+        let warm = plugin.fresh().map_err(|e| match e {
+            PluginError::Invalid { message, .. } => LoadError::Init {
+                path: path.into(),
+                message,
+            },
+            other => LoadError::Init {
+                path: path.into(),
+                message: other.to_string(),
+            },
+        })?;
+        plugin.put_back(warm);
+        Ok(plugin)
+    }
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Limits {
+    deadline_ms: u64,
+    init_deadline_ms: u64,
+    memory_bytes: usize,
+    memory_mib: u64,
+    fuel: u64,
+}
+
+/// An instance ready for calls: its store and the typed exports.
+pub(super) struct Warm<K: Kind> {
+    store: Store<StoreState>,
+    bindings: K::Bindings,
+}
+
+/// One loaded plugin: compiled once, instantiated on demand, kept warm.
+pub struct Plugin<K: Kind> {
+    name: Arc<str>,
+    digest: String,
+    runtime: Arc<Runtime>,
+    pre: K::Pre,
+    config_json: String,
+    limits: Limits,
+    reuse: bool,
+    idle: Mutex<Vec<Warm<K>>>,
+    stats: PluginStats,
+}
+
+impl<K: Kind> Plugin<K> {
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// sha256 of the component bytes, hex.
+    pub fn digest(&self) -> &str {
+        &self.digest
+    }
+
+    pub fn stats(&self) -> &PluginStats {
+        &self.stats
+    }
+
+    fn ticks(&self, ms: u64) -> u64 {
+        // One extra tick: the deadline is never shorter than asked.
+        ms.div_ceil(self.runtime.tick_ms) + 1
+    }
+
+    /// A new instance with `init` run on it.
+    fn fresh(&self) -> Result<Warm<K>, PluginError> {
+        self.stats.instantiations.fetch_add(1, Ordering::Relaxed);
+        let state = StoreState::new(
+            self.name.clone(),
+            self.runtime.clock.clone(),
+            self.limits.memory_bytes,
+        );
+        let mut store = Store::new(&self.runtime.engine, state);
+        store.limiter(|s| &mut s.limiter);
+        store.epoch_deadline_trap();
+        self.arm(
+            &mut store,
+            self.limits.init_deadline_ms,
+            self.limits.fuel.saturating_mul(20),
+        );
+        let bindings = match K::instantiate(&self.pre, &mut store) {
+            Ok(b) => b,
+            Err(e) => {
+                let err = self.classify(e, &store, self.limits.init_deadline_ms);
+                let err = match err {
+                    PluginError::Trap { plugin, message } => {
+                        PluginError::Instantiate { plugin, message }
+                    }
+                    other => other,
+                };
+                self.stats.record_failure(&err);
+                return Err(err);
+            }
+        };
+        match K::init(&bindings, &mut store, &self.config_json) {
+            Ok(Ok(())) => Ok(Warm { store, bindings }),
+            Ok(Err(message)) => {
+                let err = PluginError::Invalid {
+                    plugin: self.name.to_string(),
+                    message: format!("init refused its config: {message}"),
+                };
+                self.stats.record_failure(&err);
+                Err(err)
+            }
+            Err(e) => {
+                let err = self.classify(e, &store, self.limits.init_deadline_ms);
+                self.stats.record_failure(&err);
+                Err(err)
+            }
+        }
+    }
+
+    fn arm(&self, store: &mut Store<StoreState>, deadline_ms: u64, fuel: u64) {
+        store.set_epoch_deadline(self.ticks(deadline_ms));
+        let fuel = if self.limits.fuel == 0 {
+            u64::MAX
+        } else {
+            fuel
+        };
+        // Fails only when fuel is off in the engine config, which it never is.
+        let _ = store.set_fuel(fuel);
+        store.data_mut().limiter.denied = false;
+    }
+
+    fn take(&self) -> Option<Warm<K>> {
+        if !self.reuse {
+            return None;
+        }
+        self.idle.lock().ok()?.pop()
+    }
+
+    fn put_back(&self, warm: Warm<K>) {
+        if !self.reuse {
+            return;
+        }
+        if let Ok(mut idle) = self.idle.lock()
+            && idle.len() < self.runtime.idle_instances.max(1)
+        {
+            idle.push(warm);
+        }
+    }
+
+    /// Runs one export call under the plugin's limits. Any failure is
+    /// classified, counted, and the instance is dropped.
+    pub(super) fn call<R>(
+        &self,
+        f: impl FnOnce(&K::Bindings, &mut Store<StoreState>) -> wasmtime::Result<R>,
+    ) -> Result<R, PluginError> {
+        self.stats.calls.fetch_add(1, Ordering::Relaxed);
+        let mut warm = match self.take() {
+            Some(w) => w,
+            None => self.fresh()?,
+        };
+        self.arm(&mut warm.store, self.limits.deadline_ms, self.limits.fuel);
+        match f(&warm.bindings, &mut warm.store) {
+            Ok(r) => {
+                self.put_back(warm);
+                Ok(r)
+            }
+            Err(e) => {
+                let err = self.classify(e, &warm.store, self.limits.deadline_ms);
+                self.stats.record_failure(&err);
+                Err(err)
+            }
+        }
+    }
+
+    /// Records a decision the host refused after a successful call.
+    pub(super) fn invalid(&self, message: String) -> PluginError {
+        let err = PluginError::Invalid {
+            plugin: self.name.to_string(),
+            message,
+        };
+        self.stats.record_failure(&err);
+        err
+    }
+
+    fn classify(
+        &self,
+        e: wasmtime::Error,
+        store: &Store<StoreState>,
+        deadline_ms: u64,
+    ) -> PluginError {
+        let plugin = self.name.to_string();
+        if store.data().limiter.denied {
+            return PluginError::Memory {
+                plugin,
+                cap_mib: self.limits.memory_mib,
+            };
+        }
+        match e.downcast_ref::<Trap>() {
+            Some(Trap::Interrupt) => PluginError::Timeout {
+                plugin,
+                deadline_ms,
+            },
+            Some(Trap::OutOfFuel) => PluginError::OutOfFuel {
+                plugin,
+                fuel: self.limits.fuel,
+            },
+            _ => PluginError::Trap {
+                plugin,
+                message: first_line(&format!("{e:#}")),
+            },
+        }
+    }
+}
+
+fn first_line(s: &str) -> String {
+    let line = s.lines().next().unwrap_or(s);
+    line.chars().take(300).collect()
+}

@@ -1,0 +1,119 @@
+//! What one plugin instance's store holds: its (empty) WASI context, its
+//! memory limiter and what the host imports need.
+
+use std::sync::Arc;
+
+use wasmtime::ResourceLimiter;
+use wasmtime::component::ResourceTable;
+use wasmtime_wasi::{WasiCtx, WasiCtxBuilder, WasiCtxView, WasiView};
+
+use super::bindings::v0_1_0::tollgate::policy::{host, types};
+use crate::clock::Clock;
+
+/// Longest log line a plugin may write; longer ones are cut.
+const MAX_LOG_BYTES: usize = 2048;
+
+pub struct StoreState {
+    wasi: WasiCtx,
+    table: ResourceTable,
+    pub(super) limiter: MemoryLimiter,
+    plugin: Arc<str>,
+    clock: Arc<dyn Clock>,
+}
+
+impl StoreState {
+    pub fn new(plugin: Arc<str>, clock: Arc<dyn Clock>, memory_bytes: usize) -> Self {
+        // No preopened directories, no environment, no arguments, no network:
+        // a plugin sees clocks, randomness and empty stdio, nothing more.
+        let wasi = WasiCtxBuilder::new()
+            .allow_tcp(false)
+            .allow_udp(false)
+            .allow_ip_name_lookup(false)
+            .build();
+        Self {
+            wasi,
+            table: ResourceTable::new(),
+            limiter: MemoryLimiter {
+                max_bytes: memory_bytes,
+                denied: false,
+            },
+            plugin,
+            clock,
+        }
+    }
+}
+
+impl WasiView for StoreState {
+    fn ctx(&mut self) -> WasiCtxView<'_> {
+        WasiCtxView {
+            ctx: &mut self.wasi,
+            table: &mut self.table,
+        }
+    }
+}
+
+/// Caps linear memory and remembers a refused growth, so a trap that
+/// follows it is reported as "memory limit" rather than a generic trap.
+pub struct MemoryLimiter {
+    max_bytes: usize,
+    pub(super) denied: bool,
+}
+
+impl ResourceLimiter for MemoryLimiter {
+    fn memory_growing(
+        &mut self,
+        _current: usize,
+        desired: usize,
+        _maximum: Option<usize>,
+    ) -> wasmtime::Result<bool> {
+        if desired > self.max_bytes {
+            self.denied = true;
+            return Ok(false);
+        }
+        Ok(true)
+    }
+
+    fn table_growing(
+        &mut self,
+        _current: usize,
+        desired: usize,
+        _maximum: Option<usize>,
+    ) -> wasmtime::Result<bool> {
+        Ok(desired <= 100_000)
+    }
+}
+
+impl types::Host for StoreState {}
+
+impl host::Host for StoreState {
+    fn count_tokens(&mut self, text: String, model: String) -> u32 {
+        crate::tokens::count(&text, &model)
+    }
+
+    fn hash(&mut self, data: Vec<u8>) -> String {
+        crate::tokens::hash_hex(&data)
+    }
+
+    fn now_ms(&mut self) -> u64 {
+        self.clock.now_ms()
+    }
+
+    fn log(&mut self, level: host::Level, message: String) {
+        let mut msg = message;
+        if msg.len() > MAX_LOG_BYTES {
+            let mut cut = MAX_LOG_BYTES;
+            while !msg.is_char_boundary(cut) {
+                cut -= 1;
+            }
+            msg.truncate(cut);
+        }
+        let plugin = &*self.plugin;
+        match level {
+            host::Level::Trace => tracing::trace!(plugin, "{msg}"),
+            host::Level::Debug => tracing::debug!(plugin, "{msg}"),
+            host::Level::Info => tracing::info!(plugin, "{msg}"),
+            host::Level::Warn => tracing::warn!(plugin, "{msg}"),
+            host::Level::Error => tracing::error!(plugin, "{msg}"),
+        }
+    }
+}

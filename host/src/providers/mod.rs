@@ -1,0 +1,180 @@
+//! Upstream clients behind one trait: an OpenAI-compatible HTTP API and the
+//! built-in simulator. The pipeline never knows which one it talks to.
+
+mod openai;
+pub mod sim;
+pub mod sse;
+
+use std::collections::HashMap;
+use std::pin::Pin;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use futures_util::Stream;
+use serde_json::{Map, Value};
+
+pub use openai::OpenAiProvider;
+pub use sim::SimProvider;
+
+use crate::config::{Config, ProviderConfig};
+use crate::pricing::Catalog;
+
+/// One call to an upstream.
+#[derive(Debug, Clone)]
+pub struct UpstreamCall {
+    /// The request body with `model` set to the upstream's model name.
+    pub body: Map<String, Value>,
+    pub stream: bool,
+    /// Expected completion length, for the simulator only.
+    pub sim_output_tokens: Option<u32>,
+    /// A fault to inject (`429`, `500`, `timeout`), for the simulator only.
+    pub sim_fault: Option<String>,
+}
+
+pub type ByteStream = Pin<Box<dyn Stream<Item = Result<Bytes, ProviderError>> + Send>>;
+
+pub enum UpstreamReply {
+    /// A complete JSON chat completion.
+    Complete(Bytes),
+    /// Server-sent events, passed through as they arrive.
+    Stream(ByteStream),
+}
+
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum ProviderError {
+    #[error("upstream returned HTTP {status}: {message}")]
+    Status {
+        status: u16,
+        message: String,
+        retry_after_s: Option<u64>,
+    },
+    #[error("upstream did not answer within {0} ms")]
+    Timeout(u64),
+    #[error("cannot reach upstream: {0}")]
+    Connect(String),
+    #[error("upstream sent an invalid response: {0}")]
+    Protocol(String),
+}
+
+impl ProviderError {
+    /// Worth trying the next model of a fallback ladder.
+    pub fn is_retryable(&self) -> bool {
+        match self {
+            ProviderError::Status { status, .. } => *status == 429 || *status >= 500,
+            _ => true,
+        }
+    }
+}
+
+#[async_trait::async_trait]
+pub trait Provider: Send + Sync {
+    /// `sim` or `openai`, for the ledger and headers.
+    fn kind(&self) -> &'static str;
+    async fn chat(&self, call: UpstreamCall) -> Result<UpstreamReply, ProviderError>;
+}
+
+/// A model the gateway serves and where it goes.
+#[derive(Clone)]
+pub struct ModelTarget {
+    pub provider_name: String,
+    pub provider: Arc<dyn Provider>,
+    pub upstream_model: String,
+}
+
+/// Every configured model with its provider.
+#[derive(Clone, Default)]
+pub struct Providers {
+    models: HashMap<String, ModelTarget>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ProviderSetupError {
+    #[error(
+        "provider {name}: environment variable {var} is not set (set it, or set sim_when_no_key = true)"
+    )]
+    MissingKey { name: String, var: String },
+    #[error("provider {name}: {message}")]
+    Client { name: String, message: String },
+}
+
+impl Providers {
+    pub fn from_config(cfg: &Config, catalog: &Catalog) -> Result<Self, ProviderSetupError> {
+        let mut built: HashMap<String, Arc<dyn Provider>> = HashMap::new();
+        for (name, p) in &cfg.providers {
+            let provider: Arc<dyn Provider> = match p {
+                ProviderConfig::Sim(s) => Arc::new(SimProvider::new(s.clone(), catalog.clone())),
+                ProviderConfig::Openai(o) => {
+                    let key = match &o.api_key_env {
+                        Some(var) => match std::env::var(var) {
+                            Ok(k) if !k.is_empty() => Some(k),
+                            _ if o.sim_when_no_key => None,
+                            _ => {
+                                return Err(ProviderSetupError::MissingKey {
+                                    name: name.clone(),
+                                    var: var.clone(),
+                                });
+                            }
+                        },
+                        None => None,
+                    };
+                    if key.is_none() && o.sim_when_no_key {
+                        tracing::warn!(
+                            provider = %name,
+                            "{} is not set: provider {name} answers from the built-in simulator",
+                            o.api_key_env.as_deref().unwrap_or("the API key")
+                        );
+                        Arc::new(SimProvider::new(o.sim.clone(), catalog.clone()))
+                    } else {
+                        Arc::new(OpenAiProvider::new(o, key).map_err(|message| {
+                            ProviderSetupError::Client {
+                                name: name.clone(),
+                                message,
+                            }
+                        })?)
+                    }
+                }
+            };
+            built.insert(name.clone(), provider);
+        }
+        let mut models = HashMap::new();
+        for (model, route) in &cfg.models {
+            if let Some(provider) = built.get(&route.provider) {
+                models.insert(
+                    model.clone(),
+                    ModelTarget {
+                        provider_name: route.provider.clone(),
+                        provider: provider.clone(),
+                        upstream_model: route
+                            .upstream_model
+                            .clone()
+                            .unwrap_or_else(|| model.clone()),
+                    },
+                );
+            }
+        }
+        Ok(Self { models })
+    }
+
+    pub fn get(&self, model: &str) -> Option<&ModelTarget> {
+        self.models.get(model)
+    }
+
+    pub fn model_names(&self) -> Vec<&str> {
+        let mut v: Vec<&str> = self.models.keys().map(String::as_str).collect();
+        v.sort_unstable();
+        v
+    }
+}
+
+/// The message of an OpenAI-style error body, or the body itself.
+pub fn error_message(body: &[u8]) -> String {
+    serde_json::from_slice::<Value>(body)
+        .ok()
+        .and_then(|v| {
+            v.get("error")
+                .and_then(|e| e.get("message"))
+                .and_then(Value::as_str)
+                .map(str::to_string)
+        })
+        .unwrap_or_else(|| String::from_utf8_lossy(&body[..body.len().min(500)]).into_owned())
+}

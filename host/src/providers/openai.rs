@@ -1,0 +1,106 @@
+//! Any OpenAI-compatible `/chat/completions` API (OpenAI itself, Azure-style
+//! proxies, vLLM, llama.cpp's server, a `tollgate sim` process).
+
+use std::time::Duration;
+
+use futures_util::StreamExt;
+
+use super::{ProviderError, UpstreamCall, UpstreamReply, error_message};
+use crate::config::OpenAiConfig;
+
+pub struct OpenAiProvider {
+    client: reqwest::Client,
+    url: String,
+    key: Option<String>,
+    timeout: Duration,
+    forward_sim_headers: bool,
+}
+
+impl OpenAiProvider {
+    pub fn new(cfg: &OpenAiConfig, key: Option<String>) -> Result<Self, String> {
+        // reqwest is built without a default TLS backend; pick ring once.
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let client = reqwest::Client::builder()
+            .connect_timeout(Duration::from_millis(cfg.connect_timeout_ms))
+            .pool_idle_timeout(Duration::from_secs(90))
+            .tcp_nodelay(true)
+            .build()
+            .map_err(|e| e.to_string())?;
+        Ok(Self {
+            client,
+            url: format!("{}/chat/completions", cfg.base_url.trim_end_matches('/')),
+            key,
+            timeout: Duration::from_millis(cfg.timeout_ms),
+            forward_sim_headers: cfg.forward_sim_headers,
+        })
+    }
+
+    fn classify(&self, e: reqwest::Error) -> ProviderError {
+        if e.is_timeout() {
+            ProviderError::Timeout(self.timeout.as_millis() as u64)
+        } else if e.is_connect() {
+            ProviderError::Connect(e.to_string())
+        } else {
+            ProviderError::Protocol(e.to_string())
+        }
+    }
+}
+
+#[async_trait::async_trait]
+impl super::Provider for OpenAiProvider {
+    fn kind(&self) -> &'static str {
+        "openai"
+    }
+
+    async fn chat(&self, call: UpstreamCall) -> Result<UpstreamReply, ProviderError> {
+        let body =
+            serde_json::to_vec(&call.body).map_err(|e| ProviderError::Protocol(e.to_string()))?;
+        let mut req = self
+            .client
+            .post(&self.url)
+            .header("content-type", "application/json")
+            .body(body);
+        if let Some(k) = &self.key {
+            req = req.bearer_auth(k);
+        }
+        if self.forward_sim_headers {
+            if let Some(n) = call.sim_output_tokens {
+                req = req.header("x-tollgate-sim-output-tokens", n.to_string());
+            }
+            if let Some(f) = &call.sim_fault {
+                req = req.header("x-tollgate-sim-fault", f.as_str());
+            }
+        }
+        // For streams the deadline covers the response head; the body may
+        // take as long as the model needs.
+        let resp = tokio::time::timeout(self.timeout, req.send())
+            .await
+            .map_err(|_| ProviderError::Timeout(self.timeout.as_millis() as u64))?
+            .map_err(|e| self.classify(e))?;
+        let status = resp.status();
+        if !status.is_success() {
+            let retry_after_s = resp
+                .headers()
+                .get("retry-after")
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.parse().ok());
+            let body = resp.bytes().await.unwrap_or_default();
+            return Err(ProviderError::Status {
+                status: status.as_u16(),
+                message: error_message(&body),
+                retry_after_s,
+            });
+        }
+        if call.stream {
+            let stream = resp
+                .bytes_stream()
+                .map(|r| r.map_err(|e| ProviderError::Protocol(format!("stream broke: {e}"))));
+            return Ok(UpstreamReply::Stream(Box::pin(stream)));
+        }
+        let body = tokio::time::timeout(self.timeout, resp.bytes())
+            .await
+            .map_err(|_| ProviderError::Timeout(self.timeout.as_millis() as u64))?
+            .map_err(|e| self.classify(e))?;
+        Ok(UpstreamReply::Complete(body))
+    }
+}

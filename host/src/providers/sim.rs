@@ -1,0 +1,366 @@
+//! The built-in simulator: an OpenAI-compatible upstream that is
+//! deterministic, free and offline, so every feature can be tested and
+//! benchmarked without an API key.
+//!
+//! * models and tiers come from the price catalog (tier 1..3 chat models);
+//! * usage is characters / 4 (rounded up) for the prompt; the completion has
+//!   `x-tollgate-sim-output-tokens` tokens (or the configured default),
+//!   capped by `max_tokens` with `finish_reason: "length"`;
+//! * provider prompt caching: a prompt whose first 1,024+ tokens (in steps of
+//!   128) were seen before for the same model reports them as cached;
+//! * latency: `latency_ms` before the first token, `ms_per_token` after;
+//! * faults on request: `x-tollgate-sim-fault: 429 | 500 | timeout`.
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures_util::StreamExt;
+use serde_json::Value;
+
+use super::{ProviderError, UpstreamCall, UpstreamReply};
+use crate::api;
+use crate::config::SimConfig;
+use crate::pricing::{Catalog, Usage};
+
+/// Tokens before the first cacheable prefix, and the step after it (OpenAI's rule).
+const CACHE_MIN_TOKENS: usize = 1024;
+const CACHE_STEP_TOKENS: usize = 128;
+
+pub struct SimProvider {
+    cfg: SimConfig,
+    catalog: Catalog,
+    /// Prefix hashes seen per model, for prompt caching.
+    prefixes: moka::sync::Cache<[u8; 32], ()>,
+}
+
+/// A simulated completion.
+pub struct SimAnswer {
+    pub id: String,
+    pub created: u64,
+    pub model: String,
+    pub content: String,
+    pub finish: &'static str,
+    pub usage: Usage,
+}
+
+const WORDS: [&str; 32] = [
+    "the",
+    "answer",
+    "depends",
+    "on",
+    "your",
+    "plan",
+    "and",
+    "settings",
+    "first",
+    "check",
+    "that",
+    "account",
+    "is",
+    "active",
+    "then",
+    "open",
+    "billing",
+    "page",
+    "select",
+    "option",
+    "you",
+    "need",
+    "confirm",
+    "change",
+    "it",
+    "takes",
+    "effect",
+    "immediately",
+    "for",
+    "all",
+    "users",
+    "team",
+];
+
+impl SimProvider {
+    pub fn new(cfg: SimConfig, catalog: Catalog) -> Self {
+        Self {
+            cfg,
+            catalog,
+            prefixes: moka::sync::Cache::builder()
+                .max_capacity(200_000)
+                .time_to_idle(Duration::from_secs(600))
+                .build(),
+        }
+    }
+
+    /// Computes the answer to a call (no waiting, no faults).
+    pub fn answer(&self, call: &UpstreamCall) -> Result<SimAnswer, ProviderError> {
+        let model = call
+            .body
+            .get("model")
+            .and_then(Value::as_str)
+            .unwrap_or_default()
+            .to_string();
+        if !self.catalog.get(&model).is_some_and(|p| p.tier >= 1) {
+            return Err(ProviderError::Status {
+                status: 404,
+                message: format!(
+                    "The model `{model}` does not exist or you do not have access to it."
+                ),
+                retry_after_s: None,
+            });
+        }
+        let mut prompt = String::new();
+        if let Some(Value::Array(messages)) = call.body.get("messages") {
+            for m in messages {
+                let (text, _) = api::message_text(m);
+                prompt.push_str(m.get("role").and_then(Value::as_str).unwrap_or(""));
+                prompt.push('\n');
+                prompt.push_str(&text);
+                prompt.push('\n');
+            }
+        }
+        let prompt_tokens = u32::try_from(prompt.chars().count().div_ceil(4))
+            .unwrap_or(u32::MAX)
+            .max(1);
+        let cached_tokens = self.prompt_cache(&model, prompt.as_bytes());
+
+        let wanted = call
+            .sim_output_tokens
+            .unwrap_or(self.cfg.default_output_tokens);
+        let max = call
+            .body
+            .get("max_completion_tokens")
+            .or_else(|| call.body.get("max_tokens"))
+            .and_then(Value::as_u64)
+            .map(|n| u32::try_from(n).unwrap_or(u32::MAX));
+        let (completion_tokens, finish) = match max {
+            Some(m) if m < wanted => (m, "length"),
+            _ => (wanted, "stop"),
+        };
+
+        let mut seed_hasher = blake3::Hasher::new();
+        seed_hasher.update(model.as_bytes());
+        seed_hasher.update(&[0]);
+        seed_hasher.update(prompt.as_bytes());
+        let seed = seed_hasher.finalize();
+        let content = generate_text(seed.as_bytes(), completion_tokens as usize * 4);
+        Ok(SimAnswer {
+            id: format!("chatcmpl-sim-{}", &seed.to_hex()[..24]),
+            created: 1_700_000_000,
+            model,
+            content,
+            finish,
+            usage: Usage {
+                prompt_tokens,
+                cached_tokens: cached_tokens.min(prompt_tokens),
+                completion_tokens,
+            },
+        })
+    }
+
+    /// Tokens of the longest previously seen prefix (≥ 1,024 tokens, in 128
+    /// token steps) of this prompt on this model; records this prompt's prefixes.
+    fn prompt_cache(&self, model: &str, prompt: &[u8]) -> u32 {
+        let mut hasher = blake3::Hasher::new();
+        hasher.update(model.as_bytes());
+        hasher.update(&[0]);
+        let mut cached = 0usize;
+        let mut done = 0usize;
+        let mut tokens = CACHE_MIN_TOKENS;
+        while tokens * 4 <= prompt.len() {
+            hasher.update(&prompt[done..tokens * 4]);
+            done = tokens * 4;
+            let key = *hasher.finalize().as_bytes();
+            if self.prefixes.contains_key(&key) {
+                cached = tokens;
+            } else {
+                self.prefixes.insert(key, ());
+            }
+            tokens += CACHE_STEP_TOKENS;
+        }
+        u32::try_from(cached).unwrap_or(u32::MAX)
+    }
+
+    fn fault(call: &UpstreamCall) -> Option<ProviderError> {
+        match call.sim_fault.as_deref()? {
+            "429" => Some(ProviderError::Status {
+                status: 429,
+                message: "Rate limit reached (simulated)".into(),
+                retry_after_s: Some(1),
+            }),
+            "500" => Some(ProviderError::Status {
+                status: 500,
+                message: "The server had an error while processing your request (simulated)".into(),
+                retry_after_s: None,
+            }),
+            "timeout" => Some(ProviderError::Timeout(0)),
+            _ => None,
+        }
+    }
+
+    fn delay(&self, tokens: u32) -> Duration {
+        Duration::from_millis(self.cfg.latency_ms + self.cfg.ms_per_token * u64::from(tokens))
+    }
+
+    /// Events of a streamed answer, each with the wait before it.
+    pub fn stream_events(&self, a: &SimAnswer, include_usage: bool) -> Vec<(Duration, Bytes)> {
+        let events = api::completion_sse(
+            &a.id,
+            a.created,
+            &a.model,
+            &a.content,
+            a.finish,
+            &a.usage,
+            include_usage,
+        );
+        let per_event = if events.len() > 4 {
+            let content_events = (events.len() - 3).max(1) as u64;
+            Duration::from_millis(
+                self.cfg.ms_per_token * u64::from(a.usage.completion_tokens) / content_events,
+            )
+        } else {
+            Duration::ZERO
+        };
+        events
+            .into_iter()
+            .enumerate()
+            .map(|(i, e)| {
+                let wait = if i == 0 {
+                    Duration::from_millis(self.cfg.latency_ms)
+                } else {
+                    per_event
+                };
+                (wait, e)
+            })
+            .collect()
+    }
+}
+
+/// Deterministic filler text of about `chars` characters.
+fn generate_text(seed: &[u8; 32], chars: usize) -> String {
+    let mut out = String::with_capacity(chars + 16);
+    let mut i = 0usize;
+    while out.len() < chars {
+        let b = seed[i % 32] as usize ^ (i * 7);
+        let w = WORDS[b % WORDS.len()];
+        if !out.is_empty() {
+            out.push(' ');
+        }
+        out.push_str(w);
+        i += 1;
+    }
+    out.truncate(chars.max(1));
+    if let Some(first) = out.get(..1) {
+        let upper = first.to_uppercase();
+        out.replace_range(..1, &upper);
+    }
+    if chars > 1 {
+        out.pop();
+        out.push('.');
+    }
+    out
+}
+
+#[async_trait::async_trait]
+impl super::Provider for SimProvider {
+    fn kind(&self) -> &'static str {
+        "sim"
+    }
+
+    async fn chat(&self, call: UpstreamCall) -> Result<UpstreamReply, ProviderError> {
+        if let Some(e) = Self::fault(&call) {
+            return Err(e);
+        }
+        let a = self.answer(&call)?;
+        if call.stream {
+            let include_usage = call
+                .body
+                .get("stream_options")
+                .and_then(|o| o.get("include_usage"))
+                .and_then(Value::as_bool)
+                .unwrap_or(false);
+            let events = self.stream_events(&a, include_usage);
+            let stream = futures_util::stream::iter(events).then(|(wait, e)| async move {
+                if !wait.is_zero() {
+                    tokio::time::sleep(wait).await;
+                }
+                Ok::<_, ProviderError>(e)
+            });
+            return Ok(UpstreamReply::Stream(Box::pin(stream)));
+        }
+        let wait = self.delay(a.usage.completion_tokens);
+        if !wait.is_zero() {
+            tokio::time::sleep(wait).await;
+        }
+        let body = api::completion_json(&a.id, a.created, &a.model, &a.content, a.finish, &a.usage);
+        Ok(UpstreamReply::Complete(Bytes::from(body.to_string())))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn call(content: &str, out: Option<u32>, max: Option<u32>) -> UpstreamCall {
+        let mut body =
+            json!({"model": "gpt-4o-mini", "messages": [{"role": "user", "content": content}]});
+        if let Some(m) = max {
+            body["max_tokens"] = json!(m);
+        }
+        UpstreamCall {
+            body: body.as_object().unwrap().clone(),
+            stream: false,
+            sim_output_tokens: out,
+            sim_fault: None,
+        }
+    }
+
+    fn sim() -> SimProvider {
+        SimProvider::new(SimConfig::default(), Catalog::builtin().unwrap())
+    }
+
+    #[test]
+    fn usage_is_characters_over_four_and_output_follows_the_header() {
+        let s = sim();
+        let a = s
+            .answer(&call("What is the refund window?", Some(40), None))
+            .unwrap();
+        // "user\n" + 26 chars + "\n" = 32 chars
+        assert_eq!(a.usage.prompt_tokens, 8);
+        assert_eq!(a.usage.completion_tokens, 40);
+        assert_eq!(a.content.len(), 160);
+        assert_eq!(a.finish, "stop");
+        let b = s
+            .answer(&call("What is the refund window?", Some(40), None))
+            .unwrap();
+        assert_eq!(a.content, b.content, "deterministic");
+        let c = s.answer(&call("x", Some(40), Some(10))).unwrap();
+        assert_eq!((c.usage.completion_tokens, c.finish), (10, "length"));
+    }
+
+    #[test]
+    fn repeated_long_prefix_is_reported_as_cached() {
+        let s = sim();
+        let doc = "lorem ipsum ".repeat(500); // 6000 chars, 1500 tokens
+        let first = s
+            .answer(&call(&format!("{doc} question one"), None, None))
+            .unwrap();
+        assert_eq!(first.usage.cached_tokens, 0);
+        let second = s
+            .answer(&call(&format!("{doc} question two"), None, None))
+            .unwrap();
+        assert_eq!(second.usage.cached_tokens, 1408);
+        let short = s.answer(&call("short", None, None)).unwrap();
+        assert_eq!(short.usage.cached_tokens, 0);
+    }
+
+    #[test]
+    fn unknown_models_are_404() {
+        let s = sim();
+        let mut c = call("x", None, None);
+        c.body.insert("model".into(), json!("gpt-9"));
+        assert!(matches!(
+            s.answer(&c),
+            Err(ProviderError::Status { status: 404, .. })
+        ));
+    }
+}

@@ -284,7 +284,11 @@ pub fn sim_handler(
                 Ok(p) => p,
                 Err(e) => return error_response(&e),
             };
-            if id.sim_fault.as_deref() == Some("timeout") {
+            let timeout_here = id
+                .sim_fault
+                .as_deref()
+                .is_some_and(|f| f == "timeout" || f == format!("timeout@{}", parsed.model));
+            if timeout_here {
                 // Hold the request long enough for any client deadline to fire.
                 tokio::time::sleep(Duration::from_secs(600)).await;
             }

@@ -92,6 +92,7 @@ pub mod bindings {
         wit_bindgen::generate!({
             path: "../wit/v0.1.0",
             world: "imports",
+            additional_derives: [PartialEq],
         });
     }
     pub mod router {

@@ -7,6 +7,7 @@ pub mod v0_1_0 {
     wasmtime::component::bindgen!({
         path: "../wit/v0.1.0",
         world: "imports",
+        additional_derives: [PartialEq],
     });
 
     pub mod router {

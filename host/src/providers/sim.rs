@@ -9,7 +9,8 @@
 //! * provider prompt caching: a prompt whose first 1,024+ tokens (in steps of
 //!   128) were seen before for the same model reports them as cached;
 //! * latency: `latency_ms` before the first token, `ms_per_token` after;
-//! * faults on request: `x-tollgate-sim-fault: 429 | 500 | timeout`.
+//! * faults on request: `x-tollgate-sim-fault: 429 | 500 | timeout`, or
+//!   `500@gpt-4o` to fail one model only.
 
 use std::time::Duration;
 
@@ -179,8 +180,19 @@ impl SimProvider {
         u32::try_from(cached).unwrap_or(u32::MAX)
     }
 
+    /// The injected fault of a call: `CODE` for every model, `CODE@MODEL`
+    /// for one model only (to exercise fallback ladders).
     fn fault(call: &UpstreamCall) -> Option<ProviderError> {
-        match call.sim_fault.as_deref()? {
+        let spec = call.sim_fault.as_deref()?;
+        let (code, only) = match spec.split_once('@') {
+            Some((c, m)) => (c, Some(m)),
+            None => (spec, None),
+        };
+        let model = call.body.get("model").and_then(Value::as_str).unwrap_or("");
+        if only.is_some_and(|m| m != model) {
+            return None;
+        }
+        match code {
             "429" => Some(ProviderError::Status {
                 status: 429,
                 message: "Rate limit reached (simulated)".into(),

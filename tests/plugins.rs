@@ -1,0 +1,411 @@
+//! Every first-party plugin and every hostile fixture, loaded from its real
+//! `.wasm` file and called through the host runtime. Build them first with
+//! `make plugins` (the Makefile's test targets do).
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tollgate::clock::ManualClock;
+use tollgate::config::{PluginSlotConfig, RuntimeConfig};
+use tollgate::plugins::types::{
+    CacheDecision, CacheScope, Compression, Message, ModelInfo, RequestView, ResponseMeta,
+    RouteDecision, SpendSnapshot, Verdict,
+};
+use tollgate::plugins::{
+    BudgetRuleKind, CachePolicyKind, CompressorKind, LoadError, Plugin, PluginError, RouterKind,
+    Runtime,
+};
+
+fn plugin_path(file: &str) -> PathBuf {
+    let dir = std::env::var_os("TOLLGATE_PLUGIN_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/plugins"));
+    let p = dir.join(file);
+    assert!(
+        p.exists(),
+        "{} is missing: run `make plugins` first",
+        p.display()
+    );
+    p
+}
+
+fn runtime() -> Arc<Runtime> {
+    Runtime::new(
+        &RuntimeConfig::default(),
+        Arc::new(ManualClock::new(1_795_449_600_000)),
+    )
+    .unwrap()
+}
+
+fn slot(file: &str, config_toml: &str) -> PluginSlotConfig {
+    let mut s = PluginSlotConfig::new(plugin_path(file));
+    if !config_toml.is_empty() {
+        s.config = Some(toml::from_str::<toml::Value>(config_toml).unwrap());
+    }
+    s
+}
+
+fn view(text: &str) -> RequestView {
+    RequestView {
+        request_id: "req_test".into(),
+        tenant: "acme".into(),
+        user: "u1".into(),
+        feature: "faq".into(),
+        task: String::new(),
+        step: 0,
+        model: "gpt-4o".into(),
+        messages: vec![Message {
+            role: "user".into(),
+            content: text.into(),
+            text_only: true,
+        }],
+        prompt_tokens: tollgate::tokens::count(text, "gpt-4o"),
+        max_tokens: None,
+        temperature: None,
+        stream: false,
+        has_tools: false,
+        json_mode: false,
+        tags: vec![],
+    }
+}
+
+fn candidates() -> Vec<ModelInfo> {
+    ["gpt-4o-mini", "gpt-4.1-mini", "gpt-4o"]
+        .iter()
+        .enumerate()
+        .map(|(i, m)| ModelInfo {
+            name: m.to_string(),
+            provider: "sim".into(),
+            tier: i as u8 + 1,
+            input_per_mtok: 1.0,
+            cached_input_per_mtok: 0.5,
+            output_per_mtok: 2.0,
+        })
+        .collect()
+}
+
+const ROUTER_CFG: &str = r#"
+default = "gpt-4o-mini"
+[[rules]]
+name = "greeting"
+regex = "(?i)^(hi|hello)!*$"
+respond = "Hello!"
+[[rules]]
+keywords = ["step by step"]
+fallback = ["gpt-4o", "gpt-4.1-mini"]
+[[rules]]
+min_prompt_tokens = 50
+model = "gpt-4.1-mini"
+[[rules]]
+keywords = ["forbidden"]
+reject = "not allowed here"
+[[rules]]
+keywords = ["hallucinate"]
+model = "gpt-9"
+"#;
+
+#[test]
+fn rules_router_decides_through_the_host() {
+    let rt = runtime();
+    let r: Plugin<RouterKind> = rt.load(&slot("rules_router.wasm", ROUTER_CFG)).unwrap();
+    let c = candidates();
+    assert_eq!(
+        r.route(&view("hello!"), &c).unwrap(),
+        RouteDecision::Respond("Hello!".into())
+    );
+    assert_eq!(
+        r.route(&view("Explain step by step"), &c).unwrap(),
+        RouteDecision::Fallback(vec!["gpt-4o".into(), "gpt-4.1-mini".into()])
+    );
+    assert_eq!(
+        r.route(&view(&"long words here ".repeat(40)), &c).unwrap(),
+        RouteDecision::UseModel("gpt-4.1-mini".into())
+    );
+    assert_eq!(
+        r.route(&view("what is a refund"), &c).unwrap(),
+        RouteDecision::UseModel("gpt-4o-mini".into())
+    );
+    assert_eq!(
+        r.route(&view("forbidden topic"), &c).unwrap(),
+        RouteDecision::Reject("not allowed here".into())
+    );
+    // A model outside the candidates is refused by the host.
+    let e = r.route(&view("please hallucinate"), &c).unwrap_err();
+    assert!(matches!(e, PluginError::Invalid { .. }), "{e}");
+    assert_eq!(
+        r.stats().invalid.load(std::sync::atomic::Ordering::Relaxed),
+        1
+    );
+    // Calls reuse a warm instance: one instantiation at load time serves them all.
+    assert_eq!(
+        r.stats()
+            .instantiations
+            .load(std::sync::atomic::Ordering::Relaxed),
+        1
+    );
+}
+
+#[test]
+fn a_bad_plugin_config_is_refused_at_load() {
+    let rt = runtime();
+    let e = rt
+        .load::<RouterKind>(&slot(
+            "rules_router.wasm",
+            "[[rules]]\nname = \"x\"\nregex = \"(\"\nmodel = \"m\"\n",
+        ))
+        .err()
+        .unwrap();
+    assert!(
+        matches!(&e, LoadError::Init { message, .. } if message.contains("x: bad `regex`")),
+        "{e}"
+    );
+}
+
+#[test]
+fn trim_compressor_rewrites_through_the_host() {
+    let rt = runtime();
+    let p: Plugin<CompressorKind> = rt
+        .load(&slot("trim_compressor.wasm", "max_repeats = 2"))
+        .unwrap();
+    let spam = format!("log:\n{}done", "ERROR disk full\n".repeat(50));
+    let Compression::Rewritten(rw) = p.compress(&view(&spam)).unwrap() else {
+        panic!("expected a rewrite")
+    };
+    let text = rw.messages[0].content.as_deref().unwrap();
+    assert_eq!(
+        text,
+        "log:\nERROR disk full\nERROR disk full\n[previous line repeated 48 more times]\ndone"
+    );
+    assert!(rw.note.contains("48 repeated lines folded"), "{}", rw.note);
+    assert_eq!(
+        p.compress(&view("clean text")).unwrap(),
+        Compression::Unchanged
+    );
+}
+
+#[test]
+fn default_cache_policy_scopes_and_admits_through_the_host() {
+    let rt = runtime();
+    let p: Plugin<CachePolicyKind> = rt
+        .load(&slot(
+            "default_cache_policy.wasm",
+            "ttl_seconds = 60\npersonal_features = [\"account\"]",
+        ))
+        .unwrap();
+    let CacheDecision::Lookup(l) = p.lookup(&view("What is the refund window?")).unwrap() else {
+        panic!("expected a lookup")
+    };
+    assert_eq!((l.scope, l.ttl_seconds), (CacheScope::Tenant, 60));
+    let CacheDecision::Lookup(l) = p.lookup(&view("What is my refund status?")).unwrap() else {
+        panic!("expected a lookup")
+    };
+    assert_eq!(l.scope, CacheScope::TenantUser);
+    let mut hot = view("What is the refund window?");
+    hot.temperature = Some(1.2);
+    assert!(matches!(p.lookup(&hot).unwrap(), CacheDecision::Bypass(_)));
+    let meta = |finish: &str, content: &str| ResponseMeta {
+        model: "gpt-4o".into(),
+        prompt_tokens: 5,
+        completion_tokens: 5,
+        finish_reason: finish.into(),
+        content: content.into(),
+    };
+    let v = view("q");
+    assert!(p.admit(&v, &meta("stop", "an answer")).unwrap());
+    assert!(!p.admit(&v, &meta("length", "an ans")).unwrap());
+    assert!(!p.admit(&v, &meta("stop", "  ")).unwrap());
+}
+
+#[test]
+fn daily_budget_decides_through_the_host() {
+    let rt = runtime();
+    let p: Plugin<BudgetRuleKind> = rt
+        .load(&slot(
+            "daily_budget.wasm",
+            "daily_usd = 1.0\ndowngrade_model = \"gpt-4o-mini\"",
+        ))
+        .unwrap();
+    let spend = |t: f64| SpendSnapshot {
+        day: "2026-11-23".into(),
+        tenant_today_usd: t,
+        feature_today_usd: 0.0,
+        user_today_usd: 0.0,
+        estimated_cost_usd: 0.01,
+    };
+    let v = view("q");
+    assert_eq!(p.check(&v, &spend(0.1)).unwrap(), Verdict::Allow);
+    assert_eq!(
+        p.check(&v, &spend(0.9)).unwrap(),
+        Verdict::Downgrade("gpt-4o-mini".into())
+    );
+    assert!(matches!(
+        p.check(&v, &spend(1.0)).unwrap(),
+        Verdict::Deny(_)
+    ));
+}
+
+fn hostile(rt: &Arc<Runtime>, mode: &str) -> Plugin<RouterKind> {
+    let mut s = slot("hostile_fixture.wasm", &format!("mode = \"{mode}\""));
+    s.timeout_ms = 20;
+    s.memory_mib = 32;
+    rt.load(&s).unwrap()
+}
+
+#[test]
+fn an_infinite_loop_is_stopped_by_the_deadline() {
+    let rt = runtime();
+    let mut s = slot("hostile_fixture.wasm", "mode = \"loop\"");
+    s.timeout_ms = 20;
+    s.fuel = 0; // only the wall clock can stop it
+    let p: Plugin<RouterKind> = rt.load(&s).unwrap();
+    let t = Instant::now();
+    let e = p.route(&view("x"), &candidates()).unwrap_err();
+    assert!(matches!(e, PluginError::Timeout { .. }), "{e}");
+    assert!(t.elapsed() < Duration::from_secs(2), "{:?}", t.elapsed());
+}
+
+#[test]
+fn an_infinite_loop_runs_out_of_fuel() {
+    let rt = runtime();
+    let mut s = slot("hostile_fixture.wasm", "mode = \"loop\"");
+    s.timeout_ms = 10_000;
+    s.fuel = 1_000_000;
+    let p: Plugin<RouterKind> = rt.load(&s).unwrap();
+    let e = p.route(&view("x"), &candidates()).unwrap_err();
+    assert!(matches!(e, PluginError::OutOfFuel { .. }), "{e}");
+}
+
+#[test]
+fn a_memory_bomb_hits_the_cap() {
+    let rt = runtime();
+    let p = hostile(&rt, "memory");
+    let mut s = slot("hostile_fixture.wasm", "mode = \"memory\"");
+    s.memory_mib = 32;
+    s.timeout_ms = 5_000;
+    s.fuel = 0;
+    let p2: Plugin<RouterKind> = rt.load(&s).unwrap();
+    for plugin in [&p, &p2] {
+        let e = plugin.route(&view("x"), &candidates()).unwrap_err();
+        assert!(
+            matches!(
+                e,
+                PluginError::Memory { cap_mib: 32, .. } | PluginError::Timeout { .. }
+            ),
+            "{e}"
+        );
+    }
+    // With time to spare, the cap is what stops it.
+    let e = p2.route(&view("x"), &candidates()).unwrap_err();
+    assert!(matches!(e, PluginError::Memory { .. }), "{e}");
+}
+
+#[test]
+fn a_panic_is_a_contained_trap_and_the_instance_is_replaced() {
+    let rt = runtime();
+    let p = hostile(&rt, "trap");
+    for _ in 0..3 {
+        let e = p.route(&view("x"), &candidates()).unwrap_err();
+        assert!(matches!(e, PluginError::Trap { .. }), "{e}");
+    }
+    let s = p.stats();
+    assert_eq!(s.trap.load(std::sync::atomic::Ordering::Relaxed), 3);
+    // Each failed call threw its instance away: 1 at load + 2 replacements.
+    assert_eq!(
+        s.instantiations.load(std::sync::atomic::Ordering::Relaxed),
+        3
+    );
+    // A well-behaved plugin in the same runtime is unaffected.
+    let ok = hostile(&rt, "ok");
+    assert_eq!(
+        ok.route(&view("x"), &candidates()).unwrap(),
+        RouteDecision::UseModel("gpt-4o-mini".into())
+    );
+}
+
+#[test]
+fn init_failures_and_hangs_are_refused_at_load() {
+    let rt = runtime();
+    let e = rt
+        .load::<RouterKind>(&slot("hostile_fixture.wasm", "mode = \"init-error\""))
+        .err()
+        .unwrap();
+    assert!(
+        matches!(&e, LoadError::Init { message, .. } if message.contains("refuses every config")),
+        "{e}"
+    );
+    let mut s = slot("hostile_fixture.wasm", "mode = \"init-loop\"");
+    s.init_timeout_ms = 50;
+    s.fuel = 0;
+    let t = Instant::now();
+    let e = rt.load::<RouterKind>(&s).err().unwrap();
+    assert!(
+        matches!(&e, LoadError::Init { message, .. } if message.contains("deadline")),
+        "{e}"
+    );
+    assert!(t.elapsed() < Duration::from_secs(5));
+}
+
+#[test]
+fn wrong_world_digest_and_garbage_are_refused() {
+    let rt = runtime();
+    let e = rt
+        .load::<CompressorKind>(&slot("rules_router.wasm", ""))
+        .err()
+        .unwrap();
+    assert!(
+        matches!(
+            &e,
+            LoadError::WrongWorld {
+                world: "compressor",
+                ..
+            }
+        ),
+        "{e}"
+    );
+    let mut s = slot("rules_router.wasm", "");
+    s.sha256 = Some("0".repeat(64));
+    let e = rt.load::<RouterKind>(&s).err().unwrap();
+    assert!(matches!(e, LoadError::DigestMismatch { .. }), "{e}");
+    let e = rt
+        .load_bytes::<RouterKind>(b"not wasm", "garbage.wasm", &slot("rules_router.wasm", ""))
+        .err()
+        .unwrap();
+    assert!(matches!(e, LoadError::Compile { .. }), "{e}");
+    // The right digest is accepted.
+    let bytes = std::fs::read(plugin_path("rules_router.wasm")).unwrap();
+    let digest: String = sha2_hex(&bytes);
+    let mut s = slot("rules_router.wasm", "");
+    s.sha256 = Some(digest);
+    assert!(rt.load::<RouterKind>(&s).is_ok());
+}
+
+fn sha2_hex(bytes: &[u8]) -> String {
+    use sha2::Digest;
+    sha2::Sha256::digest(bytes)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+#[test]
+fn fresh_instance_per_call_mode_works() {
+    let rt = runtime();
+    let mut s = slot("rules_router.wasm", ROUTER_CFG);
+    s.reuse_instances = false;
+    let r: Plugin<RouterKind> = rt.load(&s).unwrap();
+    for _ in 0..3 {
+        assert_eq!(
+            r.route(&view("hello"), &candidates()).unwrap(),
+            RouteDecision::Respond("Hello!".into())
+        );
+    }
+    assert_eq!(
+        r.stats()
+            .instantiations
+            .load(std::sync::atomic::Ordering::Relaxed),
+        4
+    );
+}

@@ -1,1 +1,722 @@
+//! End-to-end tests: the real `tollgate` binary on a free loopback port,
+//! the simulator upstream, real plugins from `target/plugins` (`make plugins`).
 
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::io::{BufRead, BufReader};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+
+fn plugin_dir() -> PathBuf {
+    std::env::var_os("TOLLGATE_PLUGIN_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/plugins"))
+}
+
+/// A running binary; killed on drop.
+struct Proc {
+    child: Child,
+    base: String,
+    log: Arc<Mutex<Vec<String>>>,
+    _dir: tempfile::TempDir,
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Proc {
+    fn log_contains(&self, needle: &str) -> bool {
+        self.log.lock().unwrap().iter().any(|l| l.contains(needle))
+    }
+}
+
+fn spawn(args: &[&str], dir: tempfile::TempDir, marker: &str) -> Proc {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_tollgate"))
+        .args(args)
+        .env("RUST_LOG", "info")
+        .env_remove("OPENAI_API_KEY")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let log = Arc::new(Mutex::new(Vec::new()));
+    let (tx, rx) = std::sync::mpsc::channel();
+    let log2 = log.clone();
+    let marker = marker.to_string();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            if let Some(i) = line.find(&marker) {
+                let rest = &line[i + marker.len()..];
+                let addr: String = rest.chars().take_while(|c| !c.is_whitespace()).collect();
+                let _ = tx.send(addr);
+            }
+            log2.lock().unwrap().push(line);
+        }
+    });
+    let addr = rx
+        .recv_timeout(Duration::from_secs(120))
+        .unwrap_or_else(|_| panic!("binary did not start: {:?}", log.lock().unwrap()));
+    Proc {
+        child,
+        base: format!("http://{addr}"),
+        log,
+        _dir: dir,
+    }
+}
+
+/// Starts the gateway with `config` ({plugins} is replaced by the plugin directory).
+fn gateway(config: &str) -> Proc {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("tollgate.toml");
+    let text = config.replace("{plugins}", &plugin_dir().display().to_string());
+    std::fs::write(&path, text).unwrap();
+    let p = path.display().to_string();
+    spawn(
+        &["serve", "--config", &p, "--listen", "127.0.0.1:0"],
+        dir,
+        "listening on http://",
+    )
+}
+
+fn sim_server() -> Proc {
+    spawn(
+        &["sim", "--listen", "127.0.0.1:0"],
+        tempfile::tempdir().unwrap(),
+        "listening on http://",
+    )
+}
+
+const FULL: &str = r#"
+[plugins.router]
+path = "{plugins}/rules_router.wasm"
+[plugins.router.config]
+default = "gpt-4o-mini"
+[[plugins.router.config.rules]]
+regex = "(?i)^(hi|hello)!*$"
+respond = "Hello there!"
+[[plugins.router.config.rules]]
+keywords = ["step by step"]
+fallback = ["gpt-4o", "gpt-4.1-mini"]
+[[plugins.router.config.rules]]
+keywords = ["forbidden"]
+reject = "this topic is not allowed"
+
+[plugins.compressor]
+path = "{plugins}/trim_compressor.wasm"
+
+[plugins.cache_policy]
+path = "{plugins}/default_cache_policy.wasm"
+config = { ttl_seconds = 600, personal_features = ["account"] }
+
+[plugins.budget_rule]
+path = "{plugins}/daily_budget.wasm"
+on_error = "closed"
+config = { daily_usd = 5.0, downgrade_model = "gpt-4o-mini", tenants = { tiny = 0.0004 } }
+"#;
+
+/// An HTTP client (reqwest here has no default TLS backend: install one).
+fn http() -> reqwest::Client {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    reqwest::Client::new()
+}
+
+struct Resp {
+    status: u16,
+    headers: reqwest::header::HeaderMap,
+    text: String,
+}
+
+impl Resp {
+    fn json(&self) -> Value {
+        serde_json::from_str(&self.text).unwrap_or_else(|e| panic!("{e}: {}", self.text))
+    }
+    fn header(&self, name: &str) -> &str {
+        self.headers
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("")
+    }
+    fn error_code(&self) -> String {
+        self.json()["error"]["code"]
+            .as_str()
+            .unwrap_or("")
+            .to_string()
+    }
+}
+
+async fn post(base: &str, headers: &[(&str, &str)], body: impl Into<reqwest::Body>) -> Resp {
+    let mut req = http()
+        .post(format!("{base}/v1/chat/completions"))
+        .header("content-type", "application/json")
+        .body(body);
+    for (k, v) in headers {
+        req = req.header(*k, *v);
+    }
+    let r = req.send().await.unwrap();
+    Resp {
+        status: r.status().as_u16(),
+        headers: r.headers().clone(),
+        text: r.text().await.unwrap(),
+    }
+}
+
+async fn chat(base: &str, headers: &[(&str, &str)], body: Value) -> Resp {
+    post(base, headers, body.to_string()).await
+}
+
+fn ask(text: &str) -> Value {
+    json!({"model": "gpt-4o", "messages": [{"role": "user", "content": text}]})
+}
+
+/// The `data:` payloads of an SSE body, parsed, until `[DONE]`.
+fn sse_events(text: &str) -> (Vec<Value>, bool, Vec<String>) {
+    let mut events = Vec::new();
+    let mut done = false;
+    let mut comments = Vec::new();
+    for block in text.split("\n\n") {
+        for line in block.lines() {
+            if let Some(d) = line.strip_prefix("data: ") {
+                if d == "[DONE]" {
+                    done = true;
+                } else {
+                    events.push(serde_json::from_str(d).unwrap());
+                }
+            } else if let Some(c) = line.strip_prefix(": ") {
+                comments.push(c.to_string());
+            }
+        }
+    }
+    (events, done, comments)
+}
+
+fn stream_content(events: &[Value]) -> String {
+    events
+        .iter()
+        .filter_map(|e| e["choices"][0]["delta"]["content"].as_str())
+        .collect()
+}
+
+async fn get_json(url: &str) -> Value {
+    let text = http().get(url).send().await.unwrap().text().await.unwrap();
+    serde_json::from_str(&text).unwrap()
+}
+
+async fn metric(base: &str, name_and_labels: &str) -> f64 {
+    let text = http()
+        .get(format!("{base}/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    text.lines()
+        .find_map(|l| {
+            l.strip_prefix(name_and_labels)
+                .map(|v| v.trim().parse::<f64>().unwrap())
+        })
+        .unwrap_or_else(|| panic!("{name_and_labels} not in\n{text}"))
+}
+
+#[tokio::test]
+async fn answers_json_with_headers_routing_and_cost() {
+    let gw = gateway(FULL);
+    let r = chat(
+        &gw.base,
+        &[
+            ("x-tollgate-tenant", "acme"),
+            ("x-tollgate-sim-output-tokens", "30"),
+        ],
+        ask("What is the refund window for annual plans?"),
+    )
+    .await;
+    assert_eq!(r.status, 200, "{}", r.text);
+    let v = r.json();
+    assert_eq!(v["object"], "chat.completion");
+    assert_eq!(v["model"], "gpt-4o-mini", "routed by the default rule");
+    assert_eq!(r.header("x-tollgate-model"), "gpt-4o-mini");
+    assert_eq!(r.header("x-tollgate-cache"), "miss");
+    assert!(r.header("x-tollgate-request-id").starts_with("req_"));
+    assert_eq!(v["usage"]["completion_tokens"], 30);
+    let prompt = v["usage"]["prompt_tokens"].as_f64().unwrap();
+    let want = (prompt * 0.15 + 30.0 * 0.60) / 1e6;
+    let cost: f64 = r.header("x-tollgate-cost-usd").parse().unwrap();
+    assert!((cost - want).abs() < 1e-9, "{cost} vs {want}");
+    assert!(
+        !v["choices"][0]["message"]["content"]
+            .as_str()
+            .unwrap()
+            .is_empty()
+    );
+}
+
+#[tokio::test]
+async fn streams_pass_through_with_usage_only_when_asked() {
+    let gw = gateway(FULL);
+    let mut body = ask("Explain step by step how refunds are computed");
+    body["stream"] = json!(true);
+    let r = chat(
+        &gw.base,
+        &[("x-tollgate-sim-output-tokens", "40")],
+        body.clone(),
+    )
+    .await;
+    assert_eq!(r.status, 200, "{}", r.text);
+    assert!(r.header("content-type").starts_with("text/event-stream"));
+    assert_eq!(
+        r.header("x-tollgate-model"),
+        "gpt-4o",
+        "first model of the fallback rule"
+    );
+    let (events, done, comments) = sse_events(&r.text);
+    assert!(done);
+    assert!(
+        events
+            .iter()
+            .all(|e| e["choices"].as_array().is_some_and(|c| !c.is_empty())),
+        "no usage chunk unless asked"
+    );
+    assert_eq!(stream_content(&events).len(), 160);
+    let cost = comments
+        .iter()
+        .find_map(|c| c.strip_prefix("x-tollgate-cost-usd="))
+        .unwrap();
+    assert!(cost.parse::<f64>().unwrap() > 0.0);
+
+    body["stream_options"] = json!({"include_usage": true});
+    body["messages"][0]["content"] = json!("Explain step by step how credits are computed");
+    let r = chat(&gw.base, &[("x-tollgate-sim-output-tokens", "40")], body).await;
+    let (events, done, _) = sse_events(&r.text);
+    assert!(done);
+    let usage = events
+        .iter()
+        .find(|e| e["usage"].is_object())
+        .expect("usage chunk");
+    assert_eq!(usage["usage"]["completion_tokens"], 40);
+}
+
+#[tokio::test]
+async fn cache_hits_are_free_scoped_by_tenant_and_user_and_replayed_as_streams() {
+    let gw = gateway(FULL);
+    let q = ask("What is the refund window for annual plans?");
+    let a = chat(&gw.base, &[("x-tollgate-tenant", "acme")], q.clone()).await;
+    assert_eq!(a.header("x-tollgate-cache"), "miss");
+    let b = chat(
+        &gw.base,
+        &[("x-tollgate-tenant", "acme"), ("x-tollgate-user", "other")],
+        q.clone(),
+    )
+    .await;
+    assert_eq!(b.header("x-tollgate-cache"), "hit");
+    assert_eq!(b.header("x-tollgate-cost-usd").parse::<f64>().unwrap(), 0.0);
+    assert_eq!(a.json()["choices"], b.json()["choices"]);
+    // Another tenant never sees acme's answer.
+    let c = chat(&gw.base, &[("x-tollgate-tenant", "globex")], q.clone()).await;
+    assert_eq!(c.header("x-tollgate-cache"), "miss");
+    // The same question streamed is served from the cache as SSE.
+    let mut s = q.clone();
+    s["stream"] = json!(true);
+    let d = chat(&gw.base, &[("x-tollgate-tenant", "acme")], s).await;
+    assert_eq!(d.header("x-tollgate-cache"), "hit");
+    let (events, done, _) = sse_events(&d.text);
+    assert!(done);
+    assert_eq!(
+        stream_content(&events),
+        a.json()["choices"][0]["message"]["content"]
+            .as_str()
+            .unwrap()
+    );
+    // Personal questions are private to their user.
+    let p = ask("Which plan am I on?");
+    let p = json!({"model": "gpt-4o", "messages": p["messages"], "temperature": 0});
+    let mine = [
+        ("x-tollgate-tenant", "acme"),
+        ("x-tollgate-user", "ann"),
+        ("x-tollgate-feature", "account"),
+    ];
+    let _ = chat(&gw.base, &mine, p.clone()).await;
+    assert_eq!(
+        chat(&gw.base, &mine, p.clone())
+            .await
+            .header("x-tollgate-cache"),
+        "hit"
+    );
+    let bob = [
+        ("x-tollgate-tenant", "acme"),
+        ("x-tollgate-user", "bob"),
+        ("x-tollgate-feature", "account"),
+    ];
+    assert_eq!(
+        chat(&gw.base, &bob, p).await.header("x-tollgate-cache"),
+        "miss"
+    );
+    // Hot sampling bypasses the cache.
+    let mut hot = q;
+    hot["temperature"] = json!(1.5);
+    assert_eq!(
+        chat(&gw.base, &[("x-tollgate-tenant", "acme")], hot)
+            .await
+            .header("x-tollgate-cache"),
+        "bypass"
+    );
+    assert_eq!(
+        metric(&gw.base, "tollgate_cache_total{outcome=\"hit\"}").await,
+        3.0
+    );
+}
+
+#[tokio::test]
+async fn router_can_answer_or_reject_without_upstream() {
+    let gw = gateway(FULL);
+    let r = chat(&gw.base, &[], ask("hello!")).await;
+    assert_eq!(r.status, 200);
+    assert_eq!(r.json()["choices"][0]["message"]["content"], "Hello there!");
+    assert_eq!(r.header("x-tollgate-model"), "fixed-response");
+    let r = chat(&gw.base, &[], ask("tell me the forbidden thing")).await;
+    assert_eq!(r.status, 400);
+    assert_eq!(r.error_code(), "rejected_by_policy");
+    assert!(
+        r.json()["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("not allowed")
+    );
+    assert_eq!(metric(&gw.base, "tollgate_upstream_calls_total").await, 0.0);
+}
+
+#[tokio::test]
+async fn compressor_shrinks_what_goes_upstream() {
+    let gw = gateway(FULL);
+    let spam = format!(
+        "Why does this fail?\n{}",
+        "WARN retrying connection to db-1\n".repeat(200)
+    );
+    let r = chat(&gw.base, &[("x-tollgate-tenant", "c")], json!({"model": "gpt-4o", "temperature": 1.0, "messages": [{"role": "user", "content": spam}]})).await;
+    assert_eq!(r.status, 200, "{}", r.text);
+    // The simulator bills characters / 4 of what it received: the folded prompt.
+    let billed = r.json()["usage"]["prompt_tokens"].as_u64().unwrap();
+    assert!(
+        billed < 60,
+        "upstream saw {billed} tokens; the raw prompt is ~1700"
+    );
+    assert!(metric(&gw.base, "tollgate_tokens_saved_total").await > 1000.0);
+}
+
+#[tokio::test]
+async fn budget_rule_denies_past_the_cap() {
+    let gw = gateway(FULL);
+    let h = [
+        ("x-tollgate-tenant", "tiny"),
+        ("x-tollgate-sim-output-tokens", "100"),
+    ];
+    let mut body = ask("Summarise the plan differences");
+    body["model"] = json!("gpt-4o-mini");
+    body["max_tokens"] = json!(100);
+    body["temperature"] = json!(1.0);
+    let mut statuses = Vec::new();
+    for _ in 0..10 {
+        let r = chat(&gw.base, &h, body.clone()).await;
+        statuses.push(r.status);
+        if r.status == 429 {
+            assert_eq!(r.error_code(), "budget_exceeded");
+            assert!(
+                r.json()["error"]["message"]
+                    .as_str()
+                    .unwrap()
+                    .contains("daily budget of tenant tiny")
+            );
+        }
+    }
+    assert!(
+        statuses.contains(&200) && statuses.contains(&429),
+        "{statuses:?}"
+    );
+    // Another tenant is unaffected.
+    assert_eq!(
+        chat(&gw.base, &[("x-tollgate-tenant", "big")], body)
+            .await
+            .status,
+        200
+    );
+}
+
+#[tokio::test]
+async fn bad_input_gets_openai_style_errors() {
+    let gw = gateway("[server]\nmax_body_bytes = 4096\n");
+    let cases: Vec<(Vec<u8>, u16, &str)> = vec![
+        (b"{not json".to_vec(), 400, "invalid_json"),
+        (
+            br#"{"model":"gpt-4o"}"#.to_vec(),
+            400,
+            "missing_required_parameter",
+        ),
+        (
+            br#"{"model":"gpt-4o","messages":"hi"}"#.to_vec(),
+            400,
+            "invalid_type",
+        ),
+        (
+            br#"{"model":5,"messages":[]}"#.to_vec(),
+            400,
+            "invalid_type",
+        ),
+        (
+            br#"{"model":"gpt-4o","messages":[{"role":"user","content":"x"}],"stream":"yes"}"#
+                .to_vec(),
+            400,
+            "invalid_type",
+        ),
+        (vec![0xff, 0xfe, 0x00], 400, "invalid_encoding"),
+        (
+            br#"{"model":"gpt-9","messages":[{"role":"user","content":"x"}]}"#.to_vec(),
+            404,
+            "model_not_found",
+        ),
+        (
+            format!(
+                r#"{{"model":"gpt-4o","messages":[{{"role":"user","content":"{}"}}]}}"#,
+                "x".repeat(5000)
+            )
+            .into_bytes(),
+            413,
+            "request_too_large",
+        ),
+    ];
+    for (body, status, code) in cases {
+        let r = post(&gw.base, &[], body).await;
+        assert_eq!(r.status, status, "{}", r.text);
+        let v = r.json();
+        assert_eq!(v["error"]["code"], code, "{}", r.text);
+        assert!(
+            v["error"]["message"]
+                .as_str()
+                .is_some_and(|m| !m.is_empty())
+        );
+        assert!(v["error"]["type"].is_string());
+    }
+    let r = post(
+        &gw.base,
+        &[("x-tollgate-step", "minus one")],
+        ask("x").to_string(),
+    )
+    .await;
+    assert_eq!((r.status, r.error_code().as_str()), (400, "invalid_header"));
+    let r = http()
+        .get(format!("{}/v1/nothing", gw.base))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 404);
+    let r = http()
+        .get(format!("{}/v1/chat/completions", gw.base))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 405);
+    // Still healthy after all of that.
+    let h: Value = get_json(&format!("{}/healthz", gw.base)).await;
+    assert_eq!(h["status"], "ok");
+    let m: Value = get_json(&format!("{}/v1/models", gw.base)).await;
+    assert_eq!(m["data"].as_array().unwrap().len(), 3);
+}
+
+#[tokio::test]
+async fn upstream_failures_map_to_502_504_and_fallback_ladders_recover() {
+    let sim = sim_server();
+    let cfg = format!(
+        r#"
+[providers.up]
+kind = "openai"
+base_url = "{}/v1"
+api_key_env = ""
+sim_when_no_key = false
+timeout_ms = 400
+forward_sim_headers = true
+[providers.dead]
+kind = "openai"
+base_url = "http://127.0.0.1:9/v1"
+api_key_env = ""
+timeout_ms = 400
+connect_timeout_ms = 200
+[models."gpt-4o"]
+provider = "up"
+[models."gpt-4o-mini"]
+provider = "up"
+[models."gpt-4.1-mini"]
+provider = "dead"
+[plugins.router]
+path = "{{plugins}}/rules_router.wasm"
+config = {{ default = "keep", rules = [{{ keywords = ["ladder"], fallback = ["gpt-4o", "gpt-4o-mini"] }}] }}
+"#,
+        sim.base
+    );
+    // The key variable is unset on purpose: no key is sent, and the simulator does not need one.
+    let cfg = cfg.replace("api_key_env = \"TOLLGATE_TEST_NO_KEY\"\n", "");
+    let gw = gateway(&cfg);
+    let ok = chat(
+        &gw.base,
+        &[("x-tollgate-sim-output-tokens", "7")],
+        ask("plain question"),
+    )
+    .await;
+    assert_eq!(ok.status, 200, "{}", ok.text);
+    assert_eq!(
+        ok.json()["usage"]["completion_tokens"],
+        7,
+        "sim headers forwarded"
+    );
+
+    let r = chat(
+        &gw.base,
+        &[("x-tollgate-sim-fault", "500")],
+        ask("plain question"),
+    )
+    .await;
+    assert_eq!((r.status, r.error_code().as_str()), (502, "upstream_error"));
+    assert!(
+        r.json()["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("simulated")
+    );
+    let r = chat(
+        &gw.base,
+        &[("x-tollgate-sim-fault", "429")],
+        ask("plain question"),
+    )
+    .await;
+    assert_eq!(r.status, 429);
+    let t = Instant::now();
+    let r = chat(
+        &gw.base,
+        &[("x-tollgate-sim-fault", "timeout")],
+        ask("plain question"),
+    )
+    .await;
+    assert_eq!(
+        (r.status, r.error_code().as_str()),
+        (504, "upstream_timeout")
+    );
+    assert!(t.elapsed() < Duration::from_secs(5));
+    let mut dead = ask("plain question");
+    dead["model"] = json!("gpt-4.1-mini");
+    let r = chat(&gw.base, &[], dead).await;
+    assert_eq!(
+        (r.status, r.error_code().as_str()),
+        (502, "upstream_unreachable")
+    );
+
+    // The first model of the ladder fails; the second answers.
+    let r = chat(
+        &gw.base,
+        &[("x-tollgate-sim-fault", "500@gpt-4o")],
+        ask("use the ladder"),
+    )
+    .await;
+    assert_eq!(r.status, 200, "{}", r.text);
+    assert_eq!(r.header("x-tollgate-model"), "gpt-4o-mini");
+    // Streams through the OpenAI-compatible provider.
+    let mut s = ask("stream it");
+    s["stream"] = json!(true);
+    let r = chat(&gw.base, &[("x-tollgate-sim-output-tokens", "12")], s).await;
+    let (events, done, comments) = sse_events(&r.text);
+    assert!(done && !events.is_empty());
+    assert_eq!(stream_content(&events).len(), 48);
+    assert!(
+        comments
+            .iter()
+            .any(|c| c.starts_with("x-tollgate-cost-usd="))
+    );
+}
+
+const HOSTILE: &str = r#"
+[plugins.router]
+path = "{plugins}/hostile_fixture.wasm"
+on_error = "MODE_FAIL"
+timeout_ms = 20
+memory_mib = 32
+config = { mode = "MODE" }
+"#;
+
+#[tokio::test]
+async fn hostile_router_fail_open_lets_requests_through() {
+    for mode in ["loop", "memory", "trap", "invalid"] {
+        let gw = gateway(&HOSTILE.replace("MODE_FAIL", "open").replace("MODE", mode));
+        for _ in 0..3 {
+            let r = chat(&gw.base, &[], ask("hi there")).await;
+            assert_eq!(r.status, 200, "{mode}: {}", r.text);
+            assert_eq!(
+                r.header("x-tollgate-model"),
+                "gpt-4o",
+                "{mode}: the asked model is kept"
+            );
+        }
+        let mut failures = 0.0;
+        for reason in ["timeout", "fuel", "memory", "trap", "invalid"] {
+            let key = format!(
+                "tollgate_plugin_failures_total{{kind=\"router\",plugin=\"hostile_fixture\",reason=\"{reason}\"}}"
+            );
+            failures += metric(&gw.base, &key).await;
+        }
+        assert_eq!(failures, 3.0, "{mode}");
+        assert!(gw.log_contains("fail-open"), "{mode}");
+    }
+}
+
+#[tokio::test]
+async fn hostile_router_fail_closed_rejects_with_a_clear_error() {
+    for mode in ["loop", "trap", "invalid"] {
+        let gw = gateway(&HOSTILE.replace("MODE_FAIL", "closed").replace("MODE", mode));
+        let r = chat(&gw.base, &[], ask("hi there")).await;
+        assert_eq!(r.status, 503, "{mode}: {}", r.text);
+        assert_eq!(r.error_code(), "policy_failed");
+        assert!(
+            r.json()["error"]["message"]
+                .as_str()
+                .unwrap()
+                .contains("hostile_fixture")
+        );
+        // The gateway keeps serving.
+        let h = http()
+            .get(format!("{}/healthz", gw.base))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(h.status(), 200);
+    }
+}
+
+#[test]
+fn bad_config_stops_the_start_with_the_key_named() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("bad.toml");
+    std::fs::write(&path, "[server]\nlisten = \"not-an-address\"\n").unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_tollgate"))
+        .args(["serve", "--config", &path.display().to_string()])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("bad.toml") && err.contains("server.listen"),
+        "{err}"
+    );
+
+    std::fs::write(&path, "[plugins.router]\npath = \"missing.wasm\"\n").unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_tollgate"))
+        .args(["serve", "--config", &path.display().to_string()])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("missing.wasm"), "{err}");
+}

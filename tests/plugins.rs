@@ -107,33 +107,38 @@ keywords = ["hallucinate"]
 model = "gpt-9"
 "#;
 
-#[test]
-fn rules_router_decides_through_the_host() {
+#[tokio::test]
+async fn rules_router_decides_through_the_host() {
     let rt = runtime();
-    let r: Plugin<RouterKind> = rt.load(&slot("rules_router.wasm", ROUTER_CFG)).unwrap();
+    let r: Plugin<RouterKind> = rt
+        .load(&slot("rules_router.wasm", ROUTER_CFG))
+        .await
+        .unwrap();
     let c = candidates();
     assert_eq!(
-        r.route(&view("hello!"), &c).unwrap(),
+        r.route(&view("hello!"), &c).await.unwrap(),
         RouteDecision::Respond("Hello!".into())
     );
     assert_eq!(
-        r.route(&view("Explain step by step"), &c).unwrap(),
+        r.route(&view("Explain step by step"), &c).await.unwrap(),
         RouteDecision::Fallback(vec!["gpt-4o".into(), "gpt-4.1-mini".into()])
     );
     assert_eq!(
-        r.route(&view(&"long words here ".repeat(40)), &c).unwrap(),
+        r.route(&view(&"long words here ".repeat(40)), &c)
+            .await
+            .unwrap(),
         RouteDecision::UseModel("gpt-4.1-mini".into())
     );
     assert_eq!(
-        r.route(&view("what is a refund"), &c).unwrap(),
+        r.route(&view("what is a refund"), &c).await.unwrap(),
         RouteDecision::UseModel("gpt-4o-mini".into())
     );
     assert_eq!(
-        r.route(&view("forbidden topic"), &c).unwrap(),
+        r.route(&view("forbidden topic"), &c).await.unwrap(),
         RouteDecision::Reject("not allowed here".into())
     );
     // A model outside the candidates is refused by the host.
-    let e = r.route(&view("please hallucinate"), &c).unwrap_err();
+    let e = r.route(&view("please hallucinate"), &c).await.unwrap_err();
     assert!(matches!(e, PluginError::Invalid { .. }), "{e}");
     assert_eq!(
         r.stats().invalid.load(std::sync::atomic::Ordering::Relaxed),
@@ -148,14 +153,15 @@ fn rules_router_decides_through_the_host() {
     );
 }
 
-#[test]
-fn a_bad_plugin_config_is_refused_at_load() {
+#[tokio::test]
+async fn a_bad_plugin_config_is_refused_at_load() {
     let rt = runtime();
     let e = rt
         .load::<RouterKind>(&slot(
             "rules_router.wasm",
             "[[rules]]\nname = \"x\"\nregex = \"(\"\nmodel = \"m\"\n",
         ))
+        .await
         .err()
         .unwrap();
     assert!(
@@ -164,14 +170,15 @@ fn a_bad_plugin_config_is_refused_at_load() {
     );
 }
 
-#[test]
-fn trim_compressor_rewrites_through_the_host() {
+#[tokio::test]
+async fn trim_compressor_rewrites_through_the_host() {
     let rt = runtime();
     let p: Plugin<CompressorKind> = rt
         .load(&slot("trim_compressor.wasm", "max_repeats = 2"))
+        .await
         .unwrap();
     let spam = format!("log:\n{}done", "ERROR disk full\n".repeat(50));
-    let Compression::Rewritten(rw) = p.compress(&view(&spam)).unwrap() else {
+    let Compression::Rewritten(rw) = p.compress(&view(&spam)).await.unwrap() else {
         panic!("expected a rewrite")
     };
     let text = rw.messages[0].content.as_deref().unwrap();
@@ -181,31 +188,37 @@ fn trim_compressor_rewrites_through_the_host() {
     );
     assert!(rw.note.contains("48 repeated lines folded"), "{}", rw.note);
     assert_eq!(
-        p.compress(&view("clean text")).unwrap(),
+        p.compress(&view("clean text")).await.unwrap(),
         Compression::Unchanged
     );
 }
 
-#[test]
-fn default_cache_policy_scopes_and_admits_through_the_host() {
+#[tokio::test]
+async fn default_cache_policy_scopes_and_admits_through_the_host() {
     let rt = runtime();
     let p: Plugin<CachePolicyKind> = rt
         .load(&slot(
             "default_cache_policy.wasm",
             "ttl_seconds = 60\npersonal_features = [\"account\"]",
         ))
+        .await
         .unwrap();
-    let CacheDecision::Lookup(l) = p.lookup(&view("What is the refund window?")).unwrap() else {
+    let CacheDecision::Lookup(l) = p.lookup(&view("What is the refund window?")).await.unwrap()
+    else {
         panic!("expected a lookup")
     };
     assert_eq!((l.scope, l.ttl_seconds), (CacheScope::Tenant, 60));
-    let CacheDecision::Lookup(l) = p.lookup(&view("What is my refund status?")).unwrap() else {
+    let CacheDecision::Lookup(l) = p.lookup(&view("What is my refund status?")).await.unwrap()
+    else {
         panic!("expected a lookup")
     };
     assert_eq!(l.scope, CacheScope::TenantUser);
     let mut hot = view("What is the refund window?");
     hot.temperature = Some(1.2);
-    assert!(matches!(p.lookup(&hot).unwrap(), CacheDecision::Bypass(_)));
+    assert!(matches!(
+        p.lookup(&hot).await.unwrap(),
+        CacheDecision::Bypass(_)
+    ));
     let meta = |finish: &str, content: &str| ResponseMeta {
         model: "gpt-4o".into(),
         prompt_tokens: 5,
@@ -214,19 +227,20 @@ fn default_cache_policy_scopes_and_admits_through_the_host() {
         content: content.into(),
     };
     let v = view("q");
-    assert!(p.admit(&v, &meta("stop", "an answer")).unwrap());
-    assert!(!p.admit(&v, &meta("length", "an ans")).unwrap());
-    assert!(!p.admit(&v, &meta("stop", "  ")).unwrap());
+    assert!(p.admit(&v, &meta("stop", "an answer")).await.unwrap());
+    assert!(!p.admit(&v, &meta("length", "an ans")).await.unwrap());
+    assert!(!p.admit(&v, &meta("stop", "  ")).await.unwrap());
 }
 
-#[test]
-fn daily_budget_decides_through_the_host() {
+#[tokio::test]
+async fn daily_budget_decides_through_the_host() {
     let rt = runtime();
     let p: Plugin<BudgetRuleKind> = rt
         .load(&slot(
             "daily_budget.wasm",
             "daily_usd = 1.0\ndowngrade_model = \"gpt-4o-mini\"",
         ))
+        .await
         .unwrap();
     let spend = |t: f64| SpendSnapshot {
         day: "2026-11-23".into(),
@@ -236,59 +250,59 @@ fn daily_budget_decides_through_the_host() {
         estimated_cost_usd: 0.01,
     };
     let v = view("q");
-    assert_eq!(p.check(&v, &spend(0.1)).unwrap(), Verdict::Allow);
+    assert_eq!(p.check(&v, &spend(0.1)).await.unwrap(), Verdict::Allow);
     assert_eq!(
-        p.check(&v, &spend(0.9)).unwrap(),
+        p.check(&v, &spend(0.9)).await.unwrap(),
         Verdict::Downgrade("gpt-4o-mini".into())
     );
     assert!(matches!(
-        p.check(&v, &spend(1.0)).unwrap(),
+        p.check(&v, &spend(1.0)).await.unwrap(),
         Verdict::Deny(_)
     ));
 }
 
-fn hostile(rt: &Arc<Runtime>, mode: &str) -> Plugin<RouterKind> {
+async fn hostile(rt: &Arc<Runtime>, mode: &str) -> Plugin<RouterKind> {
     let mut s = slot("hostile_fixture.wasm", &format!("mode = \"{mode}\""));
     s.timeout_ms = 20;
     s.memory_mib = 32;
-    rt.load(&s).unwrap()
+    rt.load(&s).await.unwrap()
 }
 
-#[test]
-fn an_infinite_loop_is_stopped_by_the_deadline() {
+#[tokio::test]
+async fn an_infinite_loop_is_stopped_by_the_deadline() {
     let rt = runtime();
     let mut s = slot("hostile_fixture.wasm", "mode = \"loop\"");
     s.timeout_ms = 20;
     s.fuel = 0; // only the wall clock can stop it
-    let p: Plugin<RouterKind> = rt.load(&s).unwrap();
+    let p: Plugin<RouterKind> = rt.load(&s).await.unwrap();
     let t = Instant::now();
-    let e = p.route(&view("x"), &candidates()).unwrap_err();
+    let e = p.route(&view("x"), &candidates()).await.unwrap_err();
     assert!(matches!(e, PluginError::Timeout { .. }), "{e}");
     assert!(t.elapsed() < Duration::from_secs(2), "{:?}", t.elapsed());
 }
 
-#[test]
-fn an_infinite_loop_runs_out_of_fuel() {
+#[tokio::test]
+async fn an_infinite_loop_runs_out_of_fuel() {
     let rt = runtime();
     let mut s = slot("hostile_fixture.wasm", "mode = \"loop\"");
     s.timeout_ms = 10_000;
     s.fuel = 1_000_000;
-    let p: Plugin<RouterKind> = rt.load(&s).unwrap();
-    let e = p.route(&view("x"), &candidates()).unwrap_err();
+    let p: Plugin<RouterKind> = rt.load(&s).await.unwrap();
+    let e = p.route(&view("x"), &candidates()).await.unwrap_err();
     assert!(matches!(e, PluginError::OutOfFuel { .. }), "{e}");
 }
 
-#[test]
-fn a_memory_bomb_hits_the_cap() {
+#[tokio::test]
+async fn a_memory_bomb_hits_the_cap() {
     let rt = runtime();
-    let p = hostile(&rt, "memory");
+    let p = hostile(&rt, "memory").await;
     let mut s = slot("hostile_fixture.wasm", "mode = \"memory\"");
     s.memory_mib = 32;
     s.timeout_ms = 5_000;
     s.fuel = 0;
-    let p2: Plugin<RouterKind> = rt.load(&s).unwrap();
+    let p2: Plugin<RouterKind> = rt.load(&s).await.unwrap();
     for plugin in [&p, &p2] {
-        let e = plugin.route(&view("x"), &candidates()).unwrap_err();
+        let e = plugin.route(&view("x"), &candidates()).await.unwrap_err();
         assert!(
             matches!(
                 e,
@@ -298,16 +312,16 @@ fn a_memory_bomb_hits_the_cap() {
         );
     }
     // With time to spare, the cap is what stops it.
-    let e = p2.route(&view("x"), &candidates()).unwrap_err();
+    let e = p2.route(&view("x"), &candidates()).await.unwrap_err();
     assert!(matches!(e, PluginError::Memory { .. }), "{e}");
 }
 
-#[test]
-fn a_panic_is_a_contained_trap_and_the_instance_is_replaced() {
+#[tokio::test]
+async fn a_panic_is_a_contained_trap_and_the_instance_is_replaced() {
     let rt = runtime();
-    let p = hostile(&rt, "trap");
+    let p = hostile(&rt, "trap").await;
     for _ in 0..3 {
-        let e = p.route(&view("x"), &candidates()).unwrap_err();
+        let e = p.route(&view("x"), &candidates()).await.unwrap_err();
         assert!(matches!(e, PluginError::Trap { .. }), "{e}");
     }
     let s = p.stats();
@@ -318,18 +332,19 @@ fn a_panic_is_a_contained_trap_and_the_instance_is_replaced() {
         3
     );
     // A well-behaved plugin in the same runtime is unaffected.
-    let ok = hostile(&rt, "ok");
+    let ok = hostile(&rt, "ok").await;
     assert_eq!(
-        ok.route(&view("x"), &candidates()).unwrap(),
+        ok.route(&view("x"), &candidates()).await.unwrap(),
         RouteDecision::UseModel("gpt-4o-mini".into())
     );
 }
 
-#[test]
-fn init_failures_and_hangs_are_refused_at_load() {
+#[tokio::test]
+async fn init_failures_and_hangs_are_refused_at_load() {
     let rt = runtime();
     let e = rt
         .load::<RouterKind>(&slot("hostile_fixture.wasm", "mode = \"init-error\""))
+        .await
         .err()
         .unwrap();
     assert!(
@@ -340,7 +355,7 @@ fn init_failures_and_hangs_are_refused_at_load() {
     s.init_timeout_ms = 50;
     s.fuel = 0;
     let t = Instant::now();
-    let e = rt.load::<RouterKind>(&s).err().unwrap();
+    let e = rt.load::<RouterKind>(&s).await.err().unwrap();
     assert!(
         matches!(&e, LoadError::Init { message, .. } if message.contains("deadline")),
         "{e}"
@@ -348,11 +363,12 @@ fn init_failures_and_hangs_are_refused_at_load() {
     assert!(t.elapsed() < Duration::from_secs(5));
 }
 
-#[test]
-fn wrong_world_digest_and_garbage_are_refused() {
+#[tokio::test]
+async fn wrong_world_digest_and_garbage_are_refused() {
     let rt = runtime();
     let e = rt
         .load::<CompressorKind>(&slot("rules_router.wasm", ""))
+        .await
         .err()
         .unwrap();
     assert!(
@@ -367,10 +383,11 @@ fn wrong_world_digest_and_garbage_are_refused() {
     );
     let mut s = slot("rules_router.wasm", "");
     s.sha256 = Some("0".repeat(64));
-    let e = rt.load::<RouterKind>(&s).err().unwrap();
+    let e = rt.load::<RouterKind>(&s).await.err().unwrap();
     assert!(matches!(e, LoadError::DigestMismatch { .. }), "{e}");
     let e = rt
         .load_bytes::<RouterKind>(b"not wasm", "garbage.wasm", &slot("rules_router.wasm", ""))
+        .await
         .err()
         .unwrap();
     assert!(matches!(e, LoadError::Compile { .. }), "{e}");
@@ -379,7 +396,7 @@ fn wrong_world_digest_and_garbage_are_refused() {
     let digest: String = sha2_hex(&bytes);
     let mut s = slot("rules_router.wasm", "");
     s.sha256 = Some(digest);
-    assert!(rt.load::<RouterKind>(&s).is_ok());
+    assert!(rt.load::<RouterKind>(&s).await.is_ok());
 }
 
 fn sha2_hex(bytes: &[u8]) -> String {
@@ -390,15 +407,15 @@ fn sha2_hex(bytes: &[u8]) -> String {
         .collect()
 }
 
-#[test]
-fn fresh_instance_per_call_mode_works() {
+#[tokio::test]
+async fn fresh_instance_per_call_mode_works() {
     let rt = runtime();
     let mut s = slot("rules_router.wasm", ROUTER_CFG);
     s.reuse_instances = false;
-    let r: Plugin<RouterKind> = rt.load(&s).unwrap();
+    let r: Plugin<RouterKind> = rt.load(&s).await.unwrap();
     for _ in 0..3 {
         assert_eq!(
-            r.route(&view("hello"), &candidates()).unwrap(),
+            r.route(&view("hello"), &candidates()).await.unwrap(),
             RouteDecision::Respond("Hello!".into())
         );
     }

@@ -115,7 +115,7 @@ impl Default for SimConfig {
 #[serde(deny_unknown_fields, default)]
 pub struct OpenAiConfig {
     pub base_url: String,
-    /// Environment variable holding the API key; none sends no key.
+    /// Environment variable holding the API key; empty sends no key.
     pub api_key_env: Option<String>,
     pub timeout_ms: u64,
     pub connect_timeout_ms: u64,

@@ -60,6 +60,7 @@ fn main() -> Result<()> {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
         )
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let cli = Cli::parse();
     let rt = tokio::runtime::Builder::new_multi_thread()
@@ -91,7 +92,9 @@ async fn serve(args: ServeArgs) -> Result<()> {
     }
     let listen = config.server.listen.clone();
     let drain = Duration::from_millis(config.server.drain_timeout_ms);
-    let gw = Gateway::new(config, Arc::new(SystemClock)).context("cannot start the gateway")?;
+    let gw = Gateway::new(config, Arc::new(SystemClock))
+        .await
+        .context("cannot start the gateway")?;
     let listener = server::bind(&listen).await?;
     tracing::info!(
         "tollgate listening on http://{} (models: {})",

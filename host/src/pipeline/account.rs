@@ -36,7 +36,7 @@ pub struct Accounting {
 
 impl Accounting {
     /// Accounts a complete JSON answer; returns its cost (None: unpriced model).
-    pub fn complete_json(mut self, body: &Bytes) -> Option<f64> {
+    pub async fn complete_json(mut self, body: &Bytes) -> Option<f64> {
         let wire: WireCompletion = serde_json::from_slice(body).unwrap_or_default();
         let choice = wire.choices.first();
         let content = choice
@@ -51,6 +51,7 @@ impl Accounting {
             None => (self.estimate(&content), true),
         };
         self.finish(usage, estimated, &content, &finish, Some(body.clone()))
+            .await
     }
 
     /// Usage counted natively when the upstream reported none.
@@ -64,7 +65,7 @@ impl Accounting {
 
     /// Settles spend, admits the answer to the cache if the policy agrees,
     /// records metrics and the request log line. Returns the cost.
-    pub fn finish(
+    pub async fn finish(
         &mut self,
         usage: Usage,
         estimated: bool,
@@ -97,7 +98,7 @@ impl Accounting {
                 finish_reason: finish.to_string(),
                 content: content.to_string(),
             };
-            if let Ok(Some(true)) = contain(slot, slot.plugin.admit(&self.view, &meta)) {
+            if let Ok(Some(true)) = contain(slot, slot.plugin.admit(&self.view, &meta).await) {
                 let body = body.unwrap_or_else(|| {
                     let id = format!("chatcmpl-{}", self.request_id.trim_start_matches("req_"));
                     let created = gw.clock.now_ms() / 1000;

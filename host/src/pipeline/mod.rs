@@ -89,33 +89,24 @@ impl Gateway {
     /// Builds the gateway: price catalog, providers, plugin runtime, and
     /// every configured plugin loaded and initialised (a bad plugin or
     /// plugin config stops the start with a precise error).
-    pub fn new(config: Config, clock: Arc<dyn Clock>) -> Result<Arc<Self>, GatewayError> {
+    pub async fn new(config: Config, clock: Arc<dyn Clock>) -> Result<Arc<Self>, GatewayError> {
         let catalog = config.catalog()?;
         let providers = Providers::from_config(&config, &catalog)?;
         let runtime = Runtime::new(&config.runtime, clock.clone())?;
         let p = &config.plugins;
-        let set = PluginSet {
-            router: p
-                .router
-                .as_ref()
-                .map(|s| load_slot(&runtime, s))
-                .transpose()?,
-            compressors: p
-                .compressor
-                .iter()
-                .map(|s| load_slot(&runtime, s))
-                .collect::<Result<_, _>>()?,
-            cache_policy: p
-                .cache_policy
-                .as_ref()
-                .map(|s| load_slot(&runtime, s))
-                .transpose()?,
-            budget_rule: p
-                .budget_rule
-                .as_ref()
-                .map(|s| load_slot(&runtime, s))
-                .transpose()?,
-        };
+        let mut set = PluginSet::default();
+        if let Some(s) = &p.router {
+            set.router = Some(load_slot(&runtime, s).await?);
+        }
+        for s in &p.compressor {
+            set.compressors.push(load_slot(&runtime, s).await?);
+        }
+        if let Some(s) = &p.cache_policy {
+            set.cache_policy = Some(load_slot(&runtime, s).await?);
+        }
+        if let Some(s) = &p.budget_rule {
+            set.budget_rule = Some(load_slot(&runtime, s).await?);
+        }
         for s in set.summaries() {
             tracing::info!(kind = %s.kind, plugin = s.name, sha256 = s.digest, fail_mode = ?s.fail_mode, "plugin loaded");
         }
@@ -205,7 +196,7 @@ impl Gateway {
                 user_today_usd: snap.user,
                 estimated_cost_usd: self.worst_case(&req.model, &view),
             };
-            let verdict = contain(slot, slot.plugin.check(&view, &spend))?;
+            let verdict = contain(slot, slot.plugin.check(&view, &spend).await)?;
             match verdict {
                 None | Some(Verdict::Allow) => {}
                 Some(Verdict::Deny(reason)) => {
@@ -241,7 +232,9 @@ impl Gateway {
         // 3. Compress.
         let tokens_before = view.prompt_tokens;
         for slot in &plugins.compressors {
-            if let Some(Compression::Rewritten(rw)) = contain(slot, slot.plugin.compress(&view))? {
+            if let Some(Compression::Rewritten(rw)) =
+                contain(slot, slot.plugin.compress(&view).await)?
+            {
                 view::apply_rewrite(&mut req, &rw);
                 view = view::build(rid, &id, &req);
                 trail.push(format!("compressor:{}={}", slot.plugin.name(), rw.note));
@@ -254,7 +247,7 @@ impl Gateway {
         let mut cache_plan = None;
         let mut cache_outcome = "bypass";
         if let Some(slot) = &plugins.cache_policy {
-            match contain(slot, slot.plugin.lookup(&view))? {
+            match contain(slot, slot.plugin.lookup(&view).await)? {
                 Some(CacheDecision::Lookup(l)) => {
                     let key = cache::key(l.scope, &id.tenant, &id.user, &req.body);
                     if let Some(hit) = self.cache.get(&key) {
@@ -283,7 +276,7 @@ impl Gateway {
         let mut ladder = vec![default_model];
         if let Some(slot) = &plugins.router {
             let candidates = self.candidates(ceiling.as_deref());
-            match contain(slot, slot.plugin.route(&view, &candidates))? {
+            match contain(slot, slot.plugin.route(&view, &candidates).await)? {
                 None | Some(RouteDecision::Keep) => {}
                 Some(RouteDecision::UseModel(m)) => ladder = vec![m],
                 Some(RouteDecision::Fallback(list)) => ladder = list,
@@ -347,7 +340,7 @@ impl Gateway {
         ];
         match reply {
             UpstreamReply::Complete(body) => {
-                let cost = acct.complete_json(&body);
+                let cost = acct.complete_json(&body).await;
                 let mut headers = headers;
                 headers.push(("x-tollgate-cost-usd", format_cost(cost)));
                 Ok(Reply {
@@ -513,12 +506,12 @@ impl Gateway {
     }
 }
 
-fn load_slot<K: Kind>(
+async fn load_slot<K: Kind>(
     rt: &Arc<Runtime>,
     cfg: &crate::config::PluginSlotConfig,
 ) -> Result<Slot<K>, LoadError> {
     Ok(Slot {
-        plugin: Arc::new(rt.load::<K>(cfg)?),
+        plugin: Arc::new(rt.load::<K>(cfg).await?),
         fail_mode: cfg.on_error,
     })
 }

@@ -52,7 +52,7 @@ pub fn relay(
             for event in splitter.push(&bytes) {
                 let data = event_data(&event);
                 if data.as_deref() == Some("[DONE]") {
-                    let cost = seen.account(&mut acct);
+                    let cost = seen.account(&mut acct).await;
                     accounted = true;
                     let comment =
                         Bytes::from(format!(": x-tollgate-cost-usd={}\n\n", format_cost(cost)));
@@ -73,7 +73,7 @@ pub fn relay(
             }
         }
         if !accounted {
-            let cost = seen.account(&mut acct);
+            let cost = seen.account(&mut acct).await;
             if let Some(rest) = splitter.finish() {
                 let _ = tx.send(rest).await;
             }
@@ -112,13 +112,13 @@ impl Seen {
         chunk.choices.is_empty() && chunk.usage.is_some()
     }
 
-    fn account(&mut self, acct: &mut Accounting) -> Option<f64> {
+    async fn account(&mut self, acct: &mut Accounting) -> Option<f64> {
         let finish = self.finish.clone().unwrap_or_else(|| "interrupted".into());
         match self.usage {
-            Some(u) => acct.finish(u, false, &self.content, &finish, None),
+            Some(u) => acct.finish(u, false, &self.content, &finish, None).await,
             None => {
                 let u = acct.estimate(&self.content);
-                acct.finish(u, true, &self.content, &finish, None)
+                acct.finish(u, true, &self.content, &finish, None).await
             }
         }
     }

@@ -14,6 +14,7 @@ pub mod v0_1_0 {
         wasmtime::component::bindgen!({
             path: "../wit/v0.1.0",
             world: "router",
+            exports: { default: async },
             with: {
                 "tollgate:policy/types@0.1.0": super::tollgate::policy::types,
                 "tollgate:policy/host@0.1.0": super::tollgate::policy::host,
@@ -25,6 +26,7 @@ pub mod v0_1_0 {
         wasmtime::component::bindgen!({
             path: "../wit/v0.1.0",
             world: "compressor",
+            exports: { default: async },
             with: {
                 "tollgate:policy/types@0.1.0": super::tollgate::policy::types,
                 "tollgate:policy/host@0.1.0": super::tollgate::policy::host,
@@ -36,6 +38,7 @@ pub mod v0_1_0 {
         wasmtime::component::bindgen!({
             path: "../wit/v0.1.0",
             world: "cache-policy",
+            exports: { default: async },
             with: {
                 "tollgate:policy/types@0.1.0": super::tollgate::policy::types,
                 "tollgate:policy/host@0.1.0": super::tollgate::policy::host,
@@ -47,6 +50,7 @@ pub mod v0_1_0 {
         wasmtime::component::bindgen!({
             path: "../wit/v0.1.0",
             world: "budget-rule",
+            exports: { default: async },
             with: {
                 "tollgate:policy/types@0.1.0": super::tollgate::policy::types,
                 "tollgate:policy/host@0.1.0": super::tollgate::policy::host,

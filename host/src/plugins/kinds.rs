@@ -23,12 +23,12 @@ pub trait Kind: Send + Sync + 'static {
     fn instantiate(
         pre: &Self::Pre,
         store: &mut Store<StoreState>,
-    ) -> wasmtime::Result<Self::Bindings>;
+    ) -> impl Future<Output = wasmtime::Result<Self::Bindings>> + Send;
     fn init(
         b: &Self::Bindings,
         store: &mut Store<StoreState>,
         config: &str,
-    ) -> wasmtime::Result<Result<(), String>>;
+    ) -> impl Future<Output = wasmtime::Result<Result<(), String>>> + Send;
 }
 
 macro_rules! kind {
@@ -43,18 +43,18 @@ macro_rules! kind {
             fn pre(instance_pre: InstancePre<StoreState>) -> wasmtime::Result<Self::Pre> {
                 $module::$pre::new(instance_pre)
             }
-            fn instantiate(
+            async fn instantiate(
                 pre: &Self::Pre,
                 store: &mut Store<StoreState>,
             ) -> wasmtime::Result<Self::Bindings> {
-                pre.instantiate(store)
+                pre.instantiate_async(store).await
             }
-            fn init(
+            async fn init(
                 b: &Self::Bindings,
                 store: &mut Store<StoreState>,
                 config: &str,
             ) -> wasmtime::Result<Result<(), String>> {
-                b.call_init(store, config)
+                b.call_init(store, config).await
             }
         }
     };
@@ -85,12 +85,14 @@ kind!(
 
 impl Plugin<RouterKind> {
     /// The router's decision; a model outside `candidates` is an invalid decision.
-    pub fn route(
+    pub async fn route(
         &self,
         req: &RequestView,
         candidates: &[ModelInfo],
     ) -> Result<RouteDecision, PluginError> {
-        let d = self.call(|b, s| b.call_route(s, req, candidates))?;
+        let mut w = self.acquire().await?;
+        let r = w.bindings.call_route(&mut w.store, req, candidates).await;
+        let d = self.release(w, r)?;
         let known = |m: &str| candidates.iter().any(|c| c.name == m);
         match &d {
             RouteDecision::UseModel(m) if !known(m) => {
@@ -113,8 +115,10 @@ impl Plugin<RouterKind> {
 impl Plugin<CompressorKind> {
     /// The compressor's rewrite, checked against the request it was given:
     /// kept messages in order and in range, and only text-only messages rewritten.
-    pub fn compress(&self, req: &RequestView) -> Result<Compression, PluginError> {
-        let c = self.call(|b, s| b.call_compress(s, req))?;
+    pub async fn compress(&self, req: &RequestView) -> Result<Compression, PluginError> {
+        let mut w = self.acquire().await?;
+        let r = w.bindings.call_compress(&mut w.store, req).await;
+        let c = self.release(w, r)?;
         if let Compression::Rewritten(rw) = &c {
             let mut prev: Option<u32> = None;
             for k in &rw.messages {
@@ -141,8 +145,10 @@ impl Plugin<CompressorKind> {
 }
 
 impl Plugin<CachePolicyKind> {
-    pub fn lookup(&self, req: &RequestView) -> Result<CacheDecision, PluginError> {
-        let d = self.call(|b, s| b.call_lookup(s, req))?;
+    pub async fn lookup(&self, req: &RequestView) -> Result<CacheDecision, PluginError> {
+        let mut w = self.acquire().await?;
+        let r = w.bindings.call_lookup(&mut w.store, req).await;
+        let d = self.release(w, r)?;
         if let CacheDecision::Lookup(l) = &d
             && l.ttl_seconds == 0
         {
@@ -151,13 +157,25 @@ impl Plugin<CachePolicyKind> {
         Ok(d)
     }
 
-    pub fn admit(&self, req: &RequestView, response: &ResponseMeta) -> Result<bool, PluginError> {
-        self.call(|b, s| b.call_admit(s, req, response))
+    pub async fn admit(
+        &self,
+        req: &RequestView,
+        response: &ResponseMeta,
+    ) -> Result<bool, PluginError> {
+        let mut w = self.acquire().await?;
+        let r = w.bindings.call_admit(&mut w.store, req, response).await;
+        self.release(w, r)
     }
 }
 
 impl Plugin<BudgetRuleKind> {
-    pub fn check(&self, req: &RequestView, spend: &SpendSnapshot) -> Result<Verdict, PluginError> {
-        self.call(|b, s| b.call_check(s, req, spend))
+    pub async fn check(
+        &self,
+        req: &RequestView,
+        spend: &SpendSnapshot,
+    ) -> Result<Verdict, PluginError> {
+        let mut w = self.acquire().await?;
+        let r = w.bindings.call_check(&mut w.store, req, spend).await;
+        self.release(w, r)
     }
 }

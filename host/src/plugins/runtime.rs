@@ -44,7 +44,8 @@ impl Runtime {
             .max_tables_per_module(4)
             .max_memory_size(max_memory)
             .max_component_instance_size(4 << 20)
-            .max_core_instance_size(4 << 20);
+            .max_core_instance_size(4 << 20)
+            .total_stacks(cfg.max_instances);
 
         let mut config = Config::new();
         config
@@ -55,7 +56,7 @@ impl Runtime {
         let engine = Engine::new(&config).map_err(engine_err)?;
 
         let mut linker = Linker::<StoreState>::new(&engine);
-        wasmtime_wasi::p2::add_to_linker_sync(&mut linker).map_err(engine_err)?;
+        wasmtime_wasi::p2::add_to_linker_async(&mut linker).map_err(engine_err)?;
         Imports::add_to_linker::<_, HasSelf<StoreState>>(&mut linker, |s| s).map_err(engine_err)?;
 
         let stop = Arc::new(AtomicBool::new(false));
@@ -89,7 +90,7 @@ impl Runtime {
     /// checks a pinned digest, compiles it, checks it implements the slot's
     /// world with only the imports we offer, and runs its `init` with its
     /// config once. Nothing is active until all of that passed.
-    pub fn load<K: Kind>(
+    pub async fn load<K: Kind>(
         self: &Arc<Self>,
         slot: &PluginSlotConfig,
     ) -> Result<Plugin<K>, LoadError> {
@@ -98,10 +99,10 @@ impl Runtime {
             path: path.clone(),
             source,
         })?;
-        self.load_bytes::<K>(&bytes, &path, slot)
+        self.load_bytes::<K>(&bytes, &path, slot).await
     }
 
-    pub fn load_bytes<K: Kind>(
+    pub async fn load_bytes<K: Kind>(
         self: &Arc<Self>,
         bytes: &[u8],
         path: &str,
@@ -154,7 +155,7 @@ impl Runtime {
         };
         // One real instantiation and `init` now, so a bad config is refused at
         // load time rather than on the first request. The instance is kept warm.
-        let warm = plugin.fresh().map_err(|e| match e {
+        let warm = plugin.fresh().await.map_err(|e| match e {
             PluginError::Invalid { message, .. } => LoadError::Init {
                 path: path.into(),
                 message,
@@ -184,8 +185,8 @@ struct Limits {
 
 /// An instance ready for calls: its store and the typed exports.
 pub(super) struct Warm<K: Kind> {
-    store: Store<StoreState>,
-    bindings: K::Bindings,
+    pub(super) store: Store<StoreState>,
+    pub(super) bindings: K::Bindings,
 }
 
 /// One loaded plugin: compiled once, instantiated on demand, kept warm.
@@ -221,7 +222,7 @@ impl<K: Kind> Plugin<K> {
     }
 
     /// A new instance with `init` run on it.
-    fn fresh(&self) -> Result<Warm<K>, PluginError> {
+    async fn fresh(&self) -> Result<Warm<K>, PluginError> {
         self.stats.instantiations.fetch_add(1, Ordering::Relaxed);
         let state = StoreState::new(
             self.name.clone(),
@@ -236,7 +237,7 @@ impl<K: Kind> Plugin<K> {
             self.limits.init_deadline_ms,
             self.limits.fuel.saturating_mul(20),
         );
-        let bindings = match K::instantiate(&self.pre, &mut store) {
+        let bindings = match K::instantiate(&self.pre, &mut store).await {
             Ok(b) => b,
             Err(e) => {
                 let err = self.classify(e, &store, self.limits.init_deadline_ms);
@@ -250,7 +251,7 @@ impl<K: Kind> Plugin<K> {
                 return Err(err);
             }
         };
-        match K::init(&bindings, &mut store, &self.config_json) {
+        match K::init(&bindings, &mut store, &self.config_json).await {
             Ok(Ok(())) => Ok(Warm { store, bindings }),
             Ok(Err(message)) => {
                 let err = PluginError::Invalid {
@@ -298,19 +299,27 @@ impl<K: Kind> Plugin<K> {
         }
     }
 
-    /// Runs one export call under the plugin's limits. Any failure is
-    /// classified, counted, and the instance is dropped.
-    pub(super) fn call<R>(
-        &self,
-        f: impl FnOnce(&K::Bindings, &mut Store<StoreState>) -> wasmtime::Result<R>,
-    ) -> Result<R, PluginError> {
+    /// An instance armed for one call: warm if one is idle, else fresh.
+    /// Pair with [`Plugin::release`].
+    pub(super) async fn acquire(&self) -> Result<Warm<K>, PluginError> {
         self.stats.calls.fetch_add(1, Ordering::Relaxed);
         let mut warm = match self.take() {
             Some(w) => w,
-            None => self.fresh()?,
+            None => self.fresh().await?,
         };
         self.arm(&mut warm.store, self.limits.deadline_ms, self.limits.fuel);
-        match f(&warm.bindings, &mut warm.store) {
+        Ok(warm)
+    }
+
+    /// Ends a call: a good instance goes back to the pool; on failure the
+    /// error is classified and counted and the instance is dropped, so a
+    /// bad call cannot poison the next.
+    pub(super) fn release<R>(
+        &self,
+        warm: Warm<K>,
+        result: wasmtime::Result<R>,
+    ) -> Result<R, PluginError> {
+        match result {
             Ok(r) => {
                 self.put_back(warm);
                 Ok(r)

@@ -104,14 +104,14 @@ impl Providers {
             let provider: Arc<dyn Provider> = match p {
                 ProviderConfig::Sim(s) => Arc::new(SimProvider::new(s.clone(), catalog.clone())),
                 ProviderConfig::Openai(o) => {
-                    let key = match &o.api_key_env {
+                    let key = match o.api_key_env.as_deref().filter(|v| !v.is_empty()) {
                         Some(var) => match std::env::var(var) {
                             Ok(k) if !k.is_empty() => Some(k),
                             _ if o.sim_when_no_key => None,
                             _ => {
                                 return Err(ProviderSetupError::MissingKey {
                                     name: name.clone(),
-                                    var: var.clone(),
+                                    var: var.to_string(),
                                 });
                             }
                         },

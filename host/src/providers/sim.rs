@@ -99,7 +99,7 @@ impl SimProvider {
             .and_then(Value::as_str)
             .unwrap_or_default()
             .to_string();
-        if !self.catalog.get(&model).is_some_and(|p| p.tier >= 1) {
+        if self.catalog.get(&model).is_none_or(|p| p.tier < 1) {
             return Err(ProviderError::Status {
                 status: 404,
                 message: format!(

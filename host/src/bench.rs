@@ -1,9 +1,430 @@
-//! `tollgate bench`: placeholder replaced below.
-use anyhow::Result;
+//! `tollgate bench`: what a plugin call costs on the warm path, and what the
+//! gateway adds to a request, measured side by side in one run. Prints JSON.
+//!
+//! * plugins: each first-party plugin loaded from its `.wasm` and called
+//!   many times with a realistic request; also the whole chain of one
+//!   request (budget, compressor, cache lookup, router, cache admit) and a
+//!   router call on a fresh instance (no reuse);
+//! * HTTP: a simulator upstream on loopback, called directly, through the
+//!   gateway without plugins, and through the gateway with all four plugins;
+//!   the three are interleaved in rounds so machine noise hits them alike.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+use serde_json::{Value, json};
+use tollgate::clock::SystemClock;
+use tollgate::config::{Config, PluginSlotConfig, RuntimeConfig, SimConfig};
+use tollgate::pipeline::Gateway;
+use tollgate::plugins::types::{Message, ModelInfo, RequestView, ResponseMeta, SpendSnapshot};
+use tollgate::plugins::{
+    BudgetRuleKind, CachePolicyKind, CompressorKind, Kind, Plugin, RouterKind, Runtime,
+};
+use tollgate::pricing::Catalog;
+use tollgate::providers::SimProvider;
+use tollgate::server;
 
 #[derive(clap::Args)]
-pub struct BenchArgs {}
+pub struct BenchArgs {
+    /// Directory with the built plugins (`make plugins` puts them in target/plugins).
+    #[arg(long, default_value = "target/plugins")]
+    plugins: PathBuf,
+    /// Calls per plugin measurement.
+    #[arg(long, default_value_t = 20_000)]
+    plugin_calls: usize,
+    /// HTTP requests per configuration (direct, gateway, gateway + plugins).
+    #[arg(long, default_value_t = 3_000)]
+    requests: usize,
+    /// Fuel per plugin call in the plugin measurement (0 turns fuel off).
+    #[arg(long)]
+    fuel: Option<u64>,
+    /// Run only one part: `plugins` or `http`.
+    #[arg(long)]
+    only: Option<String>,
+}
 
-pub async fn run(_args: BenchArgs) -> Result<()> {
-    anyhow::bail!("not built yet")
+const ROUTER_CFG: &str = r#"
+default = "gpt-4o-mini"
+[[rules]]
+regex = "(?i)^(hi|hello)!*$"
+respond = "Hello!"
+[[rules]]
+keywords = ["step by step", "prove", "analyze"]
+model = "gpt-4o"
+[[rules]]
+min_prompt_tokens = 3000
+model = "gpt-4.1-mini"
+"#;
+const CACHE_CFG: &str = "ttl_seconds = 600\npersonal_features = [\"account\"]";
+const BUDGET_CFG: &str = "daily_usd = 1000000.0\ndowngrade_model = \"gpt-4o-mini\"";
+
+fn slot(
+    dir: &std::path::Path,
+    file: &str,
+    config: &str,
+    fuel: Option<u64>,
+) -> Result<PluginSlotConfig> {
+    let mut s = PluginSlotConfig::new(dir.join(file));
+    if let Some(f) = fuel {
+        s.fuel = f;
+    }
+    if !config.is_empty() {
+        s.config = Some(toml::from_str(config)?);
+    }
+    Ok(s)
+}
+
+/// A support-chat request: system prompt, one earlier turn, a question.
+fn sample_view() -> RequestView {
+    let msgs = [
+        (
+            "system",
+            "You are the support assistant of Acme Cloud. Answer briefly and precisely; cite the help centre article when one applies.",
+        ),
+        ("user", "My invoices page shows two charges for November."),
+        (
+            "assistant",
+            "One is the monthly plan and one is the storage add-on; they are billed separately.",
+        ),
+        (
+            "user",
+            "How do I download a PDF copy of the storage invoice for my accountant?",
+        ),
+    ];
+    let messages: Vec<Message> = msgs
+        .iter()
+        .map(|(r, c)| Message {
+            role: r.to_string(),
+            content: c.to_string(),
+            text_only: true,
+        })
+        .collect();
+    let prompt_tokens = tollgate::tokens::count_messages(
+        "gpt-4o",
+        messages
+            .iter()
+            .map(|m| (m.role.as_str(), m.content.as_str())),
+    );
+    RequestView {
+        request_id: "req_bench".into(),
+        tenant: "acme".into(),
+        user: "u42".into(),
+        feature: "support".into(),
+        task: String::new(),
+        step: 0,
+        model: "gpt-4o".into(),
+        messages,
+        prompt_tokens,
+        max_tokens: Some(256),
+        temperature: Some(0.0),
+        stream: false,
+        has_tools: false,
+        json_mode: false,
+        tags: vec![],
+    }
+}
+
+#[derive(Default)]
+struct Samples(Vec<f64>);
+
+impl Samples {
+    fn summary(&mut self) -> Value {
+        self.0.sort_by(f64::total_cmp);
+        let n = self.0.len();
+        if n == 0 {
+            return json!(null);
+        }
+        let q = |p: f64| self.0[((n as f64 - 1.0) * p).round() as usize];
+        let mean = self.0.iter().sum::<f64>() / n as f64;
+        json!({
+            "n": n,
+            "mean": round1(mean),
+            "p50": round1(q(0.50)),
+            "p90": round1(q(0.90)),
+            "p99": round1(q(0.99)),
+        })
+    }
+    fn p(&mut self, p: f64) -> f64 {
+        self.0.sort_by(f64::total_cmp);
+        let n = self.0.len();
+        self.0[((n as f64 - 1.0) * p).round() as usize]
+    }
+}
+
+fn round1(x: f64) -> f64 {
+    (x * 10.0).round() / 10.0
+}
+
+async fn time_calls<F, Fut>(n: usize, mut f: F) -> Result<Samples>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<()>>,
+{
+    // Warm up: instances, caches, branch predictors.
+    for _ in 0..(n / 20).max(10) {
+        f().await?;
+    }
+    let mut s = Samples(Vec::with_capacity(n));
+    for _ in 0..n {
+        let t = Instant::now();
+        f().await?;
+        s.0.push(t.elapsed().as_nanos() as f64);
+    }
+    Ok(s)
+}
+
+async fn load<K: Kind>(rt: &Arc<Runtime>, s: &PluginSlotConfig) -> Result<Plugin<K>> {
+    rt.load::<K>(s)
+        .await
+        .with_context(|| format!("loading {} (run `make plugins`)", s.path.display()))
+}
+
+async fn bench_plugins(args: &BenchArgs) -> Result<Value> {
+    let rt = Runtime::new(&RuntimeConfig::default(), Arc::new(SystemClock))?;
+    let dir = &args.plugins;
+    let router: Plugin<RouterKind> =
+        load(&rt, &slot(dir, "rules_router.wasm", ROUTER_CFG, args.fuel)?).await?;
+    let compressor: Plugin<CompressorKind> =
+        load(&rt, &slot(dir, "trim_compressor.wasm", "", args.fuel)?).await?;
+    let cache: Plugin<CachePolicyKind> = load(
+        &rt,
+        &slot(dir, "default_cache_policy.wasm", CACHE_CFG, args.fuel)?,
+    )
+    .await?;
+    let budget: Plugin<BudgetRuleKind> =
+        load(&rt, &slot(dir, "daily_budget.wasm", BUDGET_CFG, args.fuel)?).await?;
+    let mut fresh_slot = slot(dir, "rules_router.wasm", ROUTER_CFG, args.fuel)?;
+    fresh_slot.reuse_instances = false;
+    let router_fresh: Plugin<RouterKind> = load(&rt, &fresh_slot).await?;
+
+    let view = sample_view();
+    let candidates: Vec<ModelInfo> = ["gpt-4o-mini", "gpt-4.1-mini", "gpt-4o"]
+        .iter()
+        .enumerate()
+        .map(|(i, m)| ModelInfo {
+            name: m.to_string(),
+            provider: "sim".into(),
+            tier: i as u8 + 1,
+            input_per_mtok: 1.0,
+            cached_input_per_mtok: 0.5,
+            output_per_mtok: 4.0,
+        })
+        .collect();
+    let spend = SpendSnapshot {
+        day: "2026-11-23".into(),
+        tenant_today_usd: 12.5,
+        feature_today_usd: 3.0,
+        user_today_usd: 0.2,
+        estimated_cost_usd: 0.003,
+    };
+    let meta = ResponseMeta {
+        model: "gpt-4o-mini".into(),
+        prompt_tokens: view.prompt_tokens,
+        completion_tokens: 60,
+        finish_reason: "stop".into(),
+        content: "Open Billing, select the storage invoice and choose Download PDF.".into(),
+    };
+    let n = args.plugin_calls;
+    let err = |e: tollgate::plugins::PluginError| anyhow::anyhow!(e);
+    let mut r = time_calls(n, || async {
+        router
+            .route(&view, &candidates)
+            .await
+            .map(|_| ())
+            .map_err(err)
+    })
+    .await?;
+    let mut c = time_calls(n, || async {
+        compressor.compress(&view).await.map(|_| ()).map_err(err)
+    })
+    .await?;
+    let mut l = time_calls(n, || async {
+        cache.lookup(&view).await.map(|_| ()).map_err(err)
+    })
+    .await?;
+    let mut a = time_calls(n, || async {
+        cache.admit(&view, &meta).await.map(|_| ()).map_err(err)
+    })
+    .await?;
+    let mut b = time_calls(n, || async {
+        budget.check(&view, &spend).await.map(|_| ()).map_err(err)
+    })
+    .await?;
+    let mut chain = time_calls(n, || async {
+        budget.check(&view, &spend).await.map_err(err)?;
+        compressor.compress(&view).await.map_err(err)?;
+        cache.lookup(&view).await.map_err(err)?;
+        router.route(&view, &candidates).await.map_err(err)?;
+        cache.admit(&view, &meta).await.map_err(err)?;
+        Ok(())
+    })
+    .await?;
+    let mut fresh = time_calls((n / 20).max(200), || async {
+        router_fresh
+            .route(&view, &candidates)
+            .await
+            .map(|_| ())
+            .map_err(err)
+    })
+    .await?;
+    Ok(json!({
+        "unit": "ns per call, warm instance",
+        "request_prompt_tokens": view.prompt_tokens,
+        "router": r.summary(),
+        "compressor": c.summary(),
+        "cache_policy_lookup": l.summary(),
+        "cache_policy_admit": a.summary(),
+        "budget_rule": b.summary(),
+        "chain_of_five_calls": chain.summary(),
+        "router_fresh_instance_per_call": fresh.summary(),
+    }))
+}
+
+/// One closed-loop request; returns its latency in µs.
+async fn one(client: &reqwest::Client, url: &str, i: usize) -> Result<f64> {
+    // A new question each time, so the gateway's cache always misses and
+    // every plugin runs (the cache policy's admit included).
+    let body = json!({
+        "model": "gpt-4o",
+        "messages": [
+            {"role": "system", "content": "You are the support assistant of Acme Cloud."},
+            {"role": "user", "content": format!("How do I download invoice number {i} as a PDF?")}
+        ],
+        "temperature": 0,
+    });
+    let t = Instant::now();
+    let r = client
+        .post(url)
+        .header("content-type", "application/json")
+        .header("x-tollgate-tenant", "bench")
+        .header("x-tollgate-sim-output-tokens", "40")
+        .body(body.to_string())
+        .send()
+        .await?;
+    let status = r.status();
+    let bytes = r.bytes().await?;
+    let us = t.elapsed().as_nanos() as f64 / 1000.0;
+    anyhow::ensure!(
+        status.is_success(),
+        "{url}: HTTP {status}: {}",
+        String::from_utf8_lossy(&bytes)
+    );
+    Ok(us)
+}
+
+async fn start_gateway(cfg: &str) -> Result<(String, tokio::task::JoinHandle<()>)> {
+    let config = Config::parse(cfg, "(bench)", std::path::Path::new("."))?;
+    let gw = Gateway::new(config, Arc::new(SystemClock)).await?;
+    let listener = server::bind("127.0.0.1:0").await?;
+    let addr = listener.local_addr()?;
+    let handle = tokio::spawn(server::serve(
+        listener,
+        server::gateway_handler(gw),
+        std::future::pending(),
+        Duration::from_secs(1),
+    ));
+    Ok((format!("http://{addr}/v1/chat/completions"), handle))
+}
+
+async fn bench_http(args: &BenchArgs) -> Result<Value> {
+    let sim = Arc::new(SimProvider::new(SimConfig::default(), Catalog::builtin()?));
+    let listener = server::bind("127.0.0.1:0").await?;
+    let sim_addr = listener.local_addr()?;
+    let sim_task = tokio::spawn(server::serve(
+        listener,
+        server::sim_handler(sim),
+        std::future::pending(),
+        Duration::from_secs(1),
+    ));
+    let upstream = format!(
+        "[providers.sim]\nkind = \"openai\"\nbase_url = \"http://{sim_addr}/v1\"\napi_key_env = \"\"\nforward_sim_headers = true\n"
+    );
+    let dir = args
+        .plugins
+        .canonicalize()
+        .context("plugin directory (run `make plugins`)")?;
+    let q = |s: &str| toml::Value::String(s.to_string()).to_string();
+    let plugins = format!(
+        "[plugins.router]\npath = {}\nconfig = {{ default = \"gpt-4o-mini\", rules = [{{ keywords = [\"step by step\"], model = \"gpt-4o\" }}] }}\n\
+         [plugins.compressor]\npath = {}\n\
+         [plugins.cache_policy]\npath = {}\nconfig = {{ ttl_seconds = 600 }}\n\
+         [plugins.budget_rule]\npath = {}\nconfig = {{ daily_usd = 1000000.0 }}\n",
+        q(&dir.join("rules_router.wasm").display().to_string()),
+        q(&dir.join("trim_compressor.wasm").display().to_string()),
+        q(&dir.join("default_cache_policy.wasm").display().to_string()),
+        q(&dir.join("daily_budget.wasm").display().to_string()),
+    );
+    let (bare_url, bare_task) = start_gateway(&upstream).await?;
+    let (full_url, full_task) = start_gateway(&format!("{upstream}{plugins}")).await?;
+    let direct_url = format!("http://{sim_addr}/v1/chat/completions");
+
+    let client = reqwest::Client::builder()
+        .tcp_nodelay(true)
+        .pool_max_idle_per_host(4)
+        .build()?;
+    let targets = [direct_url.as_str(), bare_url.as_str(), full_url.as_str()];
+    let mut samples: [Samples; 3] = Default::default();
+    let rounds = 10;
+    let per_round = (args.requests / rounds).max(1);
+    let mut i = 0usize;
+    // Warm-up: connections, plugin instances.
+    for t in targets {
+        for _ in 0..50 {
+            one(&client, t, i).await?;
+            i += 1;
+        }
+    }
+    for _ in 0..rounds {
+        for (k, t) in targets.iter().enumerate() {
+            for _ in 0..per_round {
+                samples[k].0.push(one(&client, t, i).await?);
+                i += 1;
+            }
+        }
+    }
+    let [mut direct, mut bare, mut full] = samples;
+    let added = |s: &mut Samples, d: &mut Samples| {
+        json!({
+            "p50": round1(s.p(0.5) - d.p(0.5)),
+            "p90": round1(s.p(0.9) - d.p(0.9)),
+            "p99": round1(s.p(0.99) - d.p(0.99)),
+        })
+    };
+    let out = json!({
+        "unit": "µs per request, closed loop, one client, loopback",
+        "upstream": "tollgate sim (0 ms latency, 40 output tokens)",
+        "direct": direct.summary(),
+        "gateway_no_plugins": bare.summary(),
+        "gateway_all_four_plugins": full.summary(),
+        "added_by_gateway_no_plugins": added(&mut bare, &mut direct),
+        "added_by_gateway_all_four_plugins": added(&mut full, &mut direct),
+    });
+    for t in [sim_task, bare_task, full_task] {
+        t.abort();
+    }
+    Ok(out)
+}
+
+#[allow(clippy::print_stdout)] // the report is the output
+pub async fn run(args: BenchArgs) -> Result<()> {
+    let started = Instant::now();
+    let only = args.only.as_deref();
+    let plugins = match only {
+        Some("http") => Value::Null,
+        _ => bench_plugins(&args).await?,
+    };
+    let http = match only {
+        Some("plugins") => Value::Null,
+        _ => bench_http(&args).await?,
+    };
+    let out = json!({
+        "cpus": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
+        "plugin_calls": plugins,
+        "http_overhead": http,
+        "seconds": round1(started.elapsed().as_secs_f64()),
+    });
+    println!("{}", serde_json::to_string_pretty(&out)?);
+    Ok(())
 }

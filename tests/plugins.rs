@@ -426,3 +426,25 @@ async fn fresh_instance_per_call_mode_works() {
         4
     );
 }
+
+#[tokio::test]
+async fn the_sandbox_offers_no_filesystem_environment_or_network() {
+    let rt = runtime();
+    let p = hostile(&rt, "probe").await;
+    let RouteDecision::Respond(report) = p.route(&view("x"), &candidates()).await.unwrap() else {
+        panic!("expected the probe report")
+    };
+    let get = |k: &str| {
+        report
+            .lines()
+            .find_map(|l| l.strip_prefix(&format!("{k}=")))
+            .unwrap_or_else(|| panic!("{k} missing in {report}"))
+            .to_string()
+    };
+    assert!(get("fs_root").starts_with("denied"), "{report}");
+    assert!(get("fs_file").starts_with("denied"), "{report}");
+    assert_eq!(get("env_vars"), "0", "{report}");
+    assert_eq!(get("args"), "0", "{report}");
+    assert!(get("net_tcp").starts_with("denied"), "{report}");
+    assert!(get("net_dns").starts_with("denied"), "{report}");
+}

@@ -559,8 +559,6 @@ config = {{ default = "keep", rules = [{{ keywords = ["ladder"], fallback = ["gp
 "#,
         sim.base
     );
-    // The key variable is unset on purpose: no key is sent, and the simulator does not need one.
-    let cfg = cfg.replace("api_key_env = \"TOLLGATE_TEST_NO_KEY\"\n", "");
     let gw = gateway(&cfg);
     let ok = chat(
         &gw.base,

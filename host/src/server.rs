@@ -20,7 +20,7 @@ use tokio::net::TcpListener;
 use tokio::sync::mpsc;
 
 use crate::api::ApiError;
-use crate::pipeline::{Gateway, Identity, Reply, ReplyBody};
+use crate::pipeline::{Gateway, Identity, Reply, ReplyBody, new_request_id};
 use crate::providers::{Provider, SimProvider, UpstreamCall, UpstreamReply};
 
 pub type Body = UnsyncBoxBody<Bytes, Infallible>;
@@ -138,13 +138,13 @@ async fn route(gw: Arc<Gateway>, req: Request<Incoming>) -> Response<Body> {
             let max = gw.config.server.max_body_bytes;
             let (parts, body) = match read_body(req, max).await {
                 Ok(x) => x,
-                Err(e) => return into_response(gw.error_reply("req_unread", &e)),
+                Err(e) => return into_response(gw.error_reply(&new_request_id(), &e)),
             };
             let id = match Identity::from_headers(&parts.headers, &gw.config.identity) {
                 Ok(id) => id,
-                Err(e) => return into_response(gw.error_reply("req_unidentified", &e)),
+                Err(e) => return into_response(gw.error_reply(&new_request_id(), &e)),
             };
-            into_response(gw.chat(id, &body).await)
+            into_response(gw.chat(id, body).await)
         }
         ("/v1/models" | "/models", &Method::GET) => {
             let data: Vec<Value> = gw

@@ -125,12 +125,31 @@ impl Gateway {
 
     /// Answers one chat completion request; never fails: errors become
     /// OpenAI-style error replies.
-    pub async fn chat(self: &Arc<Self>, id: Identity, raw: &[u8]) -> Reply {
+    ///
+    /// The request runs in its own task: if the client disconnects while the
+    /// upstream is answering, the call still completes and is accounted
+    /// (the upstream bills it either way).
+    pub async fn chat(self: &Arc<Self>, id: Identity, raw: Bytes) -> Reply {
         inc(&self.metrics.requests);
-        let request_id = format!("req_{}", uuid::Uuid::now_v7().simple());
-        match self.handle(&request_id, id, raw).await {
-            Ok(reply) => reply,
-            Err(e) => self.error_reply(&request_id, &e),
+        let request_id = new_request_id();
+        let gw = self.clone();
+        let rid = request_id.clone();
+        let task = tokio::spawn(async move { gw.handle(&rid, id, &raw).await });
+        match task.await {
+            Ok(Ok(reply)) => reply,
+            Ok(Err(e)) => self.error_reply(&request_id, &e),
+            Err(join) => {
+                // Unreachable by design (no panics on the request path); if
+                // it happens anyway the client still gets a proper error.
+                tracing::error!(request_id, "request task failed: {join}");
+                let e = ApiError::new(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "api_error",
+                    "internal_error",
+                    "the gateway failed to process the request",
+                );
+                self.error_reply(&request_id, &e)
+            }
         }
     }
 
@@ -604,6 +623,11 @@ fn upstream_error(e: &ProviderError) -> ApiError {
             e.to_string(),
         ),
     }
+}
+
+/// A time-ordered id, so ids sort by arrival in logs and the ledger.
+pub fn new_request_id() -> String {
+    format!("req_{}", uuid::Uuid::now_v7().simple())
 }
 
 pub fn format_cost(cost: Option<f64>) -> String {

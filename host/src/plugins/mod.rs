@@ -12,6 +12,7 @@ mod bindings;
 mod kinds;
 mod runtime;
 mod state;
+mod stderr;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};

@@ -281,7 +281,9 @@ impl<K: Kind> Plugin<K> {
         };
         // Fails only when fuel is off in the engine config, which it never is.
         let _ = store.set_fuel(fuel);
-        store.data_mut().limiter.denied = false;
+        let state = store.data_mut();
+        state.limiter.denied = false;
+        state.stderr.clear();
     }
 
     fn take(&self) -> Option<Warm<K>> {
@@ -367,10 +369,13 @@ impl<K: Kind> Plugin<K> {
                 plugin,
                 fuel: self.limits.fuel,
             },
-            _ => PluginError::Trap {
-                plugin,
-                message: first_line(&format!("{e:#}")),
-            },
+            _ => {
+                let mut message = first_line(&format!("{e:#}"));
+                if let Some(said) = store.data().stderr.last_message() {
+                    message.push_str(&format!(" (plugin stderr: {said})"));
+                }
+                PluginError::Trap { plugin, message }
+            }
         }
     }
 }

@@ -8,6 +8,7 @@ use wasmtime::component::ResourceTable;
 use wasmtime_wasi::{WasiCtx, WasiCtxBuilder, WasiCtxView, WasiView};
 
 use super::bindings::v0_1_0::tollgate::policy::{host, types};
+use super::stderr::StderrTail;
 use crate::clock::Clock;
 
 /// Longest log line a plugin may write; longer ones are cut.
@@ -17,6 +18,7 @@ pub struct StoreState {
     wasi: WasiCtx,
     table: ResourceTable,
     pub(super) limiter: MemoryLimiter,
+    pub(super) stderr: StderrTail,
     plugin: Arc<str>,
     clock: Arc<dyn Clock>,
 }
@@ -25,7 +27,9 @@ impl StoreState {
     pub fn new(plugin: Arc<str>, clock: Arc<dyn Clock>, memory_bytes: usize) -> Self {
         // No preopened directories, no environment, no arguments, no network:
         // a plugin sees clocks, randomness and empty stdio, nothing more.
+        let stderr = StderrTail::default();
         let wasi = WasiCtxBuilder::new()
+            .stderr(stderr.clone())
             .allow_tcp(false)
             .allow_udp(false)
             .allow_ip_name_lookup(false)
@@ -37,6 +41,7 @@ impl StoreState {
                 max_bytes: memory_bytes,
                 denied: false,
             },
+            stderr,
             plugin,
             clock,
         }

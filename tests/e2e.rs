@@ -718,3 +718,42 @@ fn bad_config_stops_the_start_with_the_key_named() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("missing.wasm"), "{err}");
 }
+
+#[tokio::test]
+async fn sigterm_drains_a_stream_in_flight_then_exits_cleanly() {
+    let mut gw = gateway("[providers.sim]\nkind = \"sim\"\nms_per_token = 20\n");
+    let mut body = ask("a slow answer please");
+    body["stream"] = json!(true);
+    let base = gw.base.clone();
+    let inflight =
+        tokio::spawn(
+            async move { chat(&base, &[("x-tollgate-sim-output-tokens", "50")], body).await },
+        );
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let pid = gw.child.id().to_string();
+    assert!(
+        Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .unwrap()
+            .success()
+    );
+    let r = inflight.await.unwrap();
+    assert_eq!(r.status, 200);
+    let (events, done, _) = sse_events(&r.text);
+    assert!(done, "the stream finished: {}", r.text);
+    assert_eq!(stream_content(&events).len(), 200);
+    let status = tokio::task::spawn_blocking(move || {
+        let t = Instant::now();
+        loop {
+            if let Some(s) = gw.child.try_wait().unwrap() {
+                return s;
+            }
+            assert!(t.elapsed() < Duration::from_secs(10), "did not exit");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    })
+    .await
+    .unwrap();
+    assert!(status.success(), "{status:?}");
+}

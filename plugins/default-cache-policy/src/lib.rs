@@ -65,42 +65,51 @@ impl Default for Config {
 
 pub struct DefaultCachePolicy {
     cfg: Config,
+    /// Markers split into lowercase words once, at init.
+    personal: Vec<Vec<String>>,
+    dynamic: Vec<Vec<String>>,
 }
 
-/// Lowercased words of `text`, split on anything that is not a letter, a
-/// digit or an apostrophe.
-fn words(text: &str) -> Vec<String> {
-    text.split(|c: char| !(c.is_alphanumeric() || c == '\'' || c == '’'))
+/// Lowercase `text` once; words are slices of it, split on anything that is
+/// not a letter, a digit or an apostrophe (typographic ones normalised).
+fn lowered(text: &str) -> String {
+    text.to_lowercase().replace('’', "'")
+}
+
+fn words(lowered: &str) -> Vec<&str> {
+    lowered
+        .split(|c: char| !(c.is_alphanumeric() || c == '\''))
         .filter(|w| !w.is_empty())
-        .map(|w| w.to_lowercase().replace('’', "'"))
         .collect()
 }
 
-/// True when one of `markers` (a word, or several words) occurs in `ws`.
-fn has_marker(ws: &[String], markers: &[String]) -> bool {
-    markers.iter().any(|m| {
-        let parts: Vec<&str> = m.split_whitespace().collect();
-        !parts.is_empty()
-            && ws
-                .windows(parts.len())
-                .any(|win| win.iter().zip(&parts).all(|(w, p)| w == p))
+fn split_markers(markers: &[String]) -> Vec<Vec<String>> {
+    markers
+        .iter()
+        .map(|m| m.split_whitespace().map(lowered).collect::<Vec<_>>())
+        .filter(|parts| !parts.is_empty())
+        .collect()
+}
+
+/// True when one of `markers` (a word, or several in a row) occurs in `ws`.
+fn has_marker(ws: &[&str], markers: &[Vec<String>]) -> bool {
+    markers.iter().any(|parts| {
+        ws.windows(parts.len())
+            .any(|win| win.iter().zip(parts).all(|(w, p)| w == p))
     })
 }
 
 impl DefaultCachePolicy {
     pub fn from_config(config: &str) -> Result<Self, String> {
-        let mut cfg: Config = tollgate_sdk::config(config)?;
+        let cfg: Config = tollgate_sdk::config(config)?;
         if cfg.ttl_seconds == 0 {
             return Err("ttl_seconds must be at least 1".into());
         }
-        for m in cfg
-            .personal_markers
-            .iter_mut()
-            .chain(cfg.dynamic_markers.iter_mut())
-        {
-            *m = m.to_lowercase();
-        }
-        Ok(Self { cfg })
+        Ok(Self {
+            personal: split_markers(&cfg.personal_markers),
+            dynamic: split_markers(&cfg.dynamic_markers),
+            cfg,
+        })
     }
 
     pub fn decide(
@@ -125,13 +134,14 @@ impl DefaultCachePolicy {
         if self.cfg.dynamic_features.iter().any(|f| f == feature) {
             return CacheDecision::Bypass(format!("feature {feature} is dynamic"));
         }
-        let ws = words(last_user);
-        if has_marker(&ws, &self.cfg.dynamic_markers) {
+        let lower = lowered(last_user);
+        let ws = words(&lower);
+        if has_marker(&ws, &self.dynamic) {
             return CacheDecision::Bypass("question about the present".into());
         }
         let personal = personal_tag
             || self.cfg.personal_features.iter().any(|f| f == feature)
-            || has_marker(&ws, &self.cfg.personal_markers);
+            || has_marker(&ws, &self.personal);
         CacheDecision::Lookup(CacheLookup {
             scope: if personal {
                 CacheScope::TenantUser

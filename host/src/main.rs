@@ -15,6 +15,13 @@ use tollgate::server;
 
 mod bench;
 
+/// glibc's per-thread arenas grow and shrink their heaps with mprotect on
+/// nearly every request (seen with strace), and each mprotect interrupts the
+/// other core; with mimalloc the gateway's added latency in `tollgate bench`
+/// went from about 185 to 160 µs p50 without plugins on this machine.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Parser)]
 #[command(
     name = "tollgate",

@@ -320,7 +320,7 @@ impl Gateway {
         // 6. Reserve the worst case and call upstream along the ladder.
         let reservation = self
             .spend
-            .reserve(&scopes, self.worst_case(&ladder[0], &view));
+            .reserve(&scopes, self.worst_case_of_ladder(&ladder, &view));
         let mut body = req.body.clone();
         if req.stream {
             // Always ask for usage, so streamed calls are billed exactly.
@@ -432,6 +432,14 @@ impl Gateway {
                 view.max_tokens.unwrap_or(DEFAULT_MAX_OUTPUT),
             )
             .unwrap_or(0.0)
+    }
+
+    /// The dearest worst case along a fallback ladder: any rung may answer.
+    fn worst_case_of_ladder(&self, ladder: &[String], view: &RequestView) -> f64 {
+        ladder
+            .iter()
+            .map(|m| self.worst_case(m, view))
+            .fold(0.0, f64::max)
     }
 
     /// Served models with prices, limited to the ceiling's tier after a downgrade.

@@ -757,3 +757,200 @@ async fn sigterm_drains_a_stream_in_flight_then_exits_cleanly() {
     .unwrap();
     assert!(status.success(), "{status:?}");
 }
+
+impl Proc {
+    fn ledger(&self) -> rusqlite::Connection {
+        tollgate::ledger::open_db(&self._dir.path().join("tollgate-ledger.sqlite")).unwrap()
+    }
+
+    fn sigterm_and_wait(&mut self) -> std::process::ExitStatus {
+        let pid = self.child.id().to_string();
+        assert!(
+            Command::new("kill")
+                .args(["-TERM", &pid])
+                .status()
+                .unwrap()
+                .success()
+        );
+        let t = Instant::now();
+        loop {
+            if let Some(s) = self.child.try_wait().unwrap() {
+                return s;
+            }
+            assert!(t.elapsed() < Duration::from_secs(20), "did not exit");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+}
+
+fn count_rows(conn: &rusqlite::Connection, filter: &str) -> i64 {
+    conn.query_row(
+        &format!("SELECT COUNT(*) FROM requests {filter}"),
+        [],
+        |r| r.get(0),
+    )
+    .unwrap()
+}
+
+#[tokio::test]
+async fn ledger_records_every_request_with_its_decisions_cost_and_flags() {
+    let cfg = format!(
+        "{FULL}\n[models.\"gpt-4o\"]\nprovider = \"sim\"\n[models.\"gpt-4o-mini\"]\nprovider = \"sim\"\n\
+         [models.\"gpt-4.1-mini\"]\nprovider = \"sim\"\n\
+         [models.\"mystery\"]\nprovider = \"sim\"\nupstream_model = \"gpt-4o-mini\"\n"
+    );
+    let mut gw = gateway(&cfg);
+    let h = [
+        ("x-tollgate-tenant", "acme"),
+        ("x-tollgate-feature", "faq"),
+        ("x-tollgate-task", "t1"),
+    ];
+    let q = ask("What is the refund window for annual plans?");
+    assert_eq!(
+        chat(&gw.base, &h, q.clone())
+            .await
+            .header("x-tollgate-cache"),
+        "miss"
+    );
+    assert_eq!(
+        chat(&gw.base, &h, q).await.header("x-tollgate-cache"),
+        "hit"
+    );
+    assert_eq!(chat(&gw.base, &h, ask("hello")).await.status, 200);
+    assert_eq!(
+        chat(&gw.base, &h, ask("the forbidden thing")).await.status,
+        400
+    );
+    let mut unknown = ask("x");
+    unknown["model"] = json!("gpt-9");
+    assert_eq!(chat(&gw.base, &h, unknown).await.status, 404);
+    assert_eq!(post(&gw.base, &h, "{oops").await.status, 400);
+    let mut mystery = ask("Tell me about the mystery plan, temperature high");
+    mystery["model"] = json!("mystery");
+    mystery["temperature"] = json!(1.5);
+    let r = chat(&gw.base, &h, mystery).await;
+    assert_eq!(r.status, 200, "{}", r.text);
+    assert!(gw.sigterm_and_wait().success());
+
+    let db = gw.ledger();
+    assert_eq!(count_rows(&db, ""), 7);
+    assert_eq!(
+        count_rows(
+            &db,
+            "WHERE tenant = 'acme' AND feature = 'faq' AND task = 't1'"
+        ),
+        7
+    );
+    let (decisions, hash, cost, cache): (String, String, Option<f64>, String) = db
+        .query_row(
+            "SELECT decisions, request_hash, cost_usd, cache FROM requests WHERE status = 200 AND cache = 'miss' ORDER BY ts_ms LIMIT 1",
+            [],
+            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)),
+        )
+        .unwrap();
+    assert_eq!(hash.len(), 24);
+    assert!(cost.unwrap() > 0.0);
+    assert_eq!(cache, "miss");
+    let d: Value = serde_json::from_str(&decisions).unwrap();
+    let kinds: Vec<&str> = d
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x["kind"].as_str().unwrap())
+        .collect();
+    for k in ["budget-rule", "compressor", "cache-policy", "router"] {
+        assert!(kinds.contains(&k), "{kinds:?}");
+    }
+    assert!(d[0]["digest"].as_str().unwrap().len() == 64);
+    assert_eq!(count_rows(&db, "WHERE cache = 'hit' AND cost_usd = 0"), 1);
+    assert_eq!(count_rows(&db, "WHERE model_served = 'fixed-response'"), 1);
+    assert_eq!(
+        count_rows(
+            &db,
+            "WHERE status = 400 AND error_code = 'rejected_by_policy'"
+        ),
+        1
+    );
+    assert_eq!(
+        count_rows(&db, "WHERE status = 404 AND error_code = 'model_not_found'"),
+        1
+    );
+    assert_eq!(
+        count_rows(&db, "WHERE status = 400 AND error_code = 'invalid_json'"),
+        1
+    );
+}
+
+#[tokio::test]
+async fn an_unpriced_model_is_recorded_as_null_cost_never_zero() {
+    let mut gw =
+        gateway("[models.\"mystery\"]\nprovider = \"sim\"\nupstream_model = \"gpt-4o-mini\"\n");
+    let mut body = ask("How do I export my data?");
+    body["model"] = json!("mystery");
+    let r = chat(&gw.base, &[], body).await;
+    assert_eq!(r.status, 200, "{}", r.text);
+    assert_eq!(r.header("x-tollgate-cost-usd"), "unpriced");
+    assert!(gw.sigterm_and_wait().success());
+    assert!(gw.log_contains("model has no price"));
+    let db = gw.ledger();
+    let (cost, unpriced, tokens): (Option<f64>, bool, i64) = db
+        .query_row(
+            "SELECT cost_usd, unpriced, prompt_tokens FROM requests",
+            [],
+            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+        )
+        .unwrap();
+    assert_eq!((cost, unpriced), (None, true));
+    assert!(tokens > 0);
+}
+
+#[tokio::test]
+async fn sigterm_loses_no_acknowledged_row() {
+    // A flush interval far beyond the test: only the shutdown flush can save the rows.
+    let mut gw = gateway("[ledger]\nflush_interval_ms = 600000\nbatch_rows = 100000\n");
+    let n = 200;
+    let client = http();
+    let mut tasks = Vec::new();
+    for i in 0..n {
+        let client = client.clone();
+        let base = gw.base.clone();
+        tasks.push(tokio::spawn(async move {
+            let r = client
+                .post(format!("{base}/v1/chat/completions"))
+                .header("content-type", "application/json")
+                .body(ask(&format!("question {i}")).to_string())
+                .send()
+                .await
+                .unwrap();
+            r.status().as_u16()
+        }));
+        if tasks.len() >= 16 {
+            for t in tasks.drain(..) {
+                assert_eq!(t.await.unwrap(), 200);
+            }
+        }
+    }
+    for t in tasks {
+        assert_eq!(t.await.unwrap(), 200);
+    }
+    assert!(gw.sigterm_and_wait().success());
+    assert_eq!(count_rows(&gw.ledger(), ""), n);
+}
+
+#[tokio::test]
+async fn sigkill_leaves_an_intact_ledger_with_every_flushed_row() {
+    let mut gw = gateway("[ledger]\nflush_interval_ms = 50\n");
+    for i in 0..50 {
+        assert_eq!(chat(&gw.base, &[], ask(&format!("q{i}"))).await.status, 200);
+    }
+    // Longer than a flush interval: every row above has been committed.
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    gw.child.kill().unwrap();
+    gw.child.wait().unwrap();
+    let db = gw.ledger();
+    let check: String = db
+        .query_row("PRAGMA integrity_check", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(check, "ok");
+    assert_eq!(count_rows(&db, ""), 50);
+}

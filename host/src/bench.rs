@@ -334,6 +334,13 @@ async fn start_gateway(cfg: &str) -> Result<(String, tokio::task::JoinHandle<()>
     Ok((format!("http://{addr}/v1/chat/completions"), handle))
 }
 
+/// A fresh directory for the benchmark's ledger file.
+fn tempfile_dir() -> Result<PathBuf> {
+    let dir = std::env::temp_dir().join(format!("tollgate-bench-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    Ok(dir)
+}
+
 async fn bench_http(args: &BenchArgs) -> Result<Value> {
     let sim = Arc::new(SimProvider::new(SimConfig::default(), Catalog::builtin()?));
     let listener = server::bind("127.0.0.1:0").await?;
@@ -362,16 +369,29 @@ async fn bench_http(args: &BenchArgs) -> Result<Value> {
         q(&dir.join("default_cache_policy.wasm").display().to_string()),
         q(&dir.join("daily_budget.wasm").display().to_string()),
     );
-    let (bare_url, bare_task) = start_gateway(&upstream).await?;
-    let (full_url, full_task) = start_gateway(&format!("{upstream}{plugins}")).await?;
+    let no_ledger = "[ledger]\nenabled = false\n";
+    let ledger_dir = tempfile_dir()?;
+    let with_ledger = format!(
+        "[ledger]\npath = {}\n",
+        q(&ledger_dir.join("bench-ledger.sqlite").display().to_string())
+    );
+    let (bare_url, bare_task) = start_gateway(&format!("{upstream}{no_ledger}")).await?;
+    let (full_url, full_task) = start_gateway(&format!("{upstream}{no_ledger}{plugins}")).await?;
+    let (ledger_url, ledger_task) =
+        start_gateway(&format!("{upstream}{with_ledger}{plugins}")).await?;
     let direct_url = format!("http://{sim_addr}/v1/chat/completions");
 
     let client = reqwest::Client::builder()
         .tcp_nodelay(true)
         .pool_max_idle_per_host(4)
         .build()?;
-    let targets = [direct_url.as_str(), bare_url.as_str(), full_url.as_str()];
-    let mut samples: [Samples; 3] = Default::default();
+    let targets = [
+        direct_url.as_str(),
+        bare_url.as_str(),
+        full_url.as_str(),
+        ledger_url.as_str(),
+    ];
+    let mut samples: [Samples; 4] = Default::default();
     // HTTP errors are real failures of the gateway: they abort the run.
     let rounds = 10;
     let per_round = (args.requests / rounds).max(1);
@@ -391,7 +411,7 @@ async fn bench_http(args: &BenchArgs) -> Result<Value> {
             }
         }
     }
-    let [mut direct, mut bare, mut full] = samples;
+    let [mut direct, mut bare, mut full, mut ledgered] = samples;
     let added = |s: &mut Samples, d: &mut Samples| {
         json!({
             "p50": round1(s.p(0.5) - d.p(0.5)),
@@ -407,10 +427,13 @@ async fn bench_http(args: &BenchArgs) -> Result<Value> {
         "gateway_all_four_plugins": full.summary(),
         "added_by_gateway_no_plugins": added(&mut bare, &mut direct),
         "added_by_gateway_all_four_plugins": added(&mut full, &mut direct),
+        "gateway_all_four_plugins_and_ledger": ledgered.summary(),
+        "added_by_ledger": added(&mut ledgered, &mut full),
     });
-    for t in [sim_task, bare_task, full_task] {
+    for t in [sim_task, bare_task, full_task, ledger_task] {
         t.abort();
     }
+    let _ = std::fs::remove_dir_all(&ledger_dir);
     Ok(out)
 }
 

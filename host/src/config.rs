@@ -39,6 +39,7 @@ pub struct Config {
     pub runtime: RuntimeConfig,
     pub plugins: PluginsConfig,
     pub cache: CacheConfig,
+    pub ledger: LedgerConfig,
     /// Where the file was read from (for messages); not a key.
     #[serde(skip)]
     pub origin: String,
@@ -289,6 +290,30 @@ impl Default for CacheConfig {
     }
 }
 
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LedgerConfig {
+    /// Record one row per request. Turning it off loses the cost record.
+    pub enabled: bool,
+    /// SQLite file (WAL mode); created with its directory if missing.
+    pub path: PathBuf,
+    /// Longest time a row waits in memory before it is committed.
+    pub flush_interval_ms: u64,
+    /// Rows per transaction at most.
+    pub batch_rows: usize,
+}
+
+impl Default for LedgerConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            path: PathBuf::from("tollgate-ledger.sqlite"),
+            flush_interval_ms: 100,
+            batch_rows: 1000,
+        }
+    }
+}
+
 impl Config {
     /// Reads and validates a config file.
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
@@ -322,6 +347,7 @@ impl Config {
         if let Some(c) = &mut self.pricing.catalog {
             fix(c);
         }
+        fix(&mut self.ledger.path);
         let slots = self
             .plugins
             .router
@@ -403,6 +429,12 @@ impl Config {
                     format!("expected an http:// or https:// URL, got {:?}", o.base_url),
                 ));
             }
+        }
+        if self.ledger.flush_interval_ms == 0 || self.ledger.batch_rows == 0 {
+            return Err(self.invalid(
+                "ledger.flush_interval_ms",
+                "flush_interval_ms and batch_rows must be at least 1",
+            ));
         }
         if self.runtime.epoch_tick_ms == 0 {
             return Err(self.invalid("runtime.epoch_tick_ms", "must be at least 1"));

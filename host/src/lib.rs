@@ -8,6 +8,7 @@ pub mod budget;
 pub mod cache;
 pub mod clock;
 pub mod config;
+pub mod ledger;
 pub mod metrics;
 pub mod pipeline;
 pub mod plugins;

@@ -110,11 +110,16 @@ async fn serve(args: ServeArgs) -> Result<()> {
     );
     server::serve(
         listener,
-        server::gateway_handler(gw),
+        server::gateway_handler(gw.clone()),
         shutdown_signal(),
         drain,
     )
     .await;
+    // Every answered request has queued its row; commit them before exiting.
+    if let Some(l) = &gw.ledger {
+        l.flush();
+        tracing::info!(path = %l.path().display(), "ledger flushed");
+    }
     tracing::info!("stopped");
     Ok(())
 }

@@ -20,7 +20,7 @@ use tokio::net::TcpListener;
 use tokio::sync::mpsc;
 
 use crate::api::ApiError;
-use crate::pipeline::{Gateway, Identity, Reply, ReplyBody, new_request_id};
+use crate::pipeline::{Gateway, Identity, Reply, ReplyBody};
 use crate::providers::{Provider, SimProvider, UpstreamCall, UpstreamReply};
 
 pub type Body = UnsyncBoxBody<Bytes, Infallible>;
@@ -136,13 +136,14 @@ async fn route(gw: Arc<Gateway>, req: Request<Incoming>) -> Response<Body> {
     match (path.as_str(), &method) {
         ("/v1/chat/completions" | "/chat/completions", &Method::POST) => {
             let max = gw.config.server.max_body_bytes;
-            let (parts, body) = match read_body(req, max).await {
+            let identity = Identity::from_headers(req.headers(), &gw.config.identity);
+            let (_parts, body) = match read_body(req, max).await {
                 Ok(x) => x,
-                Err(e) => return into_response(gw.error_reply(&new_request_id(), &e)),
+                Err(e) => return into_response(gw.reject(identity.as_ref().ok(), &e)),
             };
-            let id = match Identity::from_headers(&parts.headers, &gw.config.identity) {
+            let id = match identity {
                 Ok(id) => id,
-                Err(e) => return into_response(gw.error_reply(&new_request_id(), &e)),
+                Err(e) => return into_response(gw.reject(None, &e)),
             };
             into_response(gw.chat(id, body).await)
         }

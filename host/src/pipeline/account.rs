@@ -7,10 +7,11 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 
-use super::{Gateway, contain};
+use super::{Gateway, contain, decided};
 use crate::api::{self, WireCompletion};
 use crate::budget::Reservation;
 use crate::cache::{AnswerStore, CacheKey, CachedAnswer};
+use crate::ledger::Row;
 use crate::plugins::PluginSet;
 use crate::plugins::types::{RequestView, ResponseMeta};
 use crate::pricing::Usage;
@@ -20,18 +21,14 @@ pub struct Accounting {
     pub gateway: Arc<Gateway>,
     /// The plugin set the request started with (a swap mid-request does not change it).
     pub plugins: Arc<PluginSet>,
-    pub request_id: String,
     pub view: RequestView,
     pub model: String,
-    pub provider: String,
     pub cache_plan: Option<(CacheKey, Duration)>,
     pub reservation: Option<Reservation>,
     pub started: Instant,
     pub upstream_started: Instant,
-    pub tokens_saved: u32,
-    pub chars_before: usize,
-    pub chars_after: usize,
-    pub trail: Vec<String>,
+    /// The ledger row, complete but for usage, cost and timing.
+    pub row: Row,
 }
 
 impl Accounting {
@@ -73,8 +70,11 @@ impl Accounting {
         finish: &str,
         body: Option<Bytes>,
     ) -> Option<f64> {
-        let gw = &self.gateway;
+        let gw = self.gateway.clone();
         let cost = gw.catalog.cost(&self.model, &usage);
+        if cost.is_none() {
+            gw.warn_unpriced(&self.model);
+        }
         if let Some(r) = self.reservation.take() {
             r.settle(cost.unwrap_or(0.0));
         }
@@ -85,7 +85,7 @@ impl Accounting {
         }
         gw.metrics
             .tokens_saved
-            .fetch_add(u64::from(self.tokens_saved), Ordering::Relaxed);
+            .fetch_add(u64::from(self.row.tokens_saved), Ordering::Relaxed);
 
         let mut admitted = false;
         if let (Some((key, ttl)), Some(slot)) = (self.cache_plan.take(), &self.plugins.cache_policy)
@@ -98,9 +98,20 @@ impl Accounting {
                 finish_reason: finish.to_string(),
                 content: content.to_string(),
             };
-            if let Ok(Some(true)) = contain(slot, slot.plugin.admit(&self.view, &meta).await) {
+            let admit = contain(
+                slot,
+                slot.plugin.admit(&self.view, &meta).await,
+                &mut self.row,
+            );
+            if let Ok(Some(a)) = &admit {
+                decided(&mut self.row, slot, format!("admit: {a}"));
+            }
+            if let Ok(Some(true)) = admit {
                 let body = body.unwrap_or_else(|| {
-                    let id = format!("chatcmpl-{}", self.request_id.trim_start_matches("req_"));
+                    let id = format!(
+                        "chatcmpl-{}",
+                        self.row.request_id.trim_start_matches("req_")
+                    );
                     let created = gw.clock.now_ms() / 1000;
                     Bytes::from(
                         api::completion_json(&id, created, &self.model, content, finish, &usage)
@@ -122,29 +133,38 @@ impl Accounting {
                 admitted = true;
             }
         }
+        let latency_ms = self.started.elapsed().as_secs_f64() * 1000.0;
+        let upstream_ms = self.upstream_started.elapsed().as_secs_f64() * 1000.0;
+        let mut row = std::mem::take(&mut self.row);
+        row.prompt_tokens = usage.prompt_tokens;
+        row.cached_tokens = usage.cached_tokens;
+        row.completion_tokens = usage.completion_tokens;
+        row.cost_usd = cost;
+        row.unpriced = cost.is_none();
+        row.estimated = estimated;
+        row.latency_ms = latency_ms;
+        row.upstream_ms = Some(upstream_ms);
+        if row.status == 0 {
+            row.status = 200;
+        }
         tracing::info!(
-            request_id = %self.request_id,
-            tenant = %self.view.tenant,
-            user = %self.view.user,
-            feature = %self.view.feature,
-            task = %self.view.task,
-            model_asked = %self.view.model,
+            request_id = %row.request_id,
+            tenant = %row.tenant,
+            feature = %row.feature,
             model = %self.model,
-            provider = %self.provider,
             prompt_tokens = usage.prompt_tokens,
             cached_tokens = usage.cached_tokens,
             completion_tokens = usage.completion_tokens,
-            tokens_saved = self.tokens_saved,
-            chars_before = self.chars_before,
-            chars_after = self.chars_after,
+            tokens_saved = row.tokens_saved,
             cost_usd = cost,
             estimated,
             cached_answer = admitted,
-            latency_ms = self.started.elapsed().as_millis() as u64,
-            upstream_ms = self.upstream_started.elapsed().as_millis() as u64,
-            decisions = %self.trail.join("; "),
+            latency_ms = latency_ms as u64,
             "request done"
         );
+        if let Some(l) = &gw.ledger {
+            l.record(row);
+        }
         cost
     }
 }

@@ -33,6 +33,7 @@ use crate::budget::{Scopes, SpendCounters};
 use crate::cache::{self, AnswerStore, CachedAnswer, MemoryStore};
 use crate::clock::{Clock, utc_day};
 use crate::config::{Config, FailMode};
+use crate::ledger::{self, Decision, Ledger, LedgerOptions, Row};
 use crate::metrics::{Metrics, inc};
 use crate::plugins::types::{
     CacheDecision, Compression, ModelInfo, RequestView, RouteDecision, SpendSnapshot, Verdict,
@@ -69,6 +70,8 @@ pub enum GatewayError {
     Plugin(#[from] LoadError),
     #[error(transparent)]
     Provider(#[from] ProviderSetupError),
+    #[error(transparent)]
+    Ledger(#[from] ledger::LedgerError),
 }
 
 /// Everything a request needs, shared by all requests.
@@ -83,6 +86,10 @@ pub struct Gateway {
     pub spend: Arc<SpendCounters>,
     pub clock: Arc<dyn Clock>,
     pub metrics: Metrics,
+    /// The cost ledger; None when `ledger.enabled = false`.
+    pub ledger: Option<Ledger>,
+    /// Models already warned about for having no price.
+    unpriced_warned: std::sync::Mutex<std::collections::HashSet<String>>,
 }
 
 impl Gateway {
@@ -110,7 +117,23 @@ impl Gateway {
         for s in set.summaries() {
             tracing::info!(kind = %s.kind, plugin = s.name, sha256 = s.digest, fail_mode = ?s.fail_mode, "plugin loaded");
         }
+        let ledger = if config.ledger.enabled {
+            let l = Ledger::open(
+                &config.ledger.path,
+                LedgerOptions {
+                    flush_interval: Duration::from_millis(config.ledger.flush_interval_ms),
+                    batch_rows: config.ledger.batch_rows,
+                },
+            )?;
+            tracing::info!(path = %l.path().display(), "ledger open");
+            Some(l)
+        } else {
+            tracing::warn!("ledger disabled: requests leave no cost record");
+            None
+        };
         Ok(Arc::new(Self {
+            ledger,
+            unpriced_warned: Default::default(),
             cache: MemoryStore::new(config.cache.max_bytes),
             catalog,
             providers,
@@ -134,7 +157,15 @@ impl Gateway {
         let request_id = new_request_id();
         let gw = self.clone();
         let rid = request_id.clone();
-        let task = tokio::spawn(async move { gw.handle(&rid, id, &raw).await });
+        let task = tokio::spawn(async move {
+            let started = Instant::now();
+            let mut rec = gw.new_row(&rid, &id);
+            let result = gw.handle(&rid, id, &raw, &mut rec).await;
+            if let Err(e) = &result {
+                gw.record_error(rec, e, started);
+            }
+            result
+        });
         match task.await {
             Ok(Ok(reply)) => reply,
             Ok(Err(e)) => self.error_reply(&request_id, &e),
@@ -151,6 +182,70 @@ impl Gateway {
                 self.error_reply(&request_id, &e)
             }
         }
+    }
+
+    /// Logs once per model that its calls are recorded without a cost.
+    pub fn warn_unpriced(&self, model: &str) {
+        if let Ok(mut seen) = self.unpriced_warned.lock()
+            && seen.insert(model.to_string())
+        {
+            tracing::warn!(
+                model,
+                "model has no price: its calls are recorded as unpriced (cost null); add it under [pricing.models]"
+            );
+        }
+    }
+
+    /// A ledger row with what is known before the body is read.
+    fn new_row(&self, request_id: &str, id: &Identity) -> Row {
+        Row {
+            request_id: request_id.to_string(),
+            ts_ms: self.clock.now_ms(),
+            tenant: id.tenant.clone(),
+            user: id.user.clone(),
+            feature: id.feature.clone(),
+            task: id.task.clone(),
+            step: id.step,
+            cache: "none",
+            ..Row::default()
+        }
+    }
+
+    fn record(&self, row: Row) {
+        if let Some(l) = &self.ledger {
+            l.record(row);
+        }
+    }
+
+    /// Records a request answered without an upstream call (cache hit, fixed answer).
+    fn record_answered(&self, rec: &mut Row, started: Instant) {
+        let mut row = std::mem::take(rec);
+        row.status = 200;
+        row.latency_ms = started.elapsed().as_secs_f64() * 1000.0;
+        self.record(row);
+    }
+
+    fn record_error(&self, mut row: Row, e: &ApiError, started: Instant) {
+        row.status = e.status.as_u16();
+        row.error_code = Some(e.code.to_string());
+        row.latency_ms = started.elapsed().as_secs_f64() * 1000.0;
+        self.record(row);
+    }
+
+    /// Answers (and records) a request refused before the pipeline could
+    /// read it: unreadable body, bad identity headers.
+    pub fn reject(&self, headers_identity: Option<&Identity>, e: &ApiError) -> Reply {
+        let request_id = new_request_id();
+        let fallback = Identity {
+            tenant: self.config.identity.default_tenant.clone(),
+            user: self.config.identity.default_user.clone(),
+            feature: self.config.identity.default_feature.clone(),
+            ..Identity::default()
+        };
+        let row = self.new_row(&request_id, headers_identity.unwrap_or(&fallback));
+        inc(&self.metrics.requests);
+        self.record_error(row, e, Instant::now());
+        self.error_reply(&request_id, e)
     }
 
     pub fn error_reply(&self, request_id: &str, e: &ApiError) -> Reply {
@@ -180,29 +275,36 @@ impl Gateway {
         }
     }
 
+    /// The pipeline. `rec` is the request's ledger row, filled in as the
+    /// request goes; every path that answers records it (errors are recorded
+    /// by the caller).
     async fn handle(
         self: &Arc<Self>,
         rid: &str,
         id: Identity,
         raw: &[u8],
+        rec: &mut Row,
     ) -> Result<Reply, ApiError> {
         let started = Instant::now();
 
         // 1. Parse and validate.
         let mut req = ChatRequest::parse(raw)?;
+        rec.model_asked = req.model.clone();
+        rec.stream = req.stream;
+        rec.request_hash =
+            ledger::request_hash(&serde_json::to_string(&req.body).unwrap_or_default());
         if self.providers.get(&req.model).is_none() {
             return Err(model_not_found(&req.model, &self.providers));
         }
         let plugins = self.plugins.load_full();
         let mut view = view::build(rid, &id, &req);
-        let chars_before = view::prompt_chars(&view);
+        rec.chars_before = view::prompt_chars(&view) as u64;
         let scopes = Scopes {
             day: utc_day(self.clock.now_ms()),
             tenant: id.tenant.clone(),
             feature: id.feature.clone(),
             user: id.user.clone(),
         };
-        let mut trail: Vec<String> = Vec::new();
 
         // 2. Budget.
         let mut ceiling: Option<String> = None;
@@ -215,7 +317,10 @@ impl Gateway {
                 user_today_usd: snap.user,
                 estimated_cost_usd: self.worst_case(&req.model, &view),
             };
-            let verdict = contain(slot, slot.plugin.check(&view, &spend).await)?;
+            let verdict = contain(slot, slot.plugin.check(&view, &spend).await, rec)?;
+            if let Some(v) = &verdict {
+                decided(rec, slot, format!("{v:?}"));
+            }
             match verdict {
                 None | Some(Verdict::Allow) => {}
                 Some(Verdict::Deny(reason)) => {
@@ -230,20 +335,18 @@ impl Gateway {
                 Some(Verdict::Downgrade(model)) => {
                     if self.providers.get(&model).is_some() {
                         inc(&self.metrics.budget_downgraded);
-                        trail.push(format!("budget:{}=downgrade:{model}", slot.plugin.name()));
                         ceiling = Some(model);
                     } else {
                         let e = slot_invalid(
                             slot,
                             format!("downgrade to {model:?}, which is not served"),
                         );
-                        contain::<_, ()>(slot, Err(e))?;
+                        contain::<_, ()>(slot, Err(e), rec)?;
                     }
                 }
                 Some(Verdict::Alert(message)) => {
                     inc(&self.metrics.budget_alerts);
                     tracing::warn!(request_id = rid, tenant = %id.tenant, plugin = slot.plugin.name(), "budget alert: {message}");
-                    trail.push(format!("budget:{}=alert", slot.plugin.name()));
                 }
             }
         }
@@ -251,27 +354,38 @@ impl Gateway {
         // 3. Compress.
         let tokens_before = view.prompt_tokens;
         for slot in &plugins.compressors {
-            if let Some(Compression::Rewritten(rw)) =
-                contain(slot, slot.plugin.compress(&view).await)?
-            {
-                view::apply_rewrite(&mut req, &rw);
-                view = view::build(rid, &id, &req);
-                trail.push(format!("compressor:{}={}", slot.plugin.name(), rw.note));
+            match contain(slot, slot.plugin.compress(&view).await, rec)? {
+                Some(Compression::Rewritten(rw)) => {
+                    view::apply_rewrite(&mut req, &rw);
+                    view = view::build(rid, &id, &req);
+                    decided(rec, slot, format!("rewritten: {}", rw.note));
+                }
+                Some(Compression::Unchanged) => decided(rec, slot, "unchanged".into()),
+                None => {}
             }
         }
-        let tokens_saved = tokens_before.saturating_sub(view.prompt_tokens);
-        let chars_after = view::prompt_chars(&view);
+        rec.tokens_saved = tokens_before.saturating_sub(view.prompt_tokens);
+        rec.chars_after = view::prompt_chars(&view) as u64;
 
         // 4. Cache lookup.
         let mut cache_plan = None;
         let mut cache_outcome = "bypass";
         if let Some(slot) = &plugins.cache_policy {
-            match contain(slot, slot.plugin.lookup(&view).await)? {
+            match contain(slot, slot.plugin.lookup(&view).await, rec)? {
                 Some(CacheDecision::Lookup(l)) => {
+                    decided(
+                        rec,
+                        slot,
+                        format!("lookup {:?} ttl {}s", l.scope, l.ttl_seconds),
+                    );
                     let key = cache::key(l.scope, &id.tenant, &id.user, &req.body);
                     if let Some(hit) = self.cache.get(&key) {
                         inc(&self.metrics.cache_hit);
                         tracing::info!(request_id = rid, tenant = %id.tenant, model = %hit.model, "cache hit");
+                        rec.cache = "hit";
+                        rec.model_served = Some(hit.model.clone());
+                        rec.cost_usd = Some(0.0);
+                        self.record_answered(rec, started);
                         return Ok(self.reply_cached(rid, &req, &hit));
                     }
                     let ttl = l.ttl_seconds.min(self.config.cache.max_ttl_seconds);
@@ -279,11 +393,12 @@ impl Gateway {
                     cache_outcome = "miss";
                 }
                 Some(CacheDecision::Bypass(reason)) => {
-                    trail.push(format!("cache:{}=bypass:{reason}", slot.plugin.name()));
+                    decided(rec, slot, format!("bypass: {reason}"));
                 }
                 None => {}
             }
         }
+        rec.cache = cache_outcome;
         inc(if cache_plan.is_some() {
             &self.metrics.cache_miss
         } else {
@@ -295,12 +410,18 @@ impl Gateway {
         let mut ladder = vec![default_model];
         if let Some(slot) = &plugins.router {
             let candidates = self.candidates(ceiling.as_deref());
-            match contain(slot, slot.plugin.route(&view, &candidates).await)? {
+            let decision = contain(slot, slot.plugin.route(&view, &candidates).await, rec)?;
+            if let Some(d) = &decision {
+                decided(rec, slot, format!("{d:?}"));
+            }
+            match decision {
                 None | Some(RouteDecision::Keep) => {}
                 Some(RouteDecision::UseModel(m)) => ladder = vec![m],
                 Some(RouteDecision::Fallback(list)) => ladder = list,
                 Some(RouteDecision::Respond(text)) => {
-                    trail.push(format!("router:{}=respond", slot.plugin.name()));
+                    rec.model_served = Some("fixed-response".into());
+                    rec.cost_usd = Some(0.0);
+                    self.record_answered(rec, started);
                     return Ok(self.reply_fixed(rid, &req, &view, &text));
                 }
                 Some(RouteDecision::Reject(reason)) => {
@@ -310,11 +431,6 @@ impl Gateway {
                     ));
                 }
             }
-            trail.push(format!(
-                "router:{}={}",
-                slot.plugin.name(),
-                ladder.join(">")
-            ));
         }
 
         // 6. Reserve the worst case and call upstream along the ladder.
@@ -334,23 +450,20 @@ impl Gateway {
         let upstream_started = Instant::now();
         let (model, provider_name, reply) =
             self.call_ladder(&ladder, body, req.stream, &id).await?;
+        rec.model_served = Some(model.clone());
+        rec.provider = Some(provider_name);
 
         // 7. Account and respond.
         let acct = Accounting {
             gateway: self.clone(),
             plugins: plugins.clone(),
-            request_id: rid.to_string(),
             view,
             model: model.clone(),
-            provider: provider_name,
             cache_plan,
             reservation: Some(reservation),
             started,
             upstream_started,
-            tokens_saved,
-            chars_before,
-            chars_after,
-            trail,
+            row: std::mem::take(rec),
         };
         let headers = vec![
             ("x-tollgate-request-id", rid.to_string()),
@@ -543,12 +656,31 @@ async fn load_slot<K: Kind>(
     })
 }
 
+/// Adds a plugin's decision to the request's ledger row.
+fn decided<K: Kind>(rec: &mut Row, slot: &Slot<K>, decision: String) {
+    rec.decisions.push(Decision {
+        kind: K::KIND.world(),
+        plugin: slot.plugin.name().to_string(),
+        digest: slot.plugin.digest().to_string(),
+        decision,
+    });
+}
+
 /// Applies a slot's failure mode to a plugin result: the decision, nothing
-/// (fail-open: go on without the plugin), or an error (fail-closed).
+/// (fail-open: go on without the plugin), or an error (fail-closed). A
+/// failure is recorded in the request's ledger row either way.
 fn contain<K: Kind, T>(
     slot: &Slot<K>,
     result: Result<T, PluginError>,
+    rec: &mut Row,
 ) -> Result<Option<T>, ApiError> {
+    if let Err(e) = &result {
+        let mode = match slot.fail_mode {
+            FailMode::Open => "skipped",
+            FailMode::Closed => "request rejected",
+        };
+        decided(rec, slot, format!("failed ({}), {mode}: {e}", e.reason()));
+    }
     match result {
         Ok(v) => Ok(Some(v)),
         Err(e) => match slot.fail_mode {

@@ -36,7 +36,8 @@ pub fn relay(
             let bytes = match item {
                 Ok(b) => b,
                 Err(e) => {
-                    tracing::warn!(request_id = %acct.request_id, "upstream stream failed: {e}");
+                    tracing::warn!(request_id = %acct.row.request_id, "upstream stream failed: {e}");
+                    acct.row.error_code = Some("upstream_stream_broken".into());
                     let err = api::ApiError::new(
                         http::StatusCode::BAD_GATEWAY,
                         "api_error",

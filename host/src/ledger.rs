@@ -1,0 +1,435 @@
+//! The cost ledger: one row per request, in SQLite (WAL) by default.
+//!
+//! Requests never wait on the disk: they hand their row to a channel and a
+//! single writer thread batches rows into one transaction every flush
+//! interval (or sooner when a batch fills up). On shutdown the writer drains
+//! the channel and commits before the process exits, so every request that
+//! was answered has its row. After a crash (SIGKILL) the WAL keeps the
+//! database intact; at most the last flush interval is lost.
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, mpsc};
+use std::time::{Duration, Instant};
+
+use rusqlite::{Connection, params};
+use serde::Serialize;
+
+/// Bumped when the schema changes; older files are migrated on open.
+const SCHEMA_VERSION: i64 = 1;
+
+const SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS requests (
+    request_id        TEXT PRIMARY KEY,
+    request_hash      TEXT NOT NULL,
+    ts_ms             INTEGER NOT NULL,
+    tenant            TEXT NOT NULL,
+    user              TEXT NOT NULL,
+    feature           TEXT NOT NULL,
+    task              TEXT NOT NULL,
+    step              INTEGER NOT NULL,
+    model_asked       TEXT NOT NULL,
+    model_served      TEXT,
+    provider          TEXT,
+    decisions         TEXT NOT NULL,
+    cache             TEXT NOT NULL,
+    stream            INTEGER NOT NULL,
+    prompt_tokens     INTEGER NOT NULL,
+    cached_tokens     INTEGER NOT NULL,
+    cache_write_tokens INTEGER NOT NULL,
+    completion_tokens INTEGER NOT NULL,
+    tokens_saved      INTEGER NOT NULL,
+    chars_before      INTEGER NOT NULL,
+    chars_after       INTEGER NOT NULL,
+    latency_ms        REAL NOT NULL,
+    upstream_ms       REAL,
+    status            INTEGER NOT NULL,
+    error_code        TEXT,
+    cost_usd          REAL,
+    estimated         INTEGER NOT NULL,
+    unpriced          INTEGER NOT NULL
+);
+CREATE INDEX IF NOT EXISTS requests_ts ON requests (ts_ms);
+CREATE INDEX IF NOT EXISTS requests_tenant_ts ON requests (tenant, ts_ms);
+CREATE INDEX IF NOT EXISTS requests_task ON requests (tenant, task);
+";
+
+/// One plugin's part in a request.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct Decision {
+    pub kind: &'static str,
+    pub plugin: String,
+    /// sha256 of the plugin's component, the version that decided.
+    pub digest: String,
+    pub decision: String,
+}
+
+/// Everything the ledger keeps about one request.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Row {
+    pub request_id: String,
+    /// 24 hex characters of BLAKE3 over the canonical request body.
+    pub request_hash: String,
+    pub ts_ms: u64,
+    pub tenant: String,
+    pub user: String,
+    pub feature: String,
+    pub task: String,
+    pub step: u32,
+    pub model_asked: String,
+    pub model_served: Option<String>,
+    pub provider: Option<String>,
+    pub decisions: Vec<Decision>,
+    /// `hit`, `miss`, `bypass`, or `none` when the request ended before the cache step.
+    pub cache: &'static str,
+    pub stream: bool,
+    pub prompt_tokens: u32,
+    pub cached_tokens: u32,
+    pub cache_write_tokens: u32,
+    pub completion_tokens: u32,
+    pub tokens_saved: u32,
+    pub chars_before: u64,
+    pub chars_after: u64,
+    pub latency_ms: f64,
+    pub upstream_ms: Option<f64>,
+    pub status: u16,
+    pub error_code: Option<String>,
+    /// None when the model has no price (never recorded as zero).
+    pub cost_usd: Option<f64>,
+    /// Usage counted by the gateway because the upstream reported none.
+    pub estimated: bool,
+    pub unpriced: bool,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum LedgerError {
+    #[error("ledger {path}: {source}")]
+    Sqlite {
+        path: String,
+        source: rusqlite::Error,
+    },
+    #[error("ledger {path}: cannot create its directory: {source}")]
+    Dir {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("ledger writer thread: {0}")]
+    Thread(String),
+}
+
+enum Msg {
+    Row(Box<Row>),
+    /// Commit everything received so far, then answer.
+    Flush(mpsc::Sender<()>),
+}
+
+/// Counters of the writer, for `/metrics`.
+#[derive(Default, Debug)]
+pub struct LedgerStats {
+    pub queued: AtomicU64,
+    pub written: AtomicU64,
+    pub failed: AtomicU64,
+}
+
+/// Handle to the ledger; cheap to clone.
+#[derive(Clone)]
+pub struct Ledger {
+    tx: mpsc::Sender<Msg>,
+    stats: Arc<LedgerStats>,
+    path: PathBuf,
+}
+
+pub struct LedgerOptions {
+    pub flush_interval: Duration,
+    pub batch_rows: usize,
+}
+
+impl Default for LedgerOptions {
+    fn default() -> Self {
+        Self {
+            flush_interval: Duration::from_millis(100),
+            batch_rows: 1000,
+        }
+    }
+}
+
+fn sqlite_err(path: &Path) -> impl Fn(rusqlite::Error) -> LedgerError + '_ {
+    move |source| LedgerError::Sqlite {
+        path: path.display().to_string(),
+        source,
+    }
+}
+
+/// Opens (creating or migrating) a ledger database.
+pub fn open_db(path: &Path) -> Result<Connection, LedgerError> {
+    if let Some(dir) = path.parent()
+        && !dir.as_os_str().is_empty()
+    {
+        std::fs::create_dir_all(dir).map_err(|source| LedgerError::Dir {
+            path: path.display().to_string(),
+            source,
+        })?;
+    }
+    let err = sqlite_err(path);
+    let conn = Connection::open(path).map_err(&err)?;
+    conn.pragma_update(None, "journal_mode", "WAL")
+        .map_err(&err)?;
+    // NORMAL in WAL mode survives a crash of the process (not of the OS).
+    conn.pragma_update(None, "synchronous", "NORMAL")
+        .map_err(&err)?;
+    conn.busy_timeout(Duration::from_secs(5)).map_err(&err)?;
+    conn.execute_batch(SCHEMA).map_err(&err)?;
+    let version: i64 = conn
+        .pragma_query_value(None, "user_version", |r| r.get(0))
+        .map_err(&err)?;
+    if version < SCHEMA_VERSION {
+        conn.pragma_update(None, "user_version", SCHEMA_VERSION)
+            .map_err(&err)?;
+    }
+    Ok(conn)
+}
+
+fn insert_batch(conn: &mut Connection, rows: &[Box<Row>]) -> rusqlite::Result<()> {
+    let tx = conn.transaction()?;
+    {
+        let mut st = tx.prepare_cached(
+            "INSERT OR REPLACE INTO requests (request_id, request_hash, ts_ms, tenant, user, feature, task, step,
+             model_asked, model_served, provider, decisions, cache, stream, prompt_tokens, cached_tokens,
+             cache_write_tokens, completion_tokens, tokens_saved, chars_before, chars_after, latency_ms,
+             upstream_ms, status, error_code, cost_usd, estimated, unpriced)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19,
+                     ?20, ?21, ?22, ?23, ?24, ?25, ?26, ?27, ?28)",
+        )?;
+        for r in rows {
+            let decisions = serde_json::to_string(&r.decisions).unwrap_or_else(|_| "[]".into());
+            st.execute(params![
+                r.request_id,
+                r.request_hash,
+                r.ts_ms as i64,
+                r.tenant,
+                r.user,
+                r.feature,
+                r.task,
+                r.step,
+                r.model_asked,
+                r.model_served,
+                r.provider,
+                decisions,
+                r.cache,
+                r.stream,
+                r.prompt_tokens,
+                r.cached_tokens,
+                r.cache_write_tokens,
+                r.completion_tokens,
+                r.tokens_saved,
+                r.chars_before as i64,
+                r.chars_after as i64,
+                r.latency_ms,
+                r.upstream_ms,
+                r.status,
+                r.error_code,
+                r.cost_usd,
+                r.estimated,
+                r.unpriced,
+            ])?;
+        }
+    }
+    tx.commit()
+}
+
+impl Ledger {
+    /// Opens the database and starts the writer thread.
+    pub fn open(path: &Path, opts: LedgerOptions) -> Result<Self, LedgerError> {
+        let mut conn = open_db(path)?;
+        let (tx, rx) = mpsc::channel::<Msg>();
+        let stats = Arc::new(LedgerStats::default());
+        let wstats = stats.clone();
+        let ledger_path = path.display().to_string();
+        std::thread::Builder::new()
+            .name("tollgate-ledger".into())
+            .spawn(move || {
+                let mut batch: Vec<Box<Row>> = Vec::with_capacity(opts.batch_rows);
+                let mut waiting: Vec<mpsc::Sender<()>> = Vec::new();
+                let mut deadline = Instant::now() + opts.flush_interval;
+                loop {
+                    let timeout = deadline.saturating_duration_since(Instant::now());
+                    let closed = match rx.recv_timeout(timeout) {
+                        Ok(Msg::Row(r)) => {
+                            batch.push(r);
+                            false
+                        }
+                        Ok(Msg::Flush(ack)) => {
+                            // Take everything already queued before committing.
+                            while let Ok(m) = rx.try_recv() {
+                                match m {
+                                    Msg::Row(r) => batch.push(r),
+                                    Msg::Flush(a) => waiting.push(a),
+                                }
+                            }
+                            waiting.push(ack);
+                            false
+                        }
+                        Err(mpsc::RecvTimeoutError::Timeout) => false,
+                        Err(mpsc::RecvTimeoutError::Disconnected) => true,
+                    };
+                    let due = Instant::now() >= deadline;
+                    if !batch.is_empty() && (due || closed || !waiting.is_empty() || batch.len() >= opts.batch_rows) {
+                        let n = batch.len() as u64;
+                        match insert_batch(&mut conn, &batch) {
+                            Ok(()) => {
+                                wstats.written.fetch_add(n, Ordering::Relaxed);
+                            }
+                            Err(e) => {
+                                wstats.failed.fetch_add(n, Ordering::Relaxed);
+                                tracing::error!(ledger = %ledger_path, rows = n, "ledger write failed: {e}");
+                            }
+                        }
+                        batch.clear();
+                    }
+                    for ack in waiting.drain(..) {
+                        let _ = ack.send(());
+                    }
+                    if due {
+                        deadline = Instant::now() + opts.flush_interval;
+                    }
+                    if closed {
+                        break;
+                    }
+                }
+            })
+            .map_err(|e| LedgerError::Thread(e.to_string()))?;
+        Ok(Self {
+            tx,
+            stats,
+            path: path.to_path_buf(),
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    pub fn stats(&self) -> &LedgerStats {
+        &self.stats
+    }
+
+    /// Queues a row; never blocks on the disk.
+    pub fn record(&self, row: Row) {
+        self.stats.queued.fetch_add(1, Ordering::Relaxed);
+        if self.tx.send(Msg::Row(Box::new(row))).is_err() {
+            self.stats.failed.fetch_add(1, Ordering::Relaxed);
+            tracing::error!("ledger writer is gone; a row was not recorded");
+        }
+    }
+
+    /// Blocks until every row queued so far is committed.
+    pub fn flush(&self) {
+        let (ack, done) = mpsc::channel();
+        if self.tx.send(Msg::Flush(ack)).is_ok() {
+            let _ = done.recv();
+        }
+    }
+}
+
+/// 24 hex characters of BLAKE3 over a canonical JSON body.
+pub fn request_hash(canonical_json: &str) -> String {
+    let mut h = blake3::hash(canonical_json.as_bytes()).to_hex().to_string();
+    h.truncate(24);
+    h
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn row(id: &str) -> Row {
+        Row {
+            request_id: id.into(),
+            request_hash: request_hash("{}"),
+            ts_ms: 1,
+            tenant: "acme".into(),
+            user: "u".into(),
+            feature: "f".into(),
+            model_asked: "gpt-4o".into(),
+            model_served: Some("gpt-4o-mini".into()),
+            decisions: vec![Decision {
+                kind: "router",
+                plugin: "r".into(),
+                digest: "d".into(),
+                decision: "use gpt-4o-mini".into(),
+            }],
+            cache: "miss",
+            status: 200,
+            cost_usd: Some(0.25),
+            ..Row::default()
+        }
+    }
+
+    #[test]
+    fn rows_are_batched_flushed_and_readable() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("sub/ledger.sqlite");
+        let l = Ledger::open(&path, LedgerOptions::default()).unwrap();
+        for i in 0..250 {
+            l.record(row(&format!("req_{i}")));
+        }
+        let mut unpriced = row("req_unpriced");
+        unpriced.cost_usd = None;
+        unpriced.unpriced = true;
+        l.record(unpriced);
+        l.flush();
+        let conn = open_db(&path).unwrap();
+        let n: i64 = conn
+            .query_row("SELECT COUNT(*) FROM requests", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(n, 251);
+        let (cost, flag): (Option<f64>, bool) = conn
+            .query_row(
+                "SELECT cost_usd, unpriced FROM requests WHERE request_id = 'req_unpriced'",
+                [],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+            .unwrap();
+        assert_eq!((cost, flag), (None, true));
+        let d: String = conn
+            .query_row(
+                "SELECT decisions FROM requests WHERE request_id = 'req_0'",
+                [],
+                |r| r.get(0),
+            )
+            .unwrap();
+        assert!(d.contains("\"kind\":\"router\""), "{d}");
+        assert_eq!(l.stats().written.load(Ordering::Relaxed), 251);
+        let mode: String = conn
+            .pragma_query_value(None, "journal_mode", |r| r.get(0))
+            .unwrap();
+        assert_eq!(mode, "wal");
+    }
+
+    #[test]
+    fn rows_reach_the_disk_within_the_flush_interval_without_a_flush() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("l.sqlite");
+        let l = Ledger::open(
+            &path,
+            LedgerOptions {
+                flush_interval: Duration::from_millis(20),
+                batch_rows: 1000,
+            },
+        )
+        .unwrap();
+        l.record(row("a"));
+        let t = Instant::now();
+        loop {
+            let conn = open_db(&path).unwrap();
+            let n: i64 = conn
+                .query_row("SELECT COUNT(*) FROM requests", [], |r| r.get(0))
+                .unwrap();
+            if n == 1 {
+                break;
+            }
+            assert!(t.elapsed() < Duration::from_secs(5));
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+}

@@ -40,7 +40,7 @@ pub struct BenchArgs {
     /// Fuel per plugin call in the plugin measurement (0 turns fuel off).
     #[arg(long)]
     fuel: Option<u64>,
-    /// Run only one part: `plugins` or `http`.
+    /// Run only one part: `plugins`, `http` or `ledger`.
     #[arg(long)]
     only: Option<String>,
 }
@@ -438,21 +438,76 @@ async fn bench_http(args: &BenchArgs) -> Result<Value> {
 }
 
 #[allow(clippy::print_stdout)] // the report is the output
+/// Rows per second the ledger writer absorbs: queue many rows, wait for the
+/// commit of the last one.
+fn bench_ledger_writer() -> Result<Value> {
+    use tollgate::ledger::{Decision, Ledger, LedgerOptions, Row};
+    let dir = tempfile_dir()?.join("writer");
+    std::fs::create_dir_all(&dir)?;
+    let ledger = Ledger::open(&dir.join("ledger.sqlite"), LedgerOptions::default())?;
+    let n = 100_000usize;
+    let template = Row {
+        request_hash: "0123456789abcdef01234567".into(),
+        ts_ms: 1_795_449_600_000,
+        tenant: "acme".into(),
+        user: "u42".into(),
+        feature: "support".into(),
+        task: "t-1".into(),
+        model_asked: "gpt-4o".into(),
+        model_served: Some("gpt-4o-mini".into()),
+        provider: Some("sim".into()),
+        decisions: vec![Decision {
+            kind: "router",
+            plugin: "rules_router".into(),
+            digest: "b8b71c637c21cc1aff284e15f823fde90e5c039afa21a145b0dddfd15774a44c".into(),
+            decision: "UseModel(\"gpt-4o-mini\")".into(),
+        }],
+        cache: "miss",
+        prompt_tokens: 85,
+        completion_tokens: 40,
+        latency_ms: 0.3,
+        upstream_ms: Some(0.1),
+        status: 200,
+        cost_usd: Some(0.0000367),
+        ..Row::default()
+    };
+    let t = Instant::now();
+    for i in 0..n {
+        let mut r = template.clone();
+        r.request_id = format!("req_{i:08}");
+        ledger.record(r);
+    }
+    let queued = t.elapsed();
+    ledger.flush();
+    let total = t.elapsed();
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok(json!({
+        "rows": n,
+        "queue_ns_per_row": round1(queued.as_nanos() as f64 / n as f64),
+        "rows_per_second_committed": (n as f64 / total.as_secs_f64()).round(),
+    }))
+}
+
 pub async fn run(args: BenchArgs) -> Result<()> {
     let started = Instant::now();
     let only = args.only.as_deref();
     let plugins = match only {
-        Some("http") => Value::Null,
+        Some("http") | Some("ledger") => Value::Null,
         _ => bench_plugins(&args).await?,
     };
     let http = match only {
-        Some("plugins") => Value::Null,
+        Some("plugins") | Some("ledger") => Value::Null,
         _ => bench_http(&args).await?,
+    };
+    let ledger = match only {
+        Some("plugins") | Some("http") => Value::Null,
+        _ => tokio::task::spawn_blocking(bench_ledger_writer).await??,
     };
     let out = json!({
         "cpus": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
         "plugin_calls": plugins,
         "http_overhead": http,
+        "ledger_writer": ledger,
         "seconds": round1(started.elapsed().as_secs_f64()),
     });
     println!("{}", serde_json::to_string_pretty(&out)?);

@@ -954,3 +954,72 @@ async fn sigkill_leaves_an_intact_ledger_with_every_flushed_row() {
     assert_eq!(check, "ok");
     assert_eq!(count_rows(&db, ""), 50);
 }
+
+#[tokio::test]
+async fn streamed_usage_is_exact_when_reported_and_estimated_when_not() {
+    let mut gw = gateway("");
+    let mut body = ask("Stream me an answer about invoices");
+    body["stream"] = json!(true);
+    let exact = chat(
+        &gw.base,
+        &[
+            ("x-tollgate-sim-output-tokens", "40"),
+            ("x-tollgate-task", "exact"),
+        ],
+        body.clone(),
+    )
+    .await;
+    assert!(sse_events(&exact.text).1);
+    let est = chat(
+        &gw.base,
+        &[
+            ("x-tollgate-sim-output-tokens", "40"),
+            ("x-tollgate-sim-fault", "no-usage"),
+            ("x-tollgate-task", "est"),
+        ],
+        body.clone(),
+    )
+    .await;
+    let (events, done, comments) = sse_events(&est.text);
+    assert!(done && !events.is_empty());
+    assert!(events.iter().all(|e| e["usage"].is_null()));
+    assert!(
+        comments
+            .iter()
+            .any(|c| c.starts_with("x-tollgate-cost-usd=0."))
+    );
+    let mut plain = ask("Answer without usage");
+    plain["model"] = json!("gpt-4o-mini");
+    let r = chat(
+        &gw.base,
+        &[
+            ("x-tollgate-sim-fault", "no-usage"),
+            ("x-tollgate-task", "json-est"),
+        ],
+        plain,
+    )
+    .await;
+    assert_eq!(r.status, 200);
+    assert!(r.header("x-tollgate-cost-usd").parse::<f64>().unwrap() > 0.0);
+    assert!(gw.sigterm_and_wait().success());
+
+    let db = gw.ledger();
+    let row = |task: &str| -> (bool, i64, i64, f64) {
+        db.query_row(
+            "SELECT estimated, prompt_tokens, completion_tokens, cost_usd FROM requests WHERE task = ?1",
+            [task],
+            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)),
+        )
+        .unwrap()
+    };
+    let (e, _, out, cost) = row("exact");
+    assert_eq!((e, out), (false, 40));
+    assert!(cost > 0.0);
+    let (e, prompt, out, cost) = row("est");
+    assert!(e, "no usage from upstream: estimated");
+    assert!(
+        prompt > 0 && out > 20 && cost > 0.0,
+        "{prompt} {out} {cost}"
+    );
+    assert!(row("json-est").0);
+}

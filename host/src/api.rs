@@ -465,6 +465,38 @@ mod tests {
     }
 
     #[test]
+    fn usage_in_openai_and_anthropic_shapes() {
+        let openai: WireUsage = serde_json::from_value(json!({
+            "prompt_tokens": 2000, "completion_tokens": 50,
+            "prompt_tokens_details": {"cached_tokens": 1024}
+        }))
+        .unwrap();
+        assert_eq!(
+            Usage::from(openai),
+            Usage {
+                prompt_tokens: 2000,
+                cached_tokens: 1024,
+                cache_write_tokens: 0,
+                completion_tokens: 50
+            }
+        );
+        let anthropic: WireUsage = serde_json::from_value(json!({
+            "input_tokens": 100, "output_tokens": 50,
+            "cache_read_input_tokens": 3000, "cache_creation_input_tokens": 2000
+        }))
+        .unwrap();
+        assert_eq!(
+            Usage::from(anthropic),
+            Usage {
+                prompt_tokens: 5100,
+                cached_tokens: 3000,
+                cache_write_tokens: 2000,
+                completion_tokens: 50
+            }
+        );
+    }
+
+    #[test]
     fn sse_pieces_reassemble_the_answer() {
         let text = "The quick brown fox jumps over the lazy dog, again and again.";
         assert_eq!(split_keep_spaces(text, 8).concat(), text);
@@ -509,14 +541,25 @@ pub struct WireMessage {
     pub content: Option<String>,
 }
 
+/// Usage as OpenAI reports it (`prompt_tokens`, cached tokens in
+/// `prompt_tokens_details`) or as Anthropic does (`input_tokens` without the
+/// cache, `cache_read_input_tokens`, `cache_creation_input_tokens`).
 #[derive(Debug, serde::Deserialize, Default, Clone, Copy)]
 pub struct WireUsage {
     #[serde(default)]
-    pub prompt_tokens: u32,
+    pub prompt_tokens: Option<u32>,
     #[serde(default)]
-    pub completion_tokens: u32,
+    pub completion_tokens: Option<u32>,
     #[serde(default)]
     pub prompt_tokens_details: Option<WireDetails>,
+    #[serde(default)]
+    pub input_tokens: Option<u32>,
+    #[serde(default)]
+    pub output_tokens: Option<u32>,
+    #[serde(default)]
+    pub cache_read_input_tokens: Option<u32>,
+    #[serde(default)]
+    pub cache_creation_input_tokens: Option<u32>,
 }
 
 #[derive(Debug, serde::Deserialize, Default, Clone, Copy)]
@@ -527,13 +570,30 @@ pub struct WireDetails {
 
 impl From<WireUsage> for Usage {
     fn from(u: WireUsage) -> Self {
-        Usage {
-            prompt_tokens: u.prompt_tokens,
-            cached_tokens: u
-                .prompt_tokens_details
-                .and_then(|d| d.cached_tokens)
-                .unwrap_or(0),
-            completion_tokens: u.completion_tokens,
+        let read = u.cache_read_input_tokens.unwrap_or(0);
+        let written = u.cache_creation_input_tokens.unwrap_or(0);
+        match u.prompt_tokens {
+            // OpenAI: prompt_tokens counts every prompt token, cached ones included.
+            Some(prompt) => Usage {
+                prompt_tokens: prompt,
+                cached_tokens: u
+                    .prompt_tokens_details
+                    .and_then(|d| d.cached_tokens)
+                    .unwrap_or(read),
+                cache_write_tokens: written,
+                completion_tokens: u.completion_tokens.or(u.output_tokens).unwrap_or(0),
+            },
+            // Anthropic: input_tokens excludes what was read from or written to the cache.
+            None => Usage {
+                prompt_tokens: u
+                    .input_tokens
+                    .unwrap_or(0)
+                    .saturating_add(read)
+                    .saturating_add(written),
+                cached_tokens: read,
+                cache_write_tokens: written,
+                completion_tokens: u.output_tokens.or(u.completion_tokens).unwrap_or(0),
+            },
         }
     }
 }

@@ -13,25 +13,41 @@ const BUILTIN: &str = include_str!("../pricing.toml");
 pub struct ModelPrice {
     #[serde(default)]
     pub tier: u8,
+    /// Who sells the model (`openai`, `anthropic`, ...), for reports.
+    #[serde(default)]
+    pub provider: Option<String>,
     pub input: f64,
     /// Defaults to the input price when a provider has no prompt-cache discount.
     #[serde(default)]
     pub cached_input: Option<f64>,
+    /// Price of prompt tokens written to the provider's cache; defaults to input.
+    #[serde(default)]
+    pub cache_write: Option<f64>,
     pub output: f64,
+    /// Fraction off every price for batch API calls.
+    #[serde(default)]
+    pub batch_discount: f64,
 }
 
 impl ModelPrice {
     pub fn cached_input(&self) -> f64 {
         self.cached_input.unwrap_or(self.input)
     }
+
+    pub fn cache_write(&self) -> f64 {
+        self.cache_write.unwrap_or(self.input)
+    }
 }
 
 /// Token counts of one upstream call.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Usage {
-    /// All prompt tokens, cached ones included (as OpenAI reports them).
+    /// All prompt tokens: uncached, read from the cache and written to it.
     pub prompt_tokens: u32,
+    /// Prompt tokens read from the provider's cache.
     pub cached_tokens: u32,
+    /// Prompt tokens written to the provider's cache (Anthropic).
+    pub cache_write_tokens: u32,
     pub completion_tokens: u32,
 }
 
@@ -77,6 +93,7 @@ impl Catalog {
         let fields = [
             ("input", price.input),
             ("cached_input", price.cached_input()),
+            ("cache_write", price.cache_write()),
             ("output", price.output),
         ];
         for (name, v) in fields {
@@ -86,6 +103,15 @@ impl Catalog {
                     message: format!("`{name}` must be a non-negative number, got {v}"),
                 });
             }
+        }
+        if !(0.0..1.0).contains(&price.batch_discount) {
+            return Err(PricingError::Invalid {
+                model,
+                message: format!(
+                    "`batch_discount` must be in [0, 1), got {}",
+                    price.batch_discount
+                ),
+            });
         }
         self.models.insert(model, price);
         Ok(())
@@ -104,10 +130,12 @@ impl Catalog {
     pub fn cost(&self, model: &str, usage: &Usage) -> Option<f64> {
         let p = self.get(model)?;
         let cached = usage.cached_tokens.min(usage.prompt_tokens);
-        let uncached = usage.prompt_tokens - cached;
+        let written = usage.cache_write_tokens.min(usage.prompt_tokens - cached);
+        let uncached = usage.prompt_tokens - cached - written;
         Some(
             (f64::from(uncached) * p.input
                 + f64::from(cached) * p.cached_input()
+                + f64::from(written) * p.cache_write()
                 + f64::from(usage.completion_tokens) * p.output)
                 / 1e6,
         )
@@ -141,11 +169,41 @@ mod tests {
         let u = Usage {
             prompt_tokens: 2000,
             cached_tokens: 1024,
+            cache_write_tokens: 0,
             completion_tokens: 100,
         };
         let want = (976.0 * 2.5 + 1024.0 * 1.25 + 100.0 * 10.0) / 1e6;
         assert!((c.cost("gpt-4o", &u).unwrap() - want).abs() < 1e-12);
         assert_eq!(c.cost("no-such-model", &u), None);
+    }
+
+    #[test]
+    fn cache_writes_are_billed_at_the_write_price() {
+        let c = Catalog::builtin().unwrap();
+        // Anthropic: 100 uncached + 3000 read + 2000 written, 50 out.
+        let u = Usage {
+            prompt_tokens: 5100,
+            cached_tokens: 3000,
+            cache_write_tokens: 2000,
+            completion_tokens: 50,
+        };
+        let want = (100.0 * 3.0 + 3000.0 * 0.30 + 2000.0 * 3.75 + 50.0 * 15.0) / 1e6;
+        let got = c.cost("claude-sonnet-4-5", &u).unwrap();
+        assert!((got - want).abs() < 1e-12, "{got} vs {want}");
+    }
+
+    #[test]
+    fn catalog_covers_the_major_providers() {
+        let c = Catalog::builtin().unwrap();
+        for (m, provider) in [
+            ("gpt-4o", "openai"),
+            ("claude-sonnet-4-5", "anthropic"),
+            ("gemini-2.5-flash", "google"),
+            ("deepseek-chat", "deepseek"),
+        ] {
+            assert_eq!(c.get(m).unwrap().provider.as_deref(), Some(provider), "{m}");
+        }
+        assert_eq!(c.get("gpt-4o").unwrap().batch_discount, 0.5);
     }
 
     #[test]

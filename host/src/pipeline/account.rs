@@ -56,6 +56,7 @@ impl Accounting {
         Usage {
             prompt_tokens: self.view.prompt_tokens,
             cached_tokens: 0,
+            cache_write_tokens: 0,
             completion_tokens: tokens::count(content, &self.model),
         }
     }
@@ -138,6 +139,7 @@ impl Accounting {
         let mut row = std::mem::take(&mut self.row);
         row.prompt_tokens = usage.prompt_tokens;
         row.cached_tokens = usage.cached_tokens;
+        row.cache_write_tokens = usage.cache_write_tokens;
         row.completion_tokens = usage.completion_tokens;
         row.cost_usd = cost;
         row.unpriced = cost.is_none();

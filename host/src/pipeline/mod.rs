@@ -613,6 +613,7 @@ impl Gateway {
         let usage = Usage {
             prompt_tokens: view.prompt_tokens,
             cached_tokens: 0,
+            cache_write_tokens: 0,
             completion_tokens: tokens::count(text, &req.model),
         };
         let id = format!("chatcmpl-{}", rid.trim_start_matches("req_"));

@@ -10,7 +10,7 @@
 //!   128) were seen before for the same model reports them as cached;
 //! * latency: `latency_ms` before the first token, `ms_per_token` after;
 //! * faults on request: `x-tollgate-sim-fault: 429 | 500 | timeout`, or
-//!   `500@gpt-4o` to fail one model only.
+//!   `500@gpt-4o` to fail one model only; `no-usage` answers without usage.
 
 use std::time::Duration;
 
@@ -152,6 +152,7 @@ impl SimProvider {
             usage: Usage {
                 prompt_tokens,
                 cached_tokens: cached_tokens.min(prompt_tokens),
+                cache_write_tokens: 0,
                 completion_tokens,
             },
         })
@@ -282,13 +283,16 @@ impl super::Provider for SimProvider {
             return Err(e);
         }
         let a = self.answer(&call)?;
+        // An upstream that reports no usage at all (some OpenAI-compatible servers).
+        let no_usage = call.sim_fault.as_deref() == Some("no-usage");
         if call.stream {
-            let include_usage = call
-                .body
-                .get("stream_options")
-                .and_then(|o| o.get("include_usage"))
-                .and_then(Value::as_bool)
-                .unwrap_or(false);
+            let include_usage = !no_usage
+                && call
+                    .body
+                    .get("stream_options")
+                    .and_then(|o| o.get("include_usage"))
+                    .and_then(Value::as_bool)
+                    .unwrap_or(false);
             let events = self.stream_events(&a, include_usage);
             let stream = futures_util::stream::iter(events).then(|(wait, e)| async move {
                 if !wait.is_zero() {
@@ -302,7 +306,11 @@ impl super::Provider for SimProvider {
         if !wait.is_zero() {
             tokio::time::sleep(wait).await;
         }
-        let body = api::completion_json(&a.id, a.created, &a.model, &a.content, a.finish, &a.usage);
+        let mut body =
+            api::completion_json(&a.id, a.created, &a.model, &a.content, a.finish, &a.usage);
+        if no_usage && let Some(o) = body.as_object_mut() {
+            o.remove("usage");
+        }
         Ok(UpstreamReply::Complete(Bytes::from(body.to_string())))
     }
 }

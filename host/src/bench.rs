@@ -437,7 +437,6 @@ async fn bench_http(args: &BenchArgs) -> Result<Value> {
     Ok(out)
 }
 
-#[allow(clippy::print_stdout)] // the report is the output
 /// Rows per second the ledger writer absorbs: queue many rows, wait for the
 /// commit of the last one.
 fn bench_ledger_writer() -> Result<Value> {
@@ -488,6 +487,7 @@ fn bench_ledger_writer() -> Result<Value> {
     }))
 }
 
+#[allow(clippy::print_stdout)] // the report is the output
 pub async fn run(args: BenchArgs) -> Result<()> {
     let started = Instant::now();
     let only = args.only.as_deref();

@@ -52,6 +52,17 @@ CREATE TABLE IF NOT EXISTS requests (
 CREATE INDEX IF NOT EXISTS requests_ts ON requests (ts_ms);
 CREATE INDEX IF NOT EXISTS requests_tenant_ts ON requests (tenant, ts_ms);
 CREATE INDEX IF NOT EXISTS requests_task ON requests (tenant, task);
+CREATE TABLE IF NOT EXISTS feedback (
+    id          INTEGER PRIMARY KEY AUTOINCREMENT,
+    ts_ms       INTEGER NOT NULL,
+    tenant      TEXT NOT NULL,
+    request_id  TEXT,
+    task_id     TEXT,
+    success     INTEGER NOT NULL,
+    score       REAL
+);
+CREATE INDEX IF NOT EXISTS feedback_request ON feedback (request_id);
+CREATE INDEX IF NOT EXISTS feedback_task ON feedback (tenant, task_id);
 ";
 
 /// One plugin's part in a request.
@@ -117,8 +128,20 @@ pub enum LedgerError {
     Thread(String),
 }
 
+/// An application's verdict on a request or a task.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Feedback {
+    pub ts_ms: u64,
+    pub tenant: String,
+    pub request_id: Option<String>,
+    pub task_id: Option<String>,
+    pub success: bool,
+    pub score: Option<f64>,
+}
+
 enum Msg {
     Row(Box<Row>),
+    Feedback(Feedback),
     /// Commit everything received so far, then answer.
     Flush(mpsc::Sender<()>),
 }
@@ -189,8 +212,28 @@ pub fn open_db(path: &Path) -> Result<Connection, LedgerError> {
     Ok(conn)
 }
 
-fn insert_batch(conn: &mut Connection, rows: &[Box<Row>]) -> rusqlite::Result<()> {
+fn insert_batch(
+    conn: &mut Connection,
+    rows: &[Box<Row>],
+    feedback: &[Feedback],
+) -> rusqlite::Result<()> {
     let tx = conn.transaction()?;
+    {
+        let mut st = tx.prepare_cached(
+            "INSERT INTO feedback (ts_ms, tenant, request_id, task_id, success, score)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+        )?;
+        for f in feedback {
+            st.execute(params![
+                f.ts_ms as i64,
+                f.tenant,
+                f.request_id,
+                f.task_id,
+                f.success,
+                f.score
+            ])?;
+        }
+    }
     {
         let mut st = tx.prepare_cached(
             "INSERT OR REPLACE INTO requests (request_id, request_hash, ts_ms, tenant, user, feature, task, step,
@@ -249,6 +292,7 @@ impl Ledger {
             .name("tollgate-ledger".into())
             .spawn(move || {
                 let mut batch: Vec<Box<Row>> = Vec::with_capacity(opts.batch_rows);
+                let mut feedback: Vec<Feedback> = Vec::new();
                 let mut waiting: Vec<mpsc::Sender<()>> = Vec::new();
                 let mut deadline = Instant::now() + opts.flush_interval;
                 loop {
@@ -258,11 +302,16 @@ impl Ledger {
                             batch.push(r);
                             false
                         }
+                        Ok(Msg::Feedback(f)) => {
+                            feedback.push(f);
+                            false
+                        }
                         Ok(Msg::Flush(ack)) => {
                             // Take everything already queued before committing.
                             while let Ok(m) = rx.try_recv() {
                                 match m {
                                     Msg::Row(r) => batch.push(r),
+                                    Msg::Feedback(f) => feedback.push(f),
                                     Msg::Flush(a) => waiting.push(a),
                                 }
                             }
@@ -273,9 +322,12 @@ impl Ledger {
                         Err(mpsc::RecvTimeoutError::Disconnected) => true,
                     };
                     let due = Instant::now() >= deadline;
-                    if !batch.is_empty() && (due || closed || !waiting.is_empty() || batch.len() >= opts.batch_rows) {
+                    let pending = batch.len() + feedback.len();
+                    if pending > 0
+                        && (due || closed || !waiting.is_empty() || pending >= opts.batch_rows)
+                    {
                         let n = batch.len() as u64;
-                        match insert_batch(&mut conn, &batch) {
+                        match insert_batch(&mut conn, &batch, &feedback) {
                             Ok(()) => {
                                 wstats.written.fetch_add(n, Ordering::Relaxed);
                             }
@@ -285,6 +337,7 @@ impl Ledger {
                             }
                         }
                         batch.clear();
+                        feedback.clear();
                     }
                     for ack in waiting.drain(..) {
                         let _ = ack.send(());
@@ -319,6 +372,14 @@ impl Ledger {
         if self.tx.send(Msg::Row(Box::new(row))).is_err() {
             self.stats.failed.fetch_add(1, Ordering::Relaxed);
             tracing::error!("ledger writer is gone; a row was not recorded");
+        }
+    }
+
+    /// Queues an application's feedback; never blocks on the disk.
+    pub fn record_feedback(&self, f: Feedback) {
+        if self.tx.send(Msg::Feedback(f)).is_err() {
+            self.stats.failed.fetch_add(1, Ordering::Relaxed);
+            tracing::error!("ledger writer is gone; feedback was not recorded");
         }
     }
 

@@ -147,6 +147,18 @@ async fn route(gw: Arc<Gateway>, req: Request<Incoming>) -> Response<Body> {
             };
             into_response(gw.chat(id, body).await)
         }
+        ("/v1/feedback" | "/feedback", &Method::POST) => {
+            let (parts, body) = match read_body(req, 64 * 1024).await {
+                Ok(x) => x,
+                Err(e) => return error_response(&e),
+            };
+            let result = Identity::from_headers(&parts.headers, &gw.config.identity)
+                .and_then(|id| gw.feedback(&id, &body));
+            match result {
+                Ok(()) => json_response(StatusCode::OK, Bytes::from_static(b"{\"status\":\"recorded\"}")),
+                Err(e) => error_response(&e),
+            }
+        }
         ("/v1/models" | "/models", &Method::GET) => {
             let data: Vec<Value> = gw
                 .providers
@@ -184,7 +196,9 @@ async fn route(gw: Arc<Gateway>, req: Request<Incoming>) -> Response<Body> {
             | "/v1/models"
             | "/models"
             | "/healthz"
-            | "/metrics",
+            | "/metrics"
+            | "/v1/feedback"
+            | "/feedback",
             _,
         ) => method_not_allowed(&method, &path),
         _ => not_found(&path),

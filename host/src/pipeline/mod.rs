@@ -184,6 +184,61 @@ impl Gateway {
         }
     }
 
+    /// Records an application's verdict on a request or a task
+    /// (`POST /v1/feedback`); reports turn it into cost per successful task.
+    pub fn feedback(&self, id: &Identity, raw: &[u8]) -> Result<(), ApiError> {
+        let v: Value = serde_json::from_slice(raw).map_err(|e| {
+            ApiError::invalid("invalid_json", format!("We could not parse the JSON body of your request: {e}"))
+        })?;
+        let Value::Object(o) = v else {
+            return Err(ApiError::invalid("invalid_json", "request body must be a JSON object"));
+        };
+        let text = |k: &str| -> Result<Option<String>, ApiError> {
+            match o.get(k) {
+                None | Some(Value::Null) => Ok(None),
+                Some(Value::String(s)) if !s.is_empty() => Ok(Some(s.clone())),
+                Some(_) => Err(ApiError::invalid("invalid_type", format!("`{k}` must be a non-empty string")).param(k)),
+            }
+        };
+        let request_id = text("request_id")?;
+        let task_id = text("task_id")?;
+        if request_id.is_some() == task_id.is_some() {
+            return Err(ApiError::invalid(
+                "missing_required_parameter",
+                "give exactly one of `request_id` and `task_id`",
+            ));
+        }
+        let success = match o.get("success") {
+            Some(Value::Bool(b)) => *b,
+            None => return Err(ApiError::invalid("missing_required_parameter", "missing required parameter: `success`").param("success")),
+            Some(_) => return Err(ApiError::invalid("invalid_type", "`success` must be a boolean").param("success")),
+        };
+        let score = match o.get("score") {
+            None | Some(Value::Null) => None,
+            Some(v) => match v.as_f64() {
+                Some(x) if x.is_finite() => Some(x),
+                _ => return Err(ApiError::invalid("invalid_type", "`score` must be a number").param("score")),
+            },
+        };
+        let Some(ledger) = &self.ledger else {
+            return Err(ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "api_error",
+                "ledger_disabled",
+                "feedback needs the ledger, which is disabled (ledger.enabled = false)",
+            ));
+        };
+        ledger.record_feedback(ledger::Feedback {
+            ts_ms: self.clock.now_ms(),
+            tenant: id.tenant.clone(),
+            request_id,
+            task_id,
+            success,
+            score,
+        });
+        Ok(())
+    }
+
     /// Logs once per model that its calls are recorded without a cost.
     pub fn warn_unpriced(&self, model: &str) {
         if let Ok(mut seen) = self.unpriced_warned.lock()

@@ -1023,3 +1023,149 @@ async fn streamed_usage_is_exact_when_reported_and_estimated_when_not() {
     );
     assert!(row("json-est").0);
 }
+
+async fn feedback(base: &str, headers: &[(&str, &str)], body: &str) -> Resp {
+    let mut req = http()
+        .post(format!("{base}/v1/feedback"))
+        .header("content-type", "application/json")
+        .body(body.to_string());
+    for (k, v) in headers {
+        req = req.header(*k, *v);
+    }
+    let r = req.send().await.unwrap();
+    Resp {
+        status: r.status().as_u16(),
+        headers: r.headers().clone(),
+        text: r.text().await.unwrap(),
+    }
+}
+
+#[tokio::test]
+async fn feedback_turns_into_cost_per_successful_task_in_the_report() {
+    let mut gw = gateway("");
+    let acme = [("x-tollgate-tenant", "acme")];
+    let mut spent = 0.0;
+    for (feature, task, n) in [
+        ("support", "t-ok", 2),
+        ("support", "t-bad", 1),
+        ("faq", "", 1),
+    ] {
+        for i in 0..n {
+            let h = [
+                ("x-tollgate-tenant", "acme"),
+                ("x-tollgate-feature", feature),
+                ("x-tollgate-task", task),
+                ("x-tollgate-step", if i == 0 { "0" } else { "1" }),
+            ];
+            let r = chat(&gw.base, &h, ask(&format!("{feature} {task} {i}"))).await;
+            assert_eq!(r.status, 200);
+            spent += r.header("x-tollgate-cost-usd").parse::<f64>().unwrap();
+            if feature == "faq" {
+                let rid = r.header("x-tollgate-request-id").to_string();
+                let body = json!({"request_id": rid, "success": true, "score": 0.9}).to_string();
+                assert_eq!(feedback(&gw.base, &acme, &body).await.status, 200);
+            }
+        }
+    }
+    assert_eq!(
+        feedback(&gw.base, &acme, r#"{"task_id":"t-ok","success":true}"#)
+            .await
+            .status,
+        200
+    );
+    assert_eq!(
+        feedback(&gw.base, &acme, r#"{"task_id":"t-bad","success":false}"#)
+            .await
+            .status,
+        200
+    );
+    for (bad, code) in [
+        (r#"{"success":true}"#, "missing_required_parameter"),
+        (
+            r#"{"task_id":"a","request_id":"b","success":true}"#,
+            "missing_required_parameter",
+        ),
+        (r#"{"task_id":"a"}"#, "missing_required_parameter"),
+        (r#"{"task_id":"a","success":"yes"}"#, "invalid_type"),
+        (
+            r#"{"task_id":"a","success":true,"score":"high"}"#,
+            "invalid_type",
+        ),
+        ("not json", "invalid_json"),
+    ] {
+        let r = feedback(&gw.base, &acme, bad).await;
+        assert_eq!((r.status, r.error_code().as_str()), (400, code), "{bad}");
+    }
+    assert!(gw.sigterm_and_wait().success());
+
+    let cfg = gw._dir.path().join("tollgate.toml");
+    let out = Command::new(env!("CARGO_BIN_EXE_tollgate"))
+        .args([
+            "report",
+            "--config",
+            &cfg.display().to_string(),
+            "--group-by",
+            "feature",
+            "--format",
+            "json",
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let rep: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let total = &rep["total"];
+    assert_eq!(total["requests"], 4);
+    assert_eq!(total["tasks"], 3);
+    assert_eq!(total["successful_tasks"], 2);
+    assert!((total["cost_usd"].as_f64().unwrap() - spent).abs() < 1e-9);
+    assert!((total["cost_per_successful_task"].as_f64().unwrap() - spent / 2.0).abs() < 1e-9);
+    let support = rep["lines"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|l| l["group"]["feature"] == "support")
+        .unwrap();
+    assert_eq!(
+        (
+            support["tasks"].as_u64(),
+            support["successful_tasks"].as_u64()
+        ),
+        (Some(2), Some(1))
+    );
+
+    let table = Command::new(env!("CARGO_BIN_EXE_tollgate"))
+        .args([
+            "report",
+            "--config",
+            &cfg.display().to_string(),
+            "--group-by",
+            "feature,model",
+            "--since",
+            "2000-01-01",
+        ])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&table.stdout);
+    assert!(
+        text.contains("feature")
+            && text.contains("cost_per_successful_task")
+            && text.contains("TOTAL"),
+        "{text}"
+    );
+    let bad = Command::new(env!("CARGO_BIN_EXE_tollgate"))
+        .args([
+            "report",
+            "--config",
+            &cfg.display().to_string(),
+            "--group-by",
+            "colour",
+        ])
+        .output()
+        .unwrap();
+    assert!(!bad.status.success());
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("cannot group by"));
+}

@@ -49,6 +49,30 @@ pub fn utc_day(ms: u64) -> String {
     format!("{y:04}-{m:02}-{d:02}")
 }
 
+/// Milliseconds at the start of a `YYYY-MM-DD` UTC day.
+pub fn parse_day(s: &str) -> Option<u64> {
+    let mut it = s.trim().splitn(3, '-');
+    let y: i64 = it.next()?.parse().ok()?;
+    let m: u32 = it.next()?.parse().ok()?;
+    let d: u32 = it.next()?.parse().ok()?;
+    if !(1..=12).contains(&m) || !(1..=31).contains(&d) {
+        return None;
+    }
+    let days = days_from_civil(y, m, d);
+    (days >= 0 && utc_day(days as u64 * 86_400_000) == s.trim()).then(|| days as u64 * 86_400_000)
+}
+
+/// Howard Hinnant's civil-to-days algorithm.
+fn days_from_civil(y: i64, m: u32, d: u32) -> i64 {
+    let y = if m <= 2 { y - 1 } else { y };
+    let era = y.div_euclid(400);
+    let yoe = y.rem_euclid(400);
+    let m = i64::from(m);
+    let doy = (153 * (if m > 2 { m - 3 } else { m + 9 }) + 2) / 5 + i64::from(d) - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    era * 146_097 + doe - 719_468
+}
+
 /// Howard Hinnant's days-to-civil algorithm (proleptic Gregorian calendar).
 fn civil_from_days(z: i64) -> (i64, u32, u32) {
     let z = z + 719_468;
@@ -72,5 +96,9 @@ mod tests {
         assert_eq!(utc_day(0), "1970-01-01");
         assert_eq!(utc_day(1_795_449_600_000), "2026-11-23");
         assert_eq!(utc_day(951_782_400_000), "2000-02-29");
+        assert_eq!(parse_day("2026-11-23"), Some(1_795_392_000_000));
+        assert_eq!(parse_day("2000-02-29"), Some(951_782_400_000));
+        assert_eq!(parse_day("2026-02-30"), None);
+        assert_eq!(parse_day("nope"), None);
     }
 }

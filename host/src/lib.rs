@@ -14,5 +14,6 @@ pub mod pipeline;
 pub mod plugins;
 pub mod pricing;
 pub mod providers;
+pub mod report;
 pub mod server;
 pub mod tokens;

@@ -48,6 +48,41 @@ enum Command {
     },
     /// Measure plugin call cost and gateway overhead; prints JSON.
     Bench(bench::BenchArgs),
+    /// Spend from the ledger, grouped, with cost per successful task.
+    Report(ReportArgs),
+}
+
+#[derive(clap::Args)]
+struct ReportArgs {
+    /// Gateway config: where the ledger is and the prices for savings.
+    #[arg(long, short, env = "TOLLGATE_CONFIG")]
+    config: Option<PathBuf>,
+    /// Ledger file; overrides the config's `ledger.path`.
+    #[arg(long)]
+    ledger: Option<PathBuf>,
+    /// Comma-separated: tenant, user, feature, model, route, provider, day.
+    #[arg(long, default_value = "feature")]
+    group_by: String,
+    /// First day included (YYYY-MM-DD, UTC).
+    #[arg(long)]
+    since: Option<String>,
+    /// Last day included (YYYY-MM-DD, UTC).
+    #[arg(long)]
+    until: Option<String>,
+    #[arg(long)]
+    tenant: Option<String>,
+    /// Only the N most expensive groups.
+    #[arg(long)]
+    top: Option<usize>,
+    #[arg(long, value_enum, default_value = "table")]
+    format: ReportFormat,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum ReportFormat {
+    Table,
+    Csv,
+    Json,
 }
 
 #[derive(clap::Args, Default)]
@@ -82,6 +117,7 @@ fn main() -> Result<()> {
             ms_per_token,
         } => rt.block_on(sim(listen, latency_ms, ms_per_token)),
         Command::Bench(args) => rt.block_on(bench::run(args)),
+        Command::Report(args) => report(args),
     }
 }
 
@@ -140,6 +176,38 @@ async fn sim(listen: String, latency_ms: u64, ms_per_token: u64) -> Result<()> {
         Duration::from_secs(5),
     )
     .await;
+    Ok(())
+}
+
+#[allow(clippy::print_stdout)] // the report is the output
+fn report(args: ReportArgs) -> Result<()> {
+    let config = load_config(args.config.as_deref())?;
+    let path = args.ledger.unwrap_or_else(|| config.ledger.path.clone());
+    anyhow::ensure!(path.exists(), "no ledger at {}", path.display());
+    let conn = tollgate::ledger::open_db(&path)?;
+    let day = |s: &Option<String>, what: &str| -> Result<Option<u64>> {
+        match s {
+            None => Ok(None),
+            Some(d) => tollgate::clock::parse_day(d)
+                .map(Some)
+                .with_context(|| format!("--{what} {d:?}: expected a day as YYYY-MM-DD")),
+        }
+    };
+    let query = tollgate::report::Query {
+        group_by: tollgate::report::parse_dims(&args.group_by)
+            .map_err(|e| anyhow::anyhow!("--group-by: {e}"))?,
+        since_ms: day(&args.since, "since")?,
+        until_ms: day(&args.until, "until")?.map(|ms| ms + 86_400_000),
+        tenant: args.tenant,
+        top: args.top,
+    };
+    let rep = tollgate::report::run(&conn, &config.catalog()?, &query)?;
+    let out = match args.format {
+        ReportFormat::Table => rep.table(),
+        ReportFormat::Csv => rep.csv(),
+        ReportFormat::Json => rep.json(),
+    };
+    print!("{out}");
     Ok(())
 }
 

@@ -155,7 +155,10 @@ async fn route(gw: Arc<Gateway>, req: Request<Incoming>) -> Response<Body> {
             let result = Identity::from_headers(&parts.headers, &gw.config.identity)
                 .and_then(|id| gw.feedback(&id, &body));
             match result {
-                Ok(()) => json_response(StatusCode::OK, Bytes::from_static(b"{\"status\":\"recorded\"}")),
+                Ok(()) => json_response(
+                    StatusCode::OK,
+                    Bytes::from_static(b"{\"status\":\"recorded\"}"),
+                ),
                 Err(e) => error_response(&e),
             }
         }

@@ -188,16 +188,26 @@ impl Gateway {
     /// (`POST /v1/feedback`); reports turn it into cost per successful task.
     pub fn feedback(&self, id: &Identity, raw: &[u8]) -> Result<(), ApiError> {
         let v: Value = serde_json::from_slice(raw).map_err(|e| {
-            ApiError::invalid("invalid_json", format!("We could not parse the JSON body of your request: {e}"))
+            ApiError::invalid(
+                "invalid_json",
+                format!("We could not parse the JSON body of your request: {e}"),
+            )
         })?;
         let Value::Object(o) = v else {
-            return Err(ApiError::invalid("invalid_json", "request body must be a JSON object"));
+            return Err(ApiError::invalid(
+                "invalid_json",
+                "request body must be a JSON object",
+            ));
         };
         let text = |k: &str| -> Result<Option<String>, ApiError> {
             match o.get(k) {
                 None | Some(Value::Null) => Ok(None),
                 Some(Value::String(s)) if !s.is_empty() => Ok(Some(s.clone())),
-                Some(_) => Err(ApiError::invalid("invalid_type", format!("`{k}` must be a non-empty string")).param(k)),
+                Some(_) => Err(ApiError::invalid(
+                    "invalid_type",
+                    format!("`{k}` must be a non-empty string"),
+                )
+                .param(k)),
             }
         };
         let request_id = text("request_id")?;
@@ -210,14 +220,30 @@ impl Gateway {
         }
         let success = match o.get("success") {
             Some(Value::Bool(b)) => *b,
-            None => return Err(ApiError::invalid("missing_required_parameter", "missing required parameter: `success`").param("success")),
-            Some(_) => return Err(ApiError::invalid("invalid_type", "`success` must be a boolean").param("success")),
+            None => {
+                return Err(ApiError::invalid(
+                    "missing_required_parameter",
+                    "missing required parameter: `success`",
+                )
+                .param("success"));
+            }
+            Some(_) => {
+                return Err(
+                    ApiError::invalid("invalid_type", "`success` must be a boolean")
+                        .param("success"),
+                );
+            }
         };
         let score = match o.get("score") {
             None | Some(Value::Null) => None,
             Some(v) => match v.as_f64() {
                 Some(x) if x.is_finite() => Some(x),
-                _ => return Err(ApiError::invalid("invalid_type", "`score` must be a number").param("score")),
+                _ => {
+                    return Err(
+                        ApiError::invalid("invalid_type", "`score` must be a number")
+                            .param("score"),
+                    );
+                }
             },
         };
         let Some(ledger) = &self.ledger else {

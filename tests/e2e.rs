@@ -390,7 +390,18 @@ async fn router_can_answer_or_reject_without_upstream() {
             .unwrap()
             .contains("not allowed")
     );
-    assert_eq!(metric(&gw.base, "tollgate_upstream_calls_total").await, 0.0);
+    let text = http()
+        .get(format!("{}/metrics", gw.base))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        !text.contains("tollgate_upstream_calls_total{"),
+        "no upstream call:\n{text}"
+    );
 }
 
 #[tokio::test]
@@ -408,7 +419,7 @@ async fn compressor_shrinks_what_goes_upstream() {
         billed < 60,
         "upstream saw {billed} tokens; the raw prompt is ~1700"
     );
-    assert!(metric(&gw.base, "tollgate_tokens_saved_total").await > 1000.0);
+    assert!(metric(&gw.base, "tollgate_compression_tokens_saved_total").await > 1000.0);
 }
 
 #[tokio::test]
@@ -1168,4 +1179,79 @@ async fn feedback_turns_into_cost_per_successful_task_in_the_report() {
         .unwrap();
     assert!(!bad.status.success());
     assert!(String::from_utf8_lossy(&bad.stderr).contains("cannot group by"));
+}
+
+/// Parses Prometheus text into (name{labels}, value) pairs.
+fn parse_prometheus(text: &str) -> Vec<(String, f64)> {
+    text.lines()
+        .filter(|l| !l.starts_with('#') && !l.trim().is_empty())
+        .map(|l| {
+            let (k, v) = l
+                .rsplit_once(' ')
+                .unwrap_or_else(|| panic!("bad line {l:?}"));
+            (
+                k.to_string(),
+                v.parse::<f64>()
+                    .unwrap_or_else(|_| panic!("bad value in {l:?}")),
+            )
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn metrics_are_scraped_parsed_and_bounded() {
+    let gw = gateway(FULL);
+    for t in ["acme", "globex"] {
+        let h = [
+            ("x-tollgate-tenant", t),
+            ("x-tollgate-feature", "faq"),
+            ("x-tollgate-user", "someone-private"),
+        ];
+        assert_eq!(
+            chat(&gw.base, &h, ask("What is the refund window?"))
+                .await
+                .status,
+            200
+        );
+    }
+    assert_eq!(
+        chat(&gw.base, &[], ask("the forbidden thing")).await.status,
+        400
+    );
+    let text = http()
+        .get(format!("{}/metrics", gw.base))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let m = parse_prometheus(&text);
+    let get = |k: &str| m.iter().find(|(n, _)| n == k).map(|(_, v)| *v);
+    assert_eq!(get("tollgate_requests_total{status=\"2xx\"}"), Some(2.0));
+    assert_eq!(get("tollgate_requests_total{status=\"4xx\"}"), Some(1.0));
+    assert_eq!(get("tollgate_request_duration_seconds_count"), Some(3.0));
+    let cost =
+        get("tollgate_cost_usd_total{feature=\"faq\",model=\"gpt-4o-mini\",tenant=\"acme\"}")
+            .unwrap();
+    assert!(cost > 0.0);
+    assert!(get("tollgate_tokens_total{feature=\"faq\",model=\"gpt-4o-mini\",tenant=\"globex\",type=\"completion\"}").unwrap() > 0.0);
+    assert!(
+        get("tollgate_plugin_call_duration_seconds_count{kind=\"router\",plugin=\"rules_router\"}")
+            .unwrap()
+            >= 3.0
+    );
+    assert!(
+        get("tollgate_upstream_duration_seconds_count{model=\"gpt-4o-mini\",provider=\"sim\"}")
+            .unwrap()
+            >= 1.0
+    );
+    // The rejected request looked up the cache before the router refused it.
+    assert_eq!(get("tollgate_cache_total{outcome=\"miss\"}"), Some(3.0));
+    assert!(get("tollgate_ledger_rows_total{state=\"queued\"}").unwrap() >= 3.0);
+    // No user or request id ever becomes a label.
+    assert!(
+        !text.contains("someone-private") && !text.contains("req_"),
+        "{text}"
+    );
 }

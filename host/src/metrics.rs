@@ -1,132 +1,353 @@
-//! Counters exported at `/metrics` in the Prometheus text format.
+//! Prometheus metrics at `/metrics`.
+//!
+//! Label values that come from clients (tenant, feature) are capped: after
+//! [`MAX_LABEL_VALUES`] distinct values of one label, new ones are counted
+//! under `_other`, so a client sending random tenant headers cannot blow up
+//! the series count. Users and request ids are never labels.
 
-use std::fmt::Write as _;
+use std::collections::HashSet;
+use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
 
+use prometheus::{
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGaugeVec, Opts,
+    Registry, TextEncoder,
+};
+
+use crate::ledger::LedgerStats;
 use crate::plugins::PluginSet;
 
+/// Distinct values one client-controlled label may take.
+pub const MAX_LABEL_VALUES: usize = 1000;
+
+/// Keeps a label's distinct values bounded.
 #[derive(Default)]
-pub struct Metrics {
-    pub requests: AtomicU64,
-    pub errors_client: AtomicU64,
-    pub errors_server: AtomicU64,
-    pub cache_hit: AtomicU64,
-    pub cache_miss: AtomicU64,
-    pub cache_bypass: AtomicU64,
-    pub upstream_calls: AtomicU64,
-    pub upstream_errors: AtomicU64,
-    pub budget_denied: AtomicU64,
-    pub budget_downgraded: AtomicU64,
-    pub budget_alerts: AtomicU64,
-    pub tokens_saved: AtomicU64,
-    /// Spend in nano-USD.
-    pub cost_nanos: AtomicU64,
-}
+struct Capped(Mutex<HashSet<String>>);
 
-pub fn inc(c: &AtomicU64) {
-    c.fetch_add(1, Ordering::Relaxed);
-}
-
-impl Metrics {
-    pub fn render(&self, plugins: &PluginSet) -> String {
-        let g = |c: &AtomicU64| c.load(Ordering::Relaxed);
-        let mut out = String::with_capacity(2048);
-        let mut counter = |name: &str, help: &str, rows: &[(&str, u64)]| {
-            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter");
-            for (labels, v) in rows {
-                if labels.is_empty() {
-                    let _ = writeln!(out, "{name} {v}");
-                } else {
-                    let _ = writeln!(out, "{name}{{{labels}}} {v}");
-                }
-            }
+impl Capped {
+    fn value<'a>(&self, v: &'a str) -> &'a str {
+        let Ok(mut seen) = self.0.lock() else {
+            return "_other";
         };
-        counter(
-            "tollgate_requests_total",
-            "Chat completion requests received.",
-            &[("", g(&self.requests))],
-        );
-        counter(
-            "tollgate_request_errors_total",
-            "Requests answered with an error.",
-            &[
-                ("class=\"4xx\"", g(&self.errors_client)),
-                ("class=\"5xx\"", g(&self.errors_server)),
-            ],
-        );
-        counter(
-            "tollgate_cache_total",
-            "Cache outcomes.",
-            &[
-                ("outcome=\"hit\"", g(&self.cache_hit)),
-                ("outcome=\"miss\"", g(&self.cache_miss)),
-                ("outcome=\"bypass\"", g(&self.cache_bypass)),
-            ],
-        );
-        counter(
-            "tollgate_upstream_calls_total",
-            "Calls made to upstream providers.",
-            &[("", g(&self.upstream_calls))],
-        );
-        counter(
-            "tollgate_upstream_errors_total",
-            "Upstream calls that failed.",
-            &[("", g(&self.upstream_errors))],
-        );
-        counter(
-            "tollgate_budget_verdicts_total",
-            "Budget verdicts other than allow.",
-            &[
-                ("verdict=\"deny\"", g(&self.budget_denied)),
-                ("verdict=\"downgrade\"", g(&self.budget_downgraded)),
-                ("verdict=\"alert\"", g(&self.budget_alerts)),
-            ],
-        );
-        counter(
-            "tollgate_tokens_saved_total",
-            "Prompt tokens removed by compressors.",
-            &[("", g(&self.tokens_saved))],
-        );
-        let _ = writeln!(
-            out,
-            "# HELP tollgate_cost_usd_total Upstream spend.\n# TYPE tollgate_cost_usd_total counter\ntollgate_cost_usd_total {:.9}",
-            g(&self.cost_nanos) as f64 / 1e9
-        );
-
-        let _ = writeln!(
-            out,
-            "# HELP tollgate_plugin_calls_total Plugin calls.\n# TYPE tollgate_plugin_calls_total counter"
-        );
-        let summaries = plugins.summaries();
-        for p in &summaries {
-            let _ = writeln!(
-                out,
-                "tollgate_plugin_calls_total{{kind=\"{}\",plugin=\"{}\"}} {}",
-                p.kind,
-                escape(p.name),
-                g(&p.stats.calls)
-            );
+        if seen.contains(v) {
+            return v;
         }
-        let _ = writeln!(
-            out,
-            "# HELP tollgate_plugin_failures_total Plugin calls that failed and were contained.\n# TYPE tollgate_plugin_failures_total counter"
-        );
-        for p in &summaries {
-            for (reason, v) in p.stats.failures() {
-                let _ = writeln!(
-                    out,
-                    "tollgate_plugin_failures_total{{kind=\"{}\",plugin=\"{}\",reason=\"{reason}\"}} {v}",
-                    p.kind,
-                    escape(p.name)
-                );
-            }
+        if seen.len() < MAX_LABEL_VALUES {
+            seen.insert(v.to_string());
+            return v;
         }
-        out
+        "_other"
     }
 }
 
-fn escape(s: &str) -> String {
-    s.replace('\\', "\\\\")
-        .replace('"', "\\\"")
-        .replace('\n', "\\n")
+pub struct Metrics {
+    registry: Registry,
+    pub requests: IntCounterVec,
+    pub request_seconds: Histogram,
+    pub upstream_seconds: HistogramVec,
+    pub upstream_calls: IntCounterVec,
+    pub upstream_errors: IntCounterVec,
+    pub cache: IntCounterVec,
+    pub budget: IntCounterVec,
+    pub tokens: IntCounterVec,
+    pub cost_usd: prometheus::CounterVec,
+    pub unpriced: IntCounterVec,
+    pub plugin_seconds: HistogramVec,
+    plugin_calls: IntGaugeVec,
+    plugin_failures: IntGaugeVec,
+    ledger_rows: IntGaugeVec,
+    pub tokens_saved: IntCounter,
+    tenants: Capped,
+    features: Capped,
+    /// Spend in nano-USD, for tests and the bench (mirrors `cost_usd`).
+    pub cost_nanos: AtomicU64,
+}
+
+fn counter_vec(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
+    let c =
+        IntCounterVec::new(Opts::new(name, help), labels).unwrap_or_else(|_| unreachable_metric());
+    let _ = r.register(Box::new(c.clone()));
+    c
+}
+
+fn gauge_vec(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntGaugeVec {
+    let g =
+        IntGaugeVec::new(Opts::new(name, help), labels).unwrap_or_else(|_| unreachable_metric());
+    let _ = r.register(Box::new(g.clone()));
+    g
+}
+
+fn histogram_vec(
+    r: &Registry,
+    name: &str,
+    help: &str,
+    labels: &[&str],
+    buckets: Vec<f64>,
+) -> HistogramVec {
+    let h = HistogramVec::new(HistogramOpts::new(name, help).buckets(buckets), labels)
+        .unwrap_or_else(|_| unreachable_metric());
+    let _ = r.register(Box::new(h.clone()));
+    h
+}
+
+/// Metric names and labels here are constants that are valid; the
+/// constructors only fail on invalid ones.
+#[allow(clippy::panic)]
+fn unreachable_metric() -> ! {
+    panic!("invalid metric definition")
+}
+
+const LATENCY_BUCKETS: [f64; 14] = [
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+];
+const PLUGIN_BUCKETS: [f64; 10] = [
+    0.000_001, 0.000_002, 0.000_005, 0.000_01, 0.000_02, 0.000_05, 0.000_1, 0.000_5, 0.001, 0.005,
+];
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let r = Registry::new();
+        let request_seconds = Histogram::with_opts(
+            HistogramOpts::new(
+                "tollgate_request_duration_seconds",
+                "Time to answer a chat completion (head of a stream).",
+            )
+            .buckets(LATENCY_BUCKETS.to_vec()),
+        )
+        .unwrap_or_else(|_| unreachable_metric());
+        let _ = r.register(Box::new(request_seconds.clone()));
+        let cost_usd = prometheus::CounterVec::new(
+            Opts::new(
+                "tollgate_cost_usd_total",
+                "Upstream spend in USD (priced models only).",
+            ),
+            &["tenant", "feature", "model"],
+        )
+        .unwrap_or_else(|_| unreachable_metric());
+        let _ = r.register(Box::new(cost_usd.clone()));
+        let tokens_saved = IntCounter::new(
+            "tollgate_compression_tokens_saved_total",
+            "Prompt tokens removed by compressors.",
+        )
+        .unwrap_or_else(|_| unreachable_metric());
+        let _ = r.register(Box::new(tokens_saved.clone()));
+        Self {
+            requests: counter_vec(
+                &r,
+                "tollgate_requests_total",
+                "Chat completion requests by HTTP status class.",
+                &["status"],
+            ),
+            request_seconds,
+            upstream_seconds: histogram_vec(
+                &r,
+                "tollgate_upstream_duration_seconds",
+                "Upstream time of answered calls.",
+                &["provider", "model"],
+                LATENCY_BUCKETS.to_vec(),
+            ),
+            upstream_calls: counter_vec(
+                &r,
+                "tollgate_upstream_calls_total",
+                "Calls made to upstream providers.",
+                &["provider", "model"],
+            ),
+            upstream_errors: counter_vec(
+                &r,
+                "tollgate_upstream_errors_total",
+                "Upstream calls that failed.",
+                &["provider", "model"],
+            ),
+            cache: counter_vec(&r, "tollgate_cache_total", "Cache outcomes.", &["outcome"]),
+            budget: counter_vec(
+                &r,
+                "tollgate_budget_verdicts_total",
+                "Budget verdicts other than allow.",
+                &["verdict"],
+            ),
+            tokens: counter_vec(
+                &r,
+                "tollgate_tokens_total",
+                "Tokens billed by upstreams.",
+                &["tenant", "feature", "model", "type"],
+            ),
+            cost_usd,
+            unpriced: counter_vec(
+                &r,
+                "tollgate_unpriced_requests_total",
+                "Answered calls on a model with no price (cost unknown).",
+                &["model"],
+            ),
+            plugin_seconds: histogram_vec(
+                &r,
+                "tollgate_plugin_call_duration_seconds",
+                "Time of one plugin call.",
+                &["kind", "plugin"],
+                PLUGIN_BUCKETS.to_vec(),
+            ),
+            plugin_calls: gauge_vec(
+                &r,
+                "tollgate_plugin_calls_total",
+                "Plugin calls.",
+                &["kind", "plugin"],
+            ),
+            plugin_failures: gauge_vec(
+                &r,
+                "tollgate_plugin_failures_total",
+                "Plugin calls that failed and were contained.",
+                &["kind", "plugin", "reason"],
+            ),
+            ledger_rows: gauge_vec(
+                &r,
+                "tollgate_ledger_rows_total",
+                "Ledger rows by state.",
+                &["state"],
+            ),
+            tokens_saved,
+            tenants: Capped::default(),
+            features: Capped::default(),
+            cost_nanos: AtomicU64::new(0),
+            registry: r,
+        }
+    }
+
+    pub fn request(&self, status: u16, seconds: f64) {
+        let class = match status {
+            200..=299 => "2xx",
+            400..=499 => "4xx",
+            _ => "5xx",
+        };
+        self.requests.with_label_values(&[class]).inc();
+        self.request_seconds.observe(seconds);
+    }
+
+    pub fn cache(&self, outcome: &str) {
+        self.cache.with_label_values(&[outcome]).inc();
+    }
+
+    pub fn budget(&self, verdict: &str) {
+        self.budget.with_label_values(&[verdict]).inc();
+    }
+
+    /// Usage and cost of one answered call.
+    #[allow(clippy::too_many_arguments)]
+    pub fn usage(
+        &self,
+        tenant: &str,
+        feature: &str,
+        model: &str,
+        usage: &crate::pricing::Usage,
+        cost: Option<f64>,
+        tokens_saved: u32,
+    ) {
+        let tenant = self.tenants.value(tenant);
+        let feature = self.features.value(feature);
+        for (kind, n) in [
+            ("prompt", usage.prompt_tokens),
+            ("cached", usage.cached_tokens),
+            ("cache_write", usage.cache_write_tokens),
+            ("completion", usage.completion_tokens),
+        ] {
+            if n > 0 {
+                self.tokens
+                    .with_label_values(&[tenant, feature, model, kind])
+                    .inc_by(u64::from(n));
+            }
+        }
+        self.tokens_saved.inc_by(u64::from(tokens_saved));
+        match cost {
+            Some(c) => {
+                self.cost_usd
+                    .with_label_values(&[tenant, feature, model])
+                    .inc_by(c);
+                self.cost_nanos
+                    .fetch_add((c * 1e9).round() as u64, Ordering::Relaxed);
+            }
+            None => self.unpriced.with_label_values(&[model]).inc(),
+        }
+    }
+
+    /// Prometheus text exposition of every metric.
+    pub fn render(&self, plugins: &PluginSet, ledger: Option<&LedgerStats>) -> String {
+        for p in plugins.summaries() {
+            let kind = p.kind.world();
+            self.plugin_calls
+                .with_label_values(&[kind, p.name])
+                .set(p.stats.calls.load(Ordering::Relaxed) as i64);
+            for (reason, v) in p.stats.failures() {
+                self.plugin_failures
+                    .with_label_values(&[kind, p.name, reason])
+                    .set(v as i64);
+            }
+        }
+        if let Some(l) = ledger {
+            for (state, c) in [
+                ("queued", &l.queued),
+                ("written", &l.written),
+                ("failed", &l.failed),
+            ] {
+                self.ledger_rows
+                    .with_label_values(&[state])
+                    .set(c.load(Ordering::Relaxed) as i64);
+            }
+        }
+        let mut buf = Vec::new();
+        let _ = TextEncoder::new().encode(&self.registry.gather(), &mut buf);
+        String::from_utf8(buf).unwrap_or_default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn client_controlled_labels_are_capped() {
+        let c = Capped::default();
+        for i in 0..MAX_LABEL_VALUES {
+            assert_eq!(c.value(&format!("t{i}")), format!("t{i}"));
+        }
+        assert_eq!(c.value("one-too-many"), "_other");
+        assert_eq!(c.value("t7"), "t7");
+    }
+
+    #[test]
+    fn renders_prometheus_text() {
+        let m = Metrics::new();
+        m.request(200, 0.01);
+        m.cache("hit");
+        let u = crate::pricing::Usage {
+            prompt_tokens: 10,
+            cached_tokens: 0,
+            cache_write_tokens: 0,
+            completion_tokens: 5,
+        };
+        m.usage("acme", "faq", "gpt-4o", &u, Some(0.5), 3);
+        m.usage("acme", "faq", "mystery", &u, None, 0);
+        let text = m.render(&PluginSet::default(), None);
+        assert!(
+            text.contains("tollgate_requests_total{status=\"2xx\"} 1"),
+            "{text}"
+        );
+        assert!(
+            text.contains(
+                "tollgate_cost_usd_total{feature=\"faq\",model=\"gpt-4o\",tenant=\"acme\"} 0.5"
+            ),
+            "{text}"
+        );
+        assert!(
+            text.contains("tollgate_unpriced_requests_total{model=\"mystery\"} 1"),
+            "{text}"
+        );
+        assert!(
+            text.contains("tollgate_request_duration_seconds_bucket"),
+            "{text}"
+        );
+    }
 }

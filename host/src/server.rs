@@ -185,7 +185,9 @@ async fn route(gw: Arc<Gateway>, req: Request<Incoming>) -> Response<Body> {
             json_response(StatusCode::OK, Bytes::from_static(b"{\"status\":\"ok\"}"))
         }
         ("/metrics", &Method::GET) => {
-            let text = gw.metrics.render(&gw.plugins.load());
+            let text = gw
+                .metrics
+                .render(&gw.plugins.load(), gw.ledger.as_ref().map(|l| l.stats()));
             let mut r = Response::new(full(text));
             r.headers_mut().insert(
                 header::CONTENT_TYPE,

@@ -2,7 +2,6 @@
 //! follows from it (spend settled, cache admission, metrics, the log line).
 
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -79,15 +78,20 @@ impl Accounting {
         if let Some(r) = self.reservation.take() {
             r.settle(cost.unwrap_or(0.0));
         }
-        if let Some(c) = cost {
+        gw.metrics.usage(
+            &self.row.tenant,
+            &self.row.feature,
+            &self.model,
+            &usage,
+            cost,
+            self.row.tokens_saved,
+        );
+        if let Some(p) = &self.row.provider {
             gw.metrics
-                .cost_nanos
-                .fetch_add((c * 1e9).round() as u64, Ordering::Relaxed);
+                .upstream_seconds
+                .with_label_values(&[p.as_str(), self.model.as_str()])
+                .observe(self.upstream_started.elapsed().as_secs_f64());
         }
-        gw.metrics
-            .tokens_saved
-            .fetch_add(u64::from(self.row.tokens_saved), Ordering::Relaxed);
-
         let mut admitted = false;
         if let (Some((key, ttl)), Some(slot)) = (self.cache_plan.take(), &self.plugins.cache_policy)
             && !estimated

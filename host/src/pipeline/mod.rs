@@ -34,7 +34,7 @@ use crate::cache::{self, AnswerStore, CachedAnswer, MemoryStore};
 use crate::clock::{Clock, utc_day};
 use crate::config::{Config, FailMode};
 use crate::ledger::{self, Decision, Ledger, LedgerOptions, Row};
-use crate::metrics::{Metrics, inc};
+use crate::metrics::Metrics;
 use crate::plugins::types::{
     CacheDecision, Compression, ModelInfo, RequestView, RouteDecision, SpendSnapshot, Verdict,
 };
@@ -101,18 +101,20 @@ impl Gateway {
         let providers = Providers::from_config(&config, &catalog)?;
         let runtime = Runtime::new(&config.runtime, clock.clone())?;
         let p = &config.plugins;
+        let metrics = Metrics::new();
         let mut set = PluginSet::default();
         if let Some(s) = &p.router {
-            set.router = Some(load_slot(&runtime, s).await?);
+            set.router = Some(load_slot(&runtime, s, &metrics).await?);
         }
         for s in &p.compressor {
-            set.compressors.push(load_slot(&runtime, s).await?);
+            set.compressors
+                .push(load_slot(&runtime, s, &metrics).await?);
         }
         if let Some(s) = &p.cache_policy {
-            set.cache_policy = Some(load_slot(&runtime, s).await?);
+            set.cache_policy = Some(load_slot(&runtime, s, &metrics).await?);
         }
         if let Some(s) = &p.budget_rule {
-            set.budget_rule = Some(load_slot(&runtime, s).await?);
+            set.budget_rule = Some(load_slot(&runtime, s, &metrics).await?);
         }
         for s in set.summaries() {
             tracing::info!(kind = %s.kind, plugin = s.name, sha256 = s.digest, fail_mode = ?s.fail_mode, "plugin loaded");
@@ -141,7 +143,7 @@ impl Gateway {
             plugins: ArcSwap::from_pointee(set),
             spend: Arc::new(SpendCounters::default()),
             clock,
-            metrics: Metrics::default(),
+            metrics,
             config,
         }))
     }
@@ -153,7 +155,14 @@ impl Gateway {
     /// upstream is answering, the call still completes and is accounted
     /// (the upstream bills it either way).
     pub async fn chat(self: &Arc<Self>, id: Identity, raw: Bytes) -> Reply {
-        inc(&self.metrics.requests);
+        let started = Instant::now();
+        let reply = self.chat_inner(id, raw).await;
+        self.metrics
+            .request(reply.status.as_u16(), started.elapsed().as_secs_f64());
+        reply
+    }
+
+    async fn chat_inner(self: &Arc<Self>, id: Identity, raw: Bytes) -> Reply {
         let request_id = new_request_id();
         let gw = self.clone();
         let rid = request_id.clone();
@@ -324,14 +333,13 @@ impl Gateway {
             ..Identity::default()
         };
         let row = self.new_row(&request_id, headers_identity.unwrap_or(&fallback));
-        inc(&self.metrics.requests);
+        self.metrics.request(e.status.as_u16(), 0.0);
         self.record_error(row, e, Instant::now());
         self.error_reply(&request_id, e)
     }
 
     pub fn error_reply(&self, request_id: &str, e: &ApiError) -> Reply {
         if e.status.is_server_error() {
-            inc(&self.metrics.errors_server);
             tracing::warn!(
                 request_id,
                 status = e.status.as_u16(),
@@ -340,7 +348,6 @@ impl Gateway {
                 e.message
             );
         } else {
-            inc(&self.metrics.errors_client);
             tracing::info!(
                 request_id,
                 status = e.status.as_u16(),
@@ -405,7 +412,7 @@ impl Gateway {
             match verdict {
                 None | Some(Verdict::Allow) => {}
                 Some(Verdict::Deny(reason)) => {
-                    inc(&self.metrics.budget_denied);
+                    self.metrics.budget("deny");
                     return Err(ApiError::new(
                         StatusCode::TOO_MANY_REQUESTS,
                         "insufficient_quota",
@@ -415,7 +422,7 @@ impl Gateway {
                 }
                 Some(Verdict::Downgrade(model)) => {
                     if self.providers.get(&model).is_some() {
-                        inc(&self.metrics.budget_downgraded);
+                        self.metrics.budget("downgrade");
                         ceiling = Some(model);
                     } else {
                         let e = slot_invalid(
@@ -426,7 +433,7 @@ impl Gateway {
                     }
                 }
                 Some(Verdict::Alert(message)) => {
-                    inc(&self.metrics.budget_alerts);
+                    self.metrics.budget("alert");
                     tracing::warn!(request_id = rid, tenant = %id.tenant, plugin = slot.plugin.name(), "budget alert: {message}");
                 }
             }
@@ -461,7 +468,7 @@ impl Gateway {
                     );
                     let key = cache::key(l.scope, &id.tenant, &id.user, &req.body);
                     if let Some(hit) = self.cache.get(&key) {
-                        inc(&self.metrics.cache_hit);
+                        self.metrics.cache("hit");
                         tracing::info!(request_id = rid, tenant = %id.tenant, model = %hit.model, "cache hit");
                         rec.cache = "hit";
                         rec.model_served = Some(hit.model.clone());
@@ -480,11 +487,7 @@ impl Gateway {
             }
         }
         rec.cache = cache_outcome;
-        inc(if cache_plan.is_some() {
-            &self.metrics.cache_miss
-        } else {
-            &self.metrics.cache_bypass
-        });
+        self.metrics.cache(cache_outcome);
 
         // 5. Route.
         let default_model = ceiling.clone().unwrap_or_else(|| req.model.clone());
@@ -592,11 +595,15 @@ impl Gateway {
                 sim_output_tokens: id.sim_output_tokens,
                 sim_fault: id.sim_fault.clone(),
             };
-            inc(&self.metrics.upstream_calls);
+            let labels = [target.provider_name.as_str(), model.as_str()];
+            self.metrics.upstream_calls.with_label_values(&labels).inc();
             match target.provider.chat(call).await {
                 Ok(reply) => return Ok((model.clone(), target.provider_name.clone(), reply)),
                 Err(e) => {
-                    inc(&self.metrics.upstream_errors);
+                    self.metrics
+                        .upstream_errors
+                        .with_label_values(&labels)
+                        .inc();
                     tracing::warn!(model = %model, provider = %target.provider_name, "upstream failed: {e}");
                     let retry = e.is_retryable();
                     last = Some(e);
@@ -731,9 +738,16 @@ impl Gateway {
 async fn load_slot<K: Kind>(
     rt: &Arc<Runtime>,
     cfg: &crate::config::PluginSlotConfig,
+    metrics: &Metrics,
 ) -> Result<Slot<K>, LoadError> {
+    let plugin = rt.load::<K>(cfg).await?;
+    let _ = plugin.stats().call_seconds.set(
+        metrics
+            .plugin_seconds
+            .with_label_values(&[K::KIND.world(), plugin.name()]),
+    );
     Ok(Slot {
-        plugin: Arc::new(rt.load::<K>(cfg).await?),
+        plugin: Arc::new(plugin),
         fail_mode: cfg.on_error,
     })
 }

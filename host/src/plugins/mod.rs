@@ -111,8 +111,10 @@ impl PluginError {
 }
 
 /// Counters of one plugin, read by `/metrics`.
-#[derive(Default, Debug)]
+#[derive(Default)]
 pub struct PluginStats {
+    /// Time of each call, when the gateway's metrics are attached.
+    pub call_seconds: std::sync::OnceLock<prometheus::Histogram>,
     pub calls: AtomicU64,
     pub instantiations: AtomicU64,
     pub timeout: AtomicU64,

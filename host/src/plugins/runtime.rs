@@ -190,6 +190,8 @@ struct Limits {
 pub(super) struct Warm<K: Kind> {
     pub(super) store: Store<StoreState>,
     pub(super) bindings: K::Bindings,
+    /// When the current call was armed.
+    started: Option<std::time::Instant>,
 }
 
 /// One loaded plugin: compiled once, instantiated on demand, kept warm.
@@ -255,7 +257,11 @@ impl<K: Kind> Plugin<K> {
             }
         };
         match K::init(&bindings, &mut store, &self.config_json).await {
-            Ok(Ok(())) => Ok(Warm { store, bindings }),
+            Ok(Ok(())) => Ok(Warm {
+                store,
+                bindings,
+                started: None,
+            }),
             Ok(Err(message)) => {
                 let err = PluginError::Invalid {
                     plugin: self.name.to_string(),
@@ -313,6 +319,7 @@ impl<K: Kind> Plugin<K> {
             None => self.fresh().await?,
         };
         self.arm(&mut warm.store, self.limits.deadline_ms, self.limits.fuel);
+        warm.started = Some(std::time::Instant::now());
         Ok(warm)
     }
 
@@ -324,6 +331,9 @@ impl<K: Kind> Plugin<K> {
         warm: Warm<K>,
         result: wasmtime::Result<R>,
     ) -> Result<R, PluginError> {
+        if let (Some(h), Some(t)) = (self.stats.call_seconds.get(), warm.started) {
+            h.observe(t.elapsed().as_secs_f64());
+        }
         match result {
             Ok(r) => {
                 self.put_back(warm);

@@ -159,11 +159,14 @@ pub struct LedgerStats {
 pub struct Ledger {
     tx: mpsc::Sender<Msg>,
     stats: Arc<LedgerStats>,
+    /// The writer thread, unparked for flushes.
+    writer: std::thread::Thread,
     path: PathBuf,
 }
 
 pub struct LedgerOptions {
     pub flush_interval: Duration,
+    /// Rows per transaction at most (a backlog is written in several).
     pub batch_rows: usize,
 }
 
@@ -288,7 +291,7 @@ impl Ledger {
         let stats = Arc::new(LedgerStats::default());
         let wstats = stats.clone();
         let ledger_path = path.display().to_string();
-        std::thread::Builder::new()
+        let writer = std::thread::Builder::new()
             .name("tollgate-ledger".into())
             .spawn(move || {
                 let mut batch: Vec<Box<Row>> = Vec::with_capacity(opts.batch_rows);
@@ -296,45 +299,47 @@ impl Ledger {
                 let mut waiting: Vec<mpsc::Sender<()>> = Vec::new();
                 let mut deadline = Instant::now() + opts.flush_interval;
                 loop {
-                    let timeout = deadline.saturating_duration_since(Instant::now());
-                    let closed = match rx.recv_timeout(timeout) {
-                        Ok(Msg::Row(r)) => {
-                            batch.push(r);
-                            false
-                        }
-                        Ok(Msg::Feedback(f)) => {
-                            feedback.push(f);
-                            false
-                        }
-                        Ok(Msg::Flush(ack)) => {
-                            // Take everything already queued before committing.
-                            while let Ok(m) = rx.try_recv() {
-                                match m {
-                                    Msg::Row(r) => batch.push(r),
-                                    Msg::Feedback(f) => feedback.push(f),
-                                    Msg::Flush(a) => waiting.push(a),
-                                }
+                    // Sleep until the next flush unless a flush request
+                    // unparks us: a row alone never wakes this thread, so
+                    // requests pay no futex wake or context switch for it.
+                    std::thread::park_timeout(deadline.saturating_duration_since(Instant::now()));
+                    let mut closed = false;
+                    loop {
+                        match rx.try_recv() {
+                            Ok(Msg::Row(r)) => batch.push(r),
+                            Ok(Msg::Feedback(f)) => feedback.push(f),
+                            Ok(Msg::Flush(ack)) => waiting.push(ack),
+                            Err(mpsc::TryRecvError::Empty) => break,
+                            Err(mpsc::TryRecvError::Disconnected) => {
+                                closed = true;
+                                break;
                             }
-                            waiting.push(ack);
-                            false
                         }
-                        Err(mpsc::RecvTimeoutError::Timeout) => false,
-                        Err(mpsc::RecvTimeoutError::Disconnected) => true,
-                    };
+                    }
                     let due = Instant::now() >= deadline;
                     let pending = batch.len() + feedback.len();
                     if pending > 0
                         && (due || closed || !waiting.is_empty() || pending >= opts.batch_rows)
                     {
-                        let n = batch.len() as u64;
-                        match insert_batch(&mut conn, &batch, &feedback) {
-                            Ok(()) => {
-                                wstats.written.fetch_add(n, Ordering::Relaxed);
+                        let mut fb: &[Feedback] = &feedback;
+                        for chunk in batch.chunks(opts.batch_rows.max(1)) {
+                            let n = chunk.len() as u64;
+                            match insert_batch(&mut conn, chunk, fb) {
+                                Ok(()) => {
+                                    wstats.written.fetch_add(n, Ordering::Relaxed);
+                                }
+                                Err(e) => {
+                                    wstats.failed.fetch_add(n, Ordering::Relaxed);
+                                    tracing::error!(ledger = %ledger_path, rows = n, "ledger write failed: {e}");
+                                }
                             }
-                            Err(e) => {
-                                wstats.failed.fetch_add(n, Ordering::Relaxed);
-                                tracing::error!(ledger = %ledger_path, rows = n, "ledger write failed: {e}");
-                            }
+                            fb = &[];
+                        }
+                        if batch.is_empty()
+                            && !fb.is_empty()
+                            && let Err(e) = insert_batch(&mut conn, &[], fb)
+                        {
+                            tracing::error!(ledger = %ledger_path, "ledger feedback write failed: {e}");
                         }
                         batch.clear();
                         feedback.clear();
@@ -354,6 +359,7 @@ impl Ledger {
         Ok(Self {
             tx,
             stats,
+            writer: writer.thread().clone(),
             path: path.to_path_buf(),
         })
     }
@@ -387,6 +393,7 @@ impl Ledger {
     pub fn flush(&self) {
         let (ack, done) = mpsc::channel();
         if self.tx.send(Msg::Flush(ack)).is_ok() {
+            self.writer.unpark();
             let _ = done.recv();
         }
     }

@@ -38,11 +38,13 @@ impl Proc {
     }
 }
 
-fn spawn(args: &[&str], dir: tempfile::TempDir, marker: &str) -> Proc {
+fn spawn(args: &[&str], dir: tempfile::TempDir, marker: &str, envs: &[(&str, &str)]) -> Proc {
     let mut child = Command::new(env!("CARGO_BIN_EXE_tollgate"))
         .args(args)
         .env("RUST_LOG", "info")
         .env_remove("OPENAI_API_KEY")
+        .env_remove("TOLLGATE_ADMIN_TOKEN")
+        .envs(envs.iter().copied())
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()
@@ -75,6 +77,10 @@ fn spawn(args: &[&str], dir: tempfile::TempDir, marker: &str) -> Proc {
 
 /// Starts the gateway with `config` ({plugins} is replaced by the plugin directory).
 fn gateway(config: &str) -> Proc {
+    gateway_env(config, &[])
+}
+
+fn gateway_env(config: &str, envs: &[(&str, &str)]) -> Proc {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("tollgate.toml");
     let text = config.replace("{plugins}", &plugin_dir().display().to_string());
@@ -83,7 +89,8 @@ fn gateway(config: &str) -> Proc {
     spawn(
         &["serve", "--config", &p, "--listen", "127.0.0.1:0"],
         dir,
-        "listening on http://",
+        "tollgate listening on http://",
+        envs,
     )
 }
 
@@ -91,7 +98,8 @@ fn sim_server() -> Proc {
     spawn(
         &["sim", "--listen", "127.0.0.1:0"],
         tempfile::tempdir().unwrap(),
-        "listening on http://",
+        "simulator listening on http://",
+        &[],
     )
 }
 
@@ -1254,4 +1262,71 @@ async fn metrics_are_scraped_parsed_and_bounded() {
         !text.contains("someone-private") && !text.contains("req_"),
         "{text}"
     );
+}
+
+#[tokio::test]
+async fn admin_spend_needs_the_token_and_returns_the_report() {
+    let token = "test-admin-token-0123456789";
+    let gw = gateway_env(
+        "[admin]\nlisten = \"127.0.0.1:0\"\n[ledger]\nflush_interval_ms = 20\n",
+        &[("TOLLGATE_ADMIN_TOKEN", token)],
+    );
+    let admin = {
+        let log = gw.log.lock().unwrap();
+        let line = log
+            .iter()
+            .find(|l| l.contains("admin API listening on http://"))
+            .unwrap()
+            .clone();
+        let i = line.find("http://").unwrap();
+        line[i..].split_whitespace().next().unwrap().to_string()
+    };
+    for f in ["faq", "faq", "billing"] {
+        let r = chat(
+            &gw.base,
+            &[("x-tollgate-feature", f), ("x-tollgate-tenant", "acme")],
+            ask(&format!("{f} question")),
+        )
+        .await;
+        assert_eq!(r.status, 200);
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let get = |auth: Option<&str>, q: &str| {
+        let mut req = http().get(format!("{admin}/v1/spend{q}"));
+        if let Some(a) = auth {
+            req = req.header("authorization", a);
+        }
+        req.send()
+    };
+    let r = get(None, "").await.unwrap();
+    assert_eq!(r.status(), 401);
+    let r = get(Some("Bearer wrong-token-0123456789"), "")
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 401);
+    let bearer = format!("Bearer {token}");
+    let r = get(Some(&bearer), "?group_by=feature&tenant=acme")
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let v: Value = serde_json::from_str(&r.text().await.unwrap()).unwrap();
+    assert_eq!(v["total"]["requests"], 3);
+    assert_eq!(v["lines"].as_array().unwrap().len(), 2);
+    let r = get(Some(&bearer), "?group_by=colour").await.unwrap();
+    assert_eq!(r.status(), 400);
+    // The admin API is not on the application listener.
+    let r = http()
+        .get(format!("{}/v1/spend", gw.base))
+        .header("authorization", &bearer)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 404);
+}
+
+#[tokio::test]
+async fn without_a_token_the_admin_api_does_not_start() {
+    let gw = gateway("[admin]\nlisten = \"127.0.0.1:0\"\n");
+    assert!(gw.log_contains("admin API disabled"));
+    assert!(!gw.log_contains("admin API listening"));
 }

@@ -40,6 +40,7 @@ pub struct Config {
     pub plugins: PluginsConfig,
     pub cache: CacheConfig,
     pub ledger: LedgerConfig,
+    pub admin: AdminConfig,
     /// Where the file was read from (for messages); not a key.
     #[serde(skip)]
     pub origin: String,
@@ -314,6 +315,27 @@ impl Default for LedgerConfig {
     }
 }
 
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AdminConfig {
+    /// The admin API's own address; keep it off the application network.
+    pub listen: String,
+    /// Environment variable holding the bearer token.
+    pub token_env: String,
+    /// A file holding the bearer token (wins over the variable).
+    pub token_file: Option<PathBuf>,
+}
+
+impl Default for AdminConfig {
+    fn default() -> Self {
+        Self {
+            listen: "127.0.0.1:8081".into(),
+            token_env: "TOLLGATE_ADMIN_TOKEN".into(),
+            token_file: None,
+        }
+    }
+}
+
 impl Config {
     /// Reads and validates a config file.
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
@@ -348,6 +370,9 @@ impl Config {
             fix(c);
         }
         fix(&mut self.ledger.path);
+        if let Some(t) = &mut self.admin.token_file {
+            fix(t);
+        }
         let slots = self
             .plugins
             .router
@@ -395,6 +420,15 @@ impl Config {
                 format!(
                     "expected an address like 127.0.0.1:8080, got {:?}",
                     self.server.listen
+                ),
+            ));
+        }
+        if self.admin.listen.parse::<std::net::SocketAddr>().is_err() {
+            return Err(self.invalid(
+                "admin.listen",
+                format!(
+                    "expected an address like 127.0.0.1:8081, got {:?}",
+                    self.admin.listen
                 ),
             ));
         }

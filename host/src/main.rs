@@ -138,6 +138,34 @@ async fn serve(args: ServeArgs) -> Result<()> {
     let gw = Gateway::new(config, Arc::new(SystemClock))
         .await
         .context("cannot start the gateway")?;
+    let admin_token = tollgate::admin::load_token(&gw.config.admin)?;
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    tokio::spawn(async move {
+        shutdown_signal().await;
+        let _ = stop_tx.send(true);
+    });
+    let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
+        let _ = rx.wait_for(|stop| *stop).await;
+    };
+    let admin = match admin_token {
+        Some(token) => {
+            let listener = server::bind(&gw.config.admin.listen).await?;
+            tracing::info!("admin API listening on http://{}", listener.local_addr()?);
+            Some(tokio::spawn(server::serve(
+                listener,
+                tollgate::admin::handler(gw.clone(), token),
+                stopped(stop_rx.clone()),
+                drain,
+            )))
+        }
+        None => {
+            tracing::info!(
+                "admin API disabled: no token (set {} or admin.token_file)",
+                gw.config.admin.token_env
+            );
+            None
+        }
+    };
     let listener = server::bind(&listen).await?;
     tracing::info!(
         "tollgate listening on http://{} (models: {})",
@@ -147,10 +175,13 @@ async fn serve(args: ServeArgs) -> Result<()> {
     server::serve(
         listener,
         server::gateway_handler(gw.clone()),
-        shutdown_signal(),
+        stopped(stop_rx),
         drain,
     )
     .await;
+    if let Some(a) = admin {
+        let _ = a.await;
+    }
     // Every answered request has queued its row; commit them before exiting.
     if let Some(l) = &gw.ledger {
         l.flush();

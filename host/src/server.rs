@@ -38,7 +38,7 @@ fn sse_body(rx: mpsc::Receiver<Bytes>) -> Body {
     BodyExt::boxed_unsync(StreamBody::new(stream))
 }
 
-fn json_response(status: StatusCode, body: Bytes) -> Response<Body> {
+pub fn json_response(status: StatusCode, body: Bytes) -> Response<Body> {
     let mut r = Response::new(full(body));
     *r.status_mut() = status;
     r.headers_mut().insert(
@@ -48,7 +48,7 @@ fn json_response(status: StatusCode, body: Bytes) -> Response<Body> {
     r
 }
 
-fn error_response(e: &ApiError) -> Response<Body> {
+pub fn error_response(e: &ApiError) -> Response<Body> {
     json_response(e.status, e.body())
 }
 

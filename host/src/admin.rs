@@ -1,0 +1,228 @@
+//! The admin API, on its own listener (default 127.0.0.1:8081) so it can be
+//! kept off the network applications reach. Every call needs
+//! `Authorization: Bearer <token>`; the token comes from an environment
+//! variable or a file, and without one the admin API does not start.
+//!
+//! * `GET /v1/spend?group_by=feature,model&since=YYYY-MM-DD&until=YYYY-MM-DD&tenant=T&top=N`:
+//!   the `tollgate report` of the ledger, as JSON.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http::{Method, Request, Response, StatusCode, header};
+use hyper::body::Incoming;
+use subtle::ConstantTimeEq;
+
+use crate::api::ApiError;
+use crate::clock::parse_day;
+use crate::config::AdminConfig;
+use crate::pipeline::Gateway;
+use crate::report;
+use crate::server::{Body, error_response, json_response};
+
+#[derive(Debug, thiserror::Error)]
+pub enum AdminError {
+    #[error("admin token file {path}: {source}")]
+    TokenFile {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("admin token from {origin} is shorter than 16 characters")]
+    WeakToken { origin: String },
+}
+
+/// The admin token, if one is configured: the file wins over the variable.
+pub fn load_token(cfg: &AdminConfig) -> Result<Option<String>, AdminError> {
+    let (token, origin) = if let Some(path) = &cfg.token_file {
+        let t = std::fs::read_to_string(path).map_err(|source| AdminError::TokenFile {
+            path: path.display().to_string(),
+            source,
+        })?;
+        (Some(t.trim().to_string()), path.display().to_string())
+    } else {
+        (
+            std::env::var(&cfg.token_env)
+                .ok()
+                .map(|t| t.trim().to_string()),
+            format!("${}", cfg.token_env),
+        )
+    };
+    match token {
+        Some(t) if t.is_empty() => Ok(None),
+        Some(t) if t.len() < 16 => Err(AdminError::WeakToken { origin }),
+        other => Ok(other),
+    }
+}
+
+fn authorized(req: &Request<Incoming>, token: &str) -> bool {
+    let Some(given) = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+    else {
+        return false;
+    };
+    // Constant time, so the comparison leaks nothing about the token.
+    bool::from(given.as_bytes().ct_eq(token.as_bytes()))
+}
+
+fn spend_query(query: Option<&str>) -> Result<report::Query, ApiError> {
+    let mut q = report::Query {
+        group_by: vec![report::Dim::Feature],
+        ..report::Query::default()
+    };
+    for (k, v) in form_urlencoded::parse(query.unwrap_or("").as_bytes()) {
+        let bad = |what: &str| {
+            ApiError::invalid("invalid_value", format!("`{k}`: {what}")).param(k.to_string())
+        };
+        match k.as_ref() {
+            "group_by" => q.group_by = report::parse_dims(&v).map_err(|e| bad(&e))?,
+            "since" => q.since_ms = Some(parse_day(&v).ok_or_else(|| bad("expected YYYY-MM-DD"))?),
+            "until" => {
+                q.until_ms =
+                    Some(parse_day(&v).ok_or_else(|| bad("expected YYYY-MM-DD"))? + 86_400_000)
+            }
+            "tenant" => q.tenant = Some(v.into_owned()),
+            "top" => q.top = Some(v.parse().map_err(|_| bad("expected a whole number"))?),
+            _ => {
+                return Err(bad(
+                    "unknown parameter (group_by, since, until, tenant, top)",
+                ));
+            }
+        }
+    }
+    Ok(q)
+}
+
+async fn spend(gw: Arc<Gateway>, query: Option<String>) -> Result<Bytes, ApiError> {
+    let q = spend_query(query.as_deref())?;
+    let Some(ledger) = &gw.ledger else {
+        return Err(ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "api_error",
+            "ledger_disabled",
+            "the ledger is disabled (ledger.enabled = false)",
+        ));
+    };
+    let path = ledger.path().to_path_buf();
+    let catalog = gw.catalog.clone();
+    let internal = |m: String| {
+        ApiError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "api_error",
+            "report_failed",
+            m,
+        )
+    };
+    tokio::task::spawn_blocking(move || {
+        let conn = crate::ledger::open_db(&path).map_err(|e| internal(e.to_string()))?;
+        let rep = report::run(&conn, &catalog, &q).map_err(|e| internal(e.to_string()))?;
+        Ok(Bytes::from(rep.json()))
+    })
+    .await
+    .map_err(|e| internal(e.to_string()))?
+}
+
+async fn route(gw: Arc<Gateway>, token: Arc<str>, req: Request<Incoming>) -> Response<Body> {
+    if !authorized(&req, &token) {
+        tracing::warn!(
+            path = req.uri().path(),
+            "admin call refused: missing or wrong bearer token"
+        );
+        return error_response(&ApiError::new(
+            StatusCode::UNAUTHORIZED,
+            "invalid_request_error",
+            "invalid_admin_token",
+            "the admin API needs `Authorization: Bearer <admin token>`",
+        ));
+    }
+    let path = req.uri().path().to_string();
+    match (path.as_str(), req.method()) {
+        ("/v1/spend", &Method::GET) => match spend(gw, req.uri().query().map(str::to_string)).await
+        {
+            Ok(body) => json_response(StatusCode::OK, body),
+            Err(e) => error_response(&e),
+        },
+        _ => error_response(&ApiError::new(
+            StatusCode::NOT_FOUND,
+            "invalid_request_error",
+            "unknown_url",
+            format!("Unknown admin URL: {} {path}", req.method()),
+        )),
+    }
+}
+
+/// The admin API's HTTP handler.
+pub fn handler(
+    gw: Arc<Gateway>,
+    token: String,
+) -> impl Fn(Request<Incoming>) -> Pin<Box<dyn Future<Output = Response<Body>> + Send>>
++ Clone
++ Send
++ Sync
++ 'static {
+    let token: Arc<str> = Arc::from(token);
+    move |req| Box::pin(route(gw.clone(), token.clone(), req))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn spend_query_parses_and_refuses_nonsense() {
+        let q = spend_query(Some(
+            "group_by=tenant,day&since=2026-11-01&until=2026-11-01&top=5",
+        ))
+        .unwrap();
+        assert_eq!(q.group_by, vec![report::Dim::Tenant, report::Dim::Day]);
+        assert_eq!(q.until_ms.unwrap() - q.since_ms.unwrap(), 86_400_000);
+        assert_eq!(q.top, Some(5));
+        assert_eq!(
+            spend_query(Some("group_by=colour"))
+                .unwrap_err()
+                .param
+                .as_deref(),
+            Some("group_by")
+        );
+        assert_eq!(
+            spend_query(Some("since=yesterday"))
+                .unwrap_err()
+                .param
+                .as_deref(),
+            Some("since")
+        );
+        assert_eq!(
+            spend_query(Some("limit=3")).unwrap_err().param.as_deref(),
+            Some("limit")
+        );
+    }
+
+    #[test]
+    fn tokens_come_from_the_file_or_the_variable_and_must_not_be_weak() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("token");
+        std::fs::write(&f, "0123456789abcdef-long-enough\n").unwrap();
+        let cfg = AdminConfig {
+            token_file: Some(f.clone()),
+            ..AdminConfig::default()
+        };
+        assert_eq!(
+            load_token(&cfg).unwrap().as_deref(),
+            Some("0123456789abcdef-long-enough")
+        );
+        std::fs::write(&f, "short").unwrap();
+        assert!(matches!(
+            load_token(&cfg),
+            Err(AdminError::WeakToken { .. })
+        ));
+        let none = AdminConfig {
+            token_env: "TOLLGATE_TEST_UNSET_ADMIN_TOKEN".into(),
+            ..AdminConfig::default()
+        };
+        assert_eq!(load_token(&none).unwrap(), None);
+    }
+}

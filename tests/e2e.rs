@@ -153,6 +153,12 @@ impl Resp {
             .and_then(|v| v.to_str().ok())
             .unwrap_or("")
     }
+    fn error_message(&self) -> String {
+        self.json()["error"]["message"]
+            .as_str()
+            .unwrap_or("")
+            .to_string()
+    }
     fn error_code(&self) -> String {
         self.json()["error"]["code"]
             .as_str()
@@ -162,8 +168,12 @@ impl Resp {
 }
 
 async fn post(base: &str, headers: &[(&str, &str)], body: impl Into<reqwest::Body>) -> Resp {
+    post_to(&format!("{base}/v1/chat/completions"), headers, body).await
+}
+
+async fn post_to(url: &str, headers: &[(&str, &str)], body: impl Into<reqwest::Body>) -> Resp {
     let mut req = http()
-        .post(format!("{base}/v1/chat/completions"))
+        .post(url)
         .header("content-type", "application/json")
         .body(body);
     for (k, v) in headers {
@@ -213,20 +223,17 @@ fn stream_content(events: &[Value]) -> String {
         .collect()
 }
 
+async fn get_text(url: impl reqwest::IntoUrl) -> String {
+    http().get(url).send().await.unwrap().text().await.unwrap()
+}
+
 async fn get_json(url: &str) -> Value {
-    let text = http().get(url).send().await.unwrap().text().await.unwrap();
+    let text = get_text(url).await;
     serde_json::from_str(&text).unwrap()
 }
 
 async fn metric(base: &str, name_and_labels: &str) -> f64 {
-    let text = http()
-        .get(format!("{base}/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let text = get_text(format!("{base}/metrics")).await;
     text.lines()
         .find_map(|l| {
             l.strip_prefix(name_and_labels)
@@ -392,20 +399,8 @@ async fn router_can_answer_or_reject_without_upstream() {
     let r = chat(&gw.base, &[], ask("tell me the forbidden thing")).await;
     assert_eq!(r.status, 400);
     assert_eq!(r.error_code(), "rejected_by_policy");
-    assert!(
-        r.json()["error"]["message"]
-            .as_str()
-            .unwrap()
-            .contains("not allowed")
-    );
-    let text = http()
-        .get(format!("{}/metrics", gw.base))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    assert!(r.error_message().contains("not allowed"));
+    let text = get_text(format!("{}/metrics", gw.base)).await;
     assert!(
         !text.contains("tollgate_upstream_calls_total{"),
         "no upstream call:\n{text}"
@@ -447,12 +442,7 @@ async fn budget_rule_denies_past_the_cap() {
         statuses.push(r.status);
         if r.status == 429 {
             assert_eq!(r.error_code(), "budget_exceeded");
-            assert!(
-                r.json()["error"]["message"]
-                    .as_str()
-                    .unwrap()
-                    .contains("daily budget of tenant tiny")
-            );
+            assert!(r.error_message().contains("daily budget of tenant tiny"));
         }
     }
     assert!(
@@ -599,12 +589,7 @@ config = {{ default = "keep", rules = [{{ keywords = ["ladder"], fallback = ["gp
     )
     .await;
     assert_eq!((r.status, r.error_code().as_str()), (502, "upstream_error"));
-    assert!(
-        r.json()["error"]["message"]
-            .as_str()
-            .unwrap()
-            .contains("simulated")
-    );
+    assert!(r.error_message().contains("simulated"));
     let r = chat(
         &gw.base,
         &[("x-tollgate-sim-fault", "429")],
@@ -696,12 +681,7 @@ async fn hostile_router_fail_closed_rejects_with_a_clear_error() {
         let r = chat(&gw.base, &[], ask("hi there")).await;
         assert_eq!(r.status, 503, "{mode}: {}", r.text);
         assert_eq!(r.error_code(), "policy_failed");
-        assert!(
-            r.json()["error"]["message"]
-                .as_str()
-                .unwrap()
-                .contains("hostile_fixture")
-        );
+        assert!(r.error_message().contains("hostile_fixture"));
         // The gateway keeps serving.
         let h = http()
             .get(format!("{}/healthz", gw.base))
@@ -1044,19 +1024,7 @@ async fn streamed_usage_is_exact_when_reported_and_estimated_when_not() {
 }
 
 async fn feedback(base: &str, headers: &[(&str, &str)], body: &str) -> Resp {
-    let mut req = http()
-        .post(format!("{base}/v1/feedback"))
-        .header("content-type", "application/json")
-        .body(body.to_string());
-    for (k, v) in headers {
-        req = req.header(*k, *v);
-    }
-    let r = req.send().await.unwrap();
-    Resp {
-        status: r.status().as_u16(),
-        headers: r.headers().clone(),
-        text: r.text().await.unwrap(),
-    }
+    post_to(&format!("{base}/v1/feedback"), headers, body.to_string()).await
 }
 
 #[tokio::test]
@@ -1226,14 +1194,7 @@ async fn metrics_are_scraped_parsed_and_bounded() {
         chat(&gw.base, &[], ask("the forbidden thing")).await.status,
         400
     );
-    let text = http()
-        .get(format!("{}/metrics", gw.base))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let text = get_text(format!("{}/metrics", gw.base)).await;
     let m = parse_prometheus(&text);
     let get = |k: &str| m.iter().find(|(n, _)| n == k).map(|(_, v)| *v);
     assert_eq!(get("tollgate_requests_total{status=\"2xx\"}"), Some(2.0));

@@ -1229,7 +1229,8 @@ async fn metrics_are_scraped_parsed_and_bounded() {
 async fn admin_spend_needs_the_token_and_returns_the_report() {
     let token = "test-admin-token-0123456789";
     let gw = gateway_env(
-        "[admin]\nlisten = \"127.0.0.1:0\"\n[ledger]\nflush_interval_ms = 20\n",
+        "[admin]\nlisten = \"127.0.0.1:0\"\n[ledger]\nflush_interval_ms = 20\n\
+         [plugins.router]\npath = \"{plugins}/rules_router.wasm\"\n",
         &[("TOLLGATE_ADMIN_TOKEN", token)],
     );
     let admin = {
@@ -1275,6 +1276,25 @@ async fn admin_spend_needs_the_token_and_returns_the_report() {
     assert_eq!(v["lines"].as_array().unwrap().len(), 2);
     let r = get(Some(&bearer), "?group_by=colour").await.unwrap();
     assert_eq!(r.status(), 400);
+    let plugins: Value = serde_json::from_str(
+        &http()
+            .get(format!("{admin}/v1/plugins"))
+            .header("authorization", &bearer)
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap(),
+    )
+    .unwrap();
+    let router = &plugins["plugins"][0];
+    assert_eq!(router["slot"], "router");
+    assert_eq!(router["kind"], "router");
+    assert_eq!(router["sha256"].as_str().unwrap().len(), 64);
+    assert_eq!(router["limits"]["timeout_ms"], 5);
+    assert_eq!(router["capabilities"]["network"], false);
+    assert!(router["calls"].as_u64().unwrap() >= 3);
     // The admin API is not on the application listener.
     let r = http()
         .get(format!("{}/v1/spend", gw.base))

@@ -4,7 +4,9 @@
 //! variable or a file, and without one the admin API does not start.
 //!
 //! * `GET /v1/spend?group_by=feature,model&since=YYYY-MM-DD&until=YYYY-MM-DD&tenant=T&top=N`:
-//!   the `tollgate report` of the ledger, as JSON.
+//!   the `tollgate report` of the ledger, as JSON;
+//! * `GET /v1/plugins`: every slot's plugin with its sha256, limits,
+//!   capabilities, failure mode and counters.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -141,6 +143,10 @@ async fn route(gw: Arc<Gateway>, token: Arc<str>, req: Request<Incoming>) -> Res
     }
     let path = req.uri().path().to_string();
     match (path.as_str(), req.method()) {
+        ("/v1/plugins", &Method::GET) => json_response(
+            StatusCode::OK,
+            Bytes::from(gw.plugins.load().describe().to_string()),
+        ),
         ("/v1/spend", &Method::GET) => match spend(gw, req.uri().query().map(str::to_string)).await
         {
             Ok(body) => json_response(StatusCode::OK, body),

@@ -187,6 +187,35 @@ pub struct PluginSummary<'a> {
 }
 
 impl PluginSet {
+    /// Every slot and its plugin, for the admin API.
+    pub fn describe(&self) -> serde_json::Value {
+        fn one<K: Kind>(slot: &str, s: &Slot<K>) -> serde_json::Value {
+            let mut v = s.plugin.describe();
+            if let Some(o) = v.as_object_mut() {
+                o.insert("slot".into(), serde_json::json!(slot));
+                o.insert(
+                    "on_error".into(),
+                    serde_json::json!(match s.fail_mode {
+                        FailMode::Open => "open",
+                        FailMode::Closed => "closed",
+                    }),
+                );
+            }
+            v
+        }
+        let mut out = Vec::new();
+        out.extend(self.router.iter().map(|s| one("router", s)));
+        out.extend(
+            self.compressors
+                .iter()
+                .enumerate()
+                .map(|(i, s)| one(&format!("compressor[{i}]"), s)),
+        );
+        out.extend(self.cache_policy.iter().map(|s| one("cache_policy", s)));
+        out.extend(self.budget_rule.iter().map(|s| one("budget_rule", s)));
+        serde_json::json!({ "plugins": out })
+    }
+
     pub fn summaries(&self) -> Vec<PluginSummary<'_>> {
         fn one<K: Kind>(s: &Slot<K>) -> PluginSummary<'_> {
             PluginSummary {

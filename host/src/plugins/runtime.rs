@@ -221,6 +221,38 @@ impl<K: Kind> Plugin<K> {
         &self.stats
     }
 
+    /// What a reviewer needs to know about a loaded plugin: identity,
+    /// limits and counters.
+    pub fn describe(&self) -> serde_json::Value {
+        let failures: serde_json::Map<String, serde_json::Value> = self
+            .stats
+            .failures()
+            .iter()
+            .map(|(k, v)| (k.to_string(), serde_json::json!(v)))
+            .collect();
+        serde_json::json!({
+            "kind": K::KIND.world(),
+            "name": &*self.name,
+            "sha256": self.digest,
+            "limits": {
+                "timeout_ms": self.limits.deadline_ms,
+                "init_timeout_ms": self.limits.init_deadline_ms,
+                "memory_mib": self.limits.memory_mib,
+                "fuel": self.limits.fuel,
+                "reuse_instances": self.reuse,
+            },
+            "capabilities": {
+                "filesystem": false,
+                "network": false,
+                "environment": false,
+                "host_imports": ["count-tokens", "hash", "now-ms", "log"],
+            },
+            "calls": self.stats.calls.load(Ordering::Relaxed),
+            "instantiations": self.stats.instantiations.load(Ordering::Relaxed),
+            "failures": failures,
+        })
+    }
+
     fn ticks(&self, ms: u64) -> u64 {
         // One extra tick: the deadline is never shorter than asked.
         ms.div_ceil(self.runtime.tick_ms) + 1

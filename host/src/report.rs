@@ -221,7 +221,12 @@ pub fn run(conn: &Connection, catalog: &Catalog, q: &Query) -> Result<Report, Re
         let completion = r.get::<_, i64>(16)?.max(0) as u64;
         let saved = r.get::<_, i64>(17)?.max(0) as u64;
 
-        let model = served.clone().unwrap_or_else(|| asked.clone());
+        // Requests refused before their body was read have no model.
+        let model = served
+            .clone()
+            .filter(|m| !m.is_empty())
+            .or_else(|| (!asked.is_empty()).then(|| asked.clone()))
+            .unwrap_or_else(|| "-".into());
         let key: Vec<String> = q
             .group_by
             .iter()

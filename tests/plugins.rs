@@ -451,3 +451,20 @@ async fn the_sandbox_offers_no_filesystem_environment_or_network() {
     assert!(get("net_tcp").starts_with("denied"), "{report}");
     assert!(get("net_dns").starts_with("denied"), "{report}");
 }
+
+#[tokio::test]
+async fn a_log_flood_is_capped_per_call() {
+    let rt = runtime();
+    let mut s = slot("hostile_fixture.wasm", "mode = \"log-flood\"");
+    s.timeout_ms = 5_000;
+    let p: Plugin<RouterKind> = rt.load(&s).await.unwrap();
+    assert_eq!(
+        p.route(&view("x"), &candidates()).await.unwrap(),
+        RouteDecision::Keep
+    );
+    let dropped = p
+        .stats()
+        .logs_dropped
+        .load(std::sync::atomic::Ordering::Relaxed);
+    assert_eq!(dropped, 10_000 - 16);
+}

@@ -55,6 +55,7 @@ pub struct Metrics {
     pub plugin_seconds: HistogramVec,
     plugin_calls: IntGaugeVec,
     plugin_failures: IntGaugeVec,
+    plugin_logs_dropped: IntGaugeVec,
     ledger_rows: IntGaugeVec,
     pub tokens_saved: IntCounter,
     tenants: Capped,
@@ -203,6 +204,12 @@ impl Metrics {
                 "Plugin calls that failed and were contained.",
                 &["kind", "plugin", "reason"],
             ),
+            plugin_logs_dropped: gauge_vec(
+                &r,
+                "tollgate_plugin_log_lines_dropped_total",
+                "Plugin log lines dropped by the per-call cap.",
+                &["kind", "plugin"],
+            ),
             ledger_rows: gauge_vec(
                 &r,
                 "tollgate_ledger_rows_total",
@@ -280,6 +287,9 @@ impl Metrics {
             self.plugin_calls
                 .with_label_values(&[kind, p.name])
                 .set(p.stats.calls.load(Ordering::Relaxed) as i64);
+            self.plugin_logs_dropped
+                .with_label_values(&[kind, p.name])
+                .set(p.stats.logs_dropped.load(Ordering::Relaxed) as i64);
             for (reason, v) in p.stats.failures() {
                 self.plugin_failures
                     .with_label_values(&[kind, p.name, reason])

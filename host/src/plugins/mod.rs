@@ -117,6 +117,8 @@ pub struct PluginStats {
     pub call_seconds: std::sync::OnceLock<prometheus::Histogram>,
     pub calls: AtomicU64,
     pub instantiations: AtomicU64,
+    /// Log lines dropped by the per-call cap.
+    pub logs_dropped: AtomicU64,
     pub timeout: AtomicU64,
     pub fuel: AtomicU64,
     pub memory: AtomicU64,

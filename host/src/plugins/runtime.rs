@@ -322,6 +322,8 @@ impl<K: Kind> Plugin<K> {
         let state = store.data_mut();
         state.limiter.denied = false;
         state.stderr.clear();
+        state.logged = 0;
+        state.logs_dropped = 0;
     }
 
     fn take(&self) -> Option<Warm<K>> {
@@ -365,6 +367,18 @@ impl<K: Kind> Plugin<K> {
     ) -> Result<R, PluginError> {
         if let (Some(h), Some(t)) = (self.stats.call_seconds.get(), warm.started) {
             h.observe(t.elapsed().as_secs_f64());
+        }
+        let dropped = warm.store.data().logs_dropped;
+        if dropped > 0 {
+            self.stats
+                .logs_dropped
+                .fetch_add(u64::from(dropped), Ordering::Relaxed);
+            tracing::warn!(
+                plugin = &*self.name,
+                dropped,
+                "plugin wrote more than {} log lines in one call; the rest were dropped",
+                super::state::MAX_LOG_LINES_PER_CALL
+            );
         }
         match result {
             Ok(r) => {

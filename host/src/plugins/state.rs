@@ -13,12 +13,18 @@ use crate::clock::Clock;
 
 /// Longest log line a plugin may write; longer ones are cut.
 const MAX_LOG_BYTES: usize = 2048;
+/// Log lines one call may write; the rest are dropped and counted, so a
+/// plugin cannot flood the gateway's log.
+pub const MAX_LOG_LINES_PER_CALL: u32 = 16;
 
 pub struct StoreState {
     wasi: WasiCtx,
     table: ResourceTable,
     pub(super) limiter: MemoryLimiter,
     pub(super) stderr: StderrTail,
+    /// Log lines written and dropped during the current call.
+    pub(super) logged: u32,
+    pub(super) logs_dropped: u32,
     plugin: Arc<str>,
     clock: Arc<dyn Clock>,
 }
@@ -42,6 +48,8 @@ impl StoreState {
                 denied: false,
             },
             stderr,
+            logged: 0,
+            logs_dropped: 0,
             plugin,
             clock,
         }
@@ -104,6 +112,11 @@ impl host::Host for StoreState {
     }
 
     fn log(&mut self, level: host::Level, message: String) {
+        if self.logged >= MAX_LOG_LINES_PER_CALL {
+            self.logs_dropped += 1;
+            return;
+        }
+        self.logged += 1;
         let mut msg = message;
         if msg.len() > MAX_LOG_BYTES {
             let mut cut = MAX_LOG_BYTES;

@@ -18,7 +18,7 @@ use hyper::body::Incoming;
 use subtle::ConstantTimeEq;
 
 use crate::api::ApiError;
-use crate::clock::parse_day;
+use crate::clock::{parse_day, parse_day_end};
 use crate::config::AdminConfig;
 use crate::pipeline::Gateway;
 use crate::report;
@@ -84,8 +84,7 @@ fn spend_query(query: Option<&str>) -> Result<report::Query, ApiError> {
             "group_by" => q.group_by = report::parse_dims(&v).map_err(|e| bad(&e))?,
             "since" => q.since_ms = Some(parse_day(&v).ok_or_else(|| bad("expected YYYY-MM-DD"))?),
             "until" => {
-                q.until_ms =
-                    Some(parse_day(&v).ok_or_else(|| bad("expected YYYY-MM-DD"))? + 86_400_000)
+                q.until_ms = Some(parse_day_end(&v).ok_or_else(|| bad("expected YYYY-MM-DD"))?)
             }
             "tenant" => q.tenant = Some(v.into_owned()),
             "top" => q.top = Some(v.parse().map_err(|_| bad("expected a whole number"))?),

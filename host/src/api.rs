@@ -86,24 +86,7 @@ const ROLES: [&str; 6] = [
 impl ChatRequest {
     /// Parses and validates a request body.
     pub fn parse(raw: &[u8]) -> Result<Self, ApiError> {
-        let text = std::str::from_utf8(raw).map_err(|e| {
-            ApiError::invalid(
-                "invalid_encoding",
-                format!("request body is not valid UTF-8: {e}"),
-            )
-        })?;
-        let value: Value = serde_json::from_str(text).map_err(|e| {
-            ApiError::invalid(
-                "invalid_json",
-                format!("We could not parse the JSON body of your request: {e}"),
-            )
-        })?;
-        let Value::Object(body) = value else {
-            return Err(ApiError::invalid(
-                "invalid_json",
-                "request body must be a JSON object",
-            ));
-        };
+        let body = parse_object(raw)?;
         let model = match body.get("model") {
             Some(Value::String(m)) if !m.is_empty() => m.clone(),
             Some(Value::String(_)) | None => {
@@ -190,6 +173,30 @@ impl ChatRequest {
             Some(Value::Array(m)) => m,
             _ => &[],
         }
+    }
+}
+
+/// A request body that must be a JSON object, with OpenAI-style errors for
+/// bytes that are not UTF-8, not JSON, or not an object.
+pub fn parse_object(raw: &[u8]) -> Result<Map<String, Value>, ApiError> {
+    let text = std::str::from_utf8(raw).map_err(|e| {
+        ApiError::invalid(
+            "invalid_encoding",
+            format!("request body is not valid UTF-8: {e}"),
+        )
+    })?;
+    let value: Value = serde_json::from_str(text).map_err(|e| {
+        ApiError::invalid(
+            "invalid_json",
+            format!("We could not parse the JSON body of your request: {e}"),
+        )
+    })?;
+    match value {
+        Value::Object(o) => Ok(o),
+        _ => Err(ApiError::invalid(
+            "invalid_json",
+            "request body must be a JSON object",
+        )),
     }
 }
 

@@ -77,7 +77,6 @@ pub struct CachedAnswer {
     /// The original JSON response, replayed as-is to non-streaming clients.
     pub body: Bytes,
     pub ttl: Duration,
-    pub stored_at: Instant,
 }
 
 /// Where answers live. The in-memory store is the default; a shared store
@@ -191,7 +190,6 @@ mod tests {
             usage: Usage::default(),
             body: Bytes::from_static(b"{}"),
             ttl: Duration::from_millis(50),
-            stored_at: Instant::now(),
         });
         s.put([1; 32], a);
         assert!(s.get(&[1; 32]).is_some());

@@ -42,11 +42,18 @@ impl Clock for ManualClock {
     }
 }
 
+pub const DAY_MS: u64 = 86_400_000;
+
 /// The UTC day of `ms` as `YYYY-MM-DD` (budget windows are UTC days).
 pub fn utc_day(ms: u64) -> String {
     let days = (ms / 86_400_000) as i64;
     let (y, m, d) = civil_from_days(days);
     format!("{y:04}-{m:02}-{d:02}")
+}
+
+/// Milliseconds at the end (exclusive) of a `YYYY-MM-DD` UTC day.
+pub fn parse_day_end(s: &str) -> Option<u64> {
+    parse_day(s).map(|ms| ms + DAY_MS)
 }
 
 /// Milliseconds at the start of a `YYYY-MM-DD` UTC day.

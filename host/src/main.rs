@@ -216,19 +216,18 @@ fn report(args: ReportArgs) -> Result<()> {
     let path = args.ledger.unwrap_or_else(|| config.ledger.path.clone());
     anyhow::ensure!(path.exists(), "no ledger at {}", path.display());
     let conn = tollgate::ledger::open_db(&path)?;
-    let day = |s: &Option<String>, what: &str| -> Result<Option<u64>> {
-        match s {
-            None => Ok(None),
-            Some(d) => tollgate::clock::parse_day(d)
-                .map(Some)
-                .with_context(|| format!("--{what} {d:?}: expected a day as YYYY-MM-DD")),
-        }
+    let day = |s: &Option<String>, what: &str, parse: fn(&str) -> Option<u64>| {
+        s.as_deref()
+            .map(|d| {
+                parse(d).with_context(|| format!("--{what} {d:?}: expected a day as YYYY-MM-DD"))
+            })
+            .transpose()
     };
     let query = tollgate::report::Query {
         group_by: tollgate::report::parse_dims(&args.group_by)
             .map_err(|e| anyhow::anyhow!("--group-by: {e}"))?,
-        since_ms: day(&args.since, "since")?,
-        until_ms: day(&args.until, "until")?.map(|ms| ms + 86_400_000),
+        since_ms: day(&args.since, "since", tollgate::clock::parse_day)?,
+        until_ms: day(&args.until, "until", tollgate::clock::parse_day_end)?,
         tenant: args.tenant,
         top: args.top,
     };

@@ -7,7 +7,7 @@
 
 use std::collections::HashSet;
 use std::sync::Mutex;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 
 use prometheus::{
     Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGaugeVec, Opts,
@@ -60,8 +60,6 @@ pub struct Metrics {
     pub tokens_saved: IntCounter,
     tenants: Capped,
     features: Capped,
-    /// Spend in nano-USD, for tests and the bench (mirrors `cost_usd`).
-    pub cost_nanos: AtomicU64,
 }
 
 fn counter_vec(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
@@ -219,7 +217,6 @@ impl Metrics {
             tokens_saved,
             tenants: Capped::default(),
             features: Capped::default(),
-            cost_nanos: AtomicU64::new(0),
             registry: r,
         }
     }
@@ -269,13 +266,10 @@ impl Metrics {
         }
         self.tokens_saved.inc_by(u64::from(tokens_saved));
         match cost {
-            Some(c) => {
-                self.cost_usd
-                    .with_label_values(&[tenant, feature, model])
-                    .inc_by(c);
-                self.cost_nanos
-                    .fetch_add((c * 1e9).round() as u64, Ordering::Relaxed);
-            }
+            Some(c) => self
+                .cost_usd
+                .with_label_values(&[tenant, feature, model])
+                .inc_by(c),
             None => self.unpriced.with_label_values(&[model]).inc(),
         }
     }

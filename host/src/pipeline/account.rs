@@ -132,7 +132,6 @@ impl Accounting {
                         usage,
                         body,
                         ttl,
-                        stored_at: Instant::now(),
                     }),
                 );
                 admitted = true;

@@ -43,6 +43,16 @@ fn value(headers: &HeaderMap, name: &str) -> Result<Option<String>, ApiError> {
 }
 
 impl Identity {
+    /// The identity of a request that sent no identity headers.
+    pub fn defaults(cfg: &IdentityConfig) -> Self {
+        Self {
+            tenant: cfg.default_tenant.clone(),
+            user: cfg.default_user.clone(),
+            feature: cfg.default_feature.clone(),
+            ..Self::default()
+        }
+    }
+
     pub fn from_headers(headers: &HeaderMap, defaults: &IdentityConfig) -> Result<Self, ApiError> {
         let step = match value(headers, "x-tollgate-step")? {
             Some(s) => s.parse().map_err(|_| {
@@ -76,13 +86,11 @@ impl Identity {
                 tags.push((key.to_string(), v));
             }
         }
+        let d = Self::defaults(defaults);
         Ok(Self {
-            tenant: value(headers, "x-tollgate-tenant")?
-                .unwrap_or_else(|| defaults.default_tenant.clone()),
-            user: value(headers, "x-tollgate-user")?
-                .unwrap_or_else(|| defaults.default_user.clone()),
-            feature: value(headers, "x-tollgate-feature")?
-                .unwrap_or_else(|| defaults.default_feature.clone()),
+            tenant: value(headers, "x-tollgate-tenant")?.unwrap_or(d.tenant),
+            user: value(headers, "x-tollgate-user")?.unwrap_or(d.user),
+            feature: value(headers, "x-tollgate-feature")?.unwrap_or(d.feature),
             task: value(headers, "x-tollgate-task")?.unwrap_or_default(),
             step,
             tags,

@@ -196,18 +196,7 @@ impl Gateway {
     /// Records an application's verdict on a request or a task
     /// (`POST /v1/feedback`); reports turn it into cost per successful task.
     pub fn feedback(&self, id: &Identity, raw: &[u8]) -> Result<(), ApiError> {
-        let v: Value = serde_json::from_slice(raw).map_err(|e| {
-            ApiError::invalid(
-                "invalid_json",
-                format!("We could not parse the JSON body of your request: {e}"),
-            )
-        })?;
-        let Value::Object(o) = v else {
-            return Err(ApiError::invalid(
-                "invalid_json",
-                "request body must be a JSON object",
-            ));
-        };
+        let o = api::parse_object(raw)?;
         let text = |k: &str| -> Result<Option<String>, ApiError> {
             match o.get(k) {
                 None | Some(Value::Null) => Ok(None),
@@ -326,12 +315,7 @@ impl Gateway {
     /// read it: unreadable body, bad identity headers.
     pub fn reject(&self, headers_identity: Option<&Identity>, e: &ApiError) -> Reply {
         let request_id = new_request_id();
-        let fallback = Identity {
-            tenant: self.config.identity.default_tenant.clone(),
-            user: self.config.identity.default_user.clone(),
-            feature: self.config.identity.default_feature.clone(),
-            ..Identity::default()
-        };
+        let fallback = Identity::defaults(&self.config.identity);
         let row = self.new_row(&request_id, headers_identity.unwrap_or(&fallback));
         self.metrics.request(e.status.as_u16(), 0.0);
         self.record_error(row, e, Instant::now());
@@ -379,8 +363,10 @@ impl Gateway {
         let mut req = ChatRequest::parse(raw)?;
         rec.model_asked = req.model.clone();
         rec.stream = req.stream;
-        rec.request_hash =
-            ledger::request_hash(&serde_json::to_string(&req.body).unwrap_or_default());
+        if self.ledger.is_some() {
+            rec.request_hash =
+                ledger::request_hash(&serde_json::to_string(&req.body).unwrap_or_default());
+        }
         if self.providers.get(&req.model).is_none() {
             return Err(model_not_found(&req.model, &self.providers));
         }

@@ -55,9 +55,7 @@ pub fn relay(
                 if data.as_deref() == Some("[DONE]") {
                     let cost = seen.account(&mut acct).await;
                     accounted = true;
-                    let comment =
-                        Bytes::from(format!(": x-tollgate-cost-usd={}\n\n", format_cost(cost)));
-                    if tx.send(comment).await.is_err() {
+                    if tx.send(cost_comment(cost)).await.is_err() {
                         break 'read;
                     }
                 } else if let Some(d) = &data
@@ -78,15 +76,15 @@ pub fn relay(
             if let Some(rest) = splitter.finish() {
                 let _ = tx.send(rest).await;
             }
-            let _ = tx
-                .send(Bytes::from(format!(
-                    ": x-tollgate-cost-usd={}\n\n",
-                    format_cost(cost)
-                )))
-                .await;
+            let _ = tx.send(cost_comment(cost)).await;
         }
     });
     rx
+}
+
+/// The SSE comment that carries a stream's cost.
+fn cost_comment(cost: Option<f64>) -> Bytes {
+    Bytes::from(format!(": x-tollgate-cost-usd={}\n\n", format_cost(cost)))
 }
 
 #[derive(Default)]

@@ -342,7 +342,11 @@ fn tempfile_dir() -> Result<PathBuf> {
 }
 
 async fn bench_http(args: &BenchArgs) -> Result<Value> {
-    let sim = Arc::new(SimProvider::new(SimConfig::default(), Catalog::builtin()?));
+    let sim = Arc::new(SimProvider::new(
+        SimConfig::default(),
+        Catalog::builtin()?,
+        Arc::new(tollgate::clock::SystemClock),
+    ));
     let listener = server::bind("127.0.0.1:0").await?;
     let sim_addr = listener.local_addr()?;
     let sim_task = tokio::spawn(server::serve(

@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use serde_json::{Map, Value};
 
+use crate::clock::Clock;
 use crate::plugins::types::CacheScope;
 use crate::pricing::Usage;
 
@@ -77,6 +78,12 @@ pub struct CachedAnswer {
     /// The original JSON response, replayed as-is to non-streaming clients.
     pub body: Bytes,
     pub ttl: Duration,
+    /// Gateway-clock time after which the answer is no longer served; the
+    /// TTL follows the gateway's clock, so a replayed day expires answers
+    /// on the trace's time.
+    pub expires_at_ms: u64,
+    /// The request whose upstream answer this is (audit, replay scoring).
+    pub origin: String,
 }
 
 /// Where answers live. The in-memory store is the default; a shared store
@@ -99,13 +106,16 @@ impl moka::Expiry<CacheKey, Arc<CachedAnswer>> for PerEntryTtl {
     }
 }
 
-/// In-process store bounded by bytes, with the TTL the policy chose per entry.
+/// In-process store bounded by bytes, with the TTL the policy chose per
+/// entry (checked on the gateway clock; moka also drops the entry after the
+/// same wall-clock time to free memory).
 pub struct MemoryStore {
     inner: moka::sync::Cache<CacheKey, Arc<CachedAnswer>>,
+    clock: Arc<dyn Clock>,
 }
 
 impl MemoryStore {
-    pub fn new(max_bytes: u64) -> Self {
+    pub fn new(max_bytes: u64, clock: Arc<dyn Clock>) -> Self {
         let inner = moka::sync::Cache::builder()
             .max_capacity(max_bytes)
             .weigher(|_k: &CacheKey, v: &Arc<CachedAnswer>| {
@@ -114,7 +124,7 @@ impl MemoryStore {
             })
             .expire_after(PerEntryTtl)
             .build();
-        Self { inner }
+        Self { inner, clock }
     }
 
     pub fn entries(&self) -> u64 {
@@ -124,7 +134,12 @@ impl MemoryStore {
 
 impl AnswerStore for MemoryStore {
     fn get(&self, key: &CacheKey) -> Option<Arc<CachedAnswer>> {
-        self.inner.get(key)
+        let hit = self.inner.get(key)?;
+        if hit.expires_at_ms <= self.clock.now_ms() {
+            self.inner.invalidate(key);
+            return None;
+        }
+        Some(hit)
     }
 
     fn put(&self, key: CacheKey, answer: Arc<CachedAnswer>) {
@@ -180,20 +195,39 @@ mod tests {
         );
     }
 
-    #[test]
-    fn entries_expire_after_their_ttl() {
-        let s = MemoryStore::new(1 << 20);
-        let a = Arc::new(CachedAnswer {
+    fn answer(ttl: Duration, expires_at_ms: u64) -> Arc<CachedAnswer> {
+        Arc::new(CachedAnswer {
             model: "m".into(),
             content: "c".into(),
             finish: "stop".into(),
             usage: Usage::default(),
             body: Bytes::from_static(b"{}"),
-            ttl: Duration::from_millis(50),
-        });
-        s.put([1; 32], a);
+            ttl,
+            expires_at_ms,
+            origin: "req_1".into(),
+        })
+    }
+
+    #[test]
+    fn entries_expire_after_their_ttl() {
+        let s = MemoryStore::new(1 << 20, Arc::new(crate::clock::SystemClock));
+        s.put([1; 32], answer(Duration::from_millis(50), u64::MAX));
         assert!(s.get(&[1; 32]).is_some());
         std::thread::sleep(Duration::from_millis(120));
         assert!(s.get(&[1; 32]).is_none());
+    }
+
+    #[test]
+    fn entries_expire_on_the_gateway_clock() {
+        let clock = Arc::new(crate::clock::ManualClock::new(1_000));
+        let s = MemoryStore::new(1 << 20, clock.clone());
+        s.put([1; 32], answer(Duration::from_secs(3600), 61_000));
+        clock.set(60_999);
+        assert!(s.get(&[1; 32]).is_some());
+        clock.set(61_000);
+        assert!(
+            s.get(&[1; 32]).is_none(),
+            "a replayed hour passes in no wall time"
+        );
     }
 }

@@ -34,6 +34,10 @@ impl ManualClock {
     pub fn advance(&self, ms: u64) {
         self.0.fetch_add(ms, Ordering::Relaxed);
     }
+    /// Moves the clock forward to `ms`; never backwards.
+    pub fn advance_to(&self, ms: u64) {
+        self.0.fetch_max(ms, Ordering::Relaxed);
+    }
 }
 
 impl Clock for ManualClock {

@@ -101,6 +101,9 @@ pub struct SimConfig {
     pub ms_per_token: u64,
     /// Completion length when the request has no `x-tollgate-sim-output-tokens` header.
     pub default_output_tokens: u32,
+    /// A cached prompt prefix idle longer than this (gateway clock) is evicted,
+    /// as providers do after 5-10 minutes without use.
+    pub prompt_cache_ttl_ms: u64,
 }
 
 impl Default for SimConfig {
@@ -109,6 +112,7 @@ impl Default for SimConfig {
             latency_ms: 0,
             ms_per_token: 0,
             default_output_tokens: 16,
+            prompt_cache_ttl_ms: 600_000,
         }
     }
 }

@@ -16,7 +16,7 @@ use rusqlite::{Connection, params};
 use serde::Serialize;
 
 /// Bumped when the schema changes; older files are migrated on open.
-const SCHEMA_VERSION: i64 = 1;
+const SCHEMA_VERSION: i64 = 2;
 
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS requests (
@@ -47,7 +47,9 @@ CREATE TABLE IF NOT EXISTS requests (
     error_code        TEXT,
     cost_usd          REAL,
     estimated         INTEGER NOT NULL,
-    unpriced          INTEGER NOT NULL
+    unpriced          INTEGER NOT NULL,
+    cache_origin      TEXT,
+    calls             TEXT NOT NULL DEFAULT '[]'
 );
 CREATE INDEX IF NOT EXISTS requests_ts ON requests (ts_ms);
 CREATE INDEX IF NOT EXISTS requests_tenant_ts ON requests (tenant, ts_ms);
@@ -73,6 +75,24 @@ pub struct Decision {
     /// sha256 of the plugin's component, the version that decided.
     pub digest: String,
     pub decision: String,
+}
+
+/// One upstream call made for a request: the one that answered, and every
+/// failed attempt before it (fallbacks), each with what it cost.
+#[derive(Debug, Clone, Serialize, serde::Deserialize, PartialEq, Default)]
+pub struct CallRecord {
+    pub model: String,
+    pub provider: String,
+    /// HTTP status of the upstream's answer; 0 when none came (timeout, connection).
+    pub status: u16,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    pub prompt_tokens: u32,
+    pub cached_tokens: u32,
+    pub cache_write_tokens: u32,
+    pub completion_tokens: u32,
+    /// None when the model has no price.
+    pub cost_usd: Option<f64>,
 }
 
 /// Everything the ledger keeps about one request.
@@ -110,6 +130,10 @@ pub struct Row {
     /// Usage counted by the gateway because the upstream reported none.
     pub estimated: bool,
     pub unpriced: bool,
+    /// For a cache hit: the request whose upstream answer was served.
+    pub cache_origin: Option<String>,
+    /// Every upstream call, in order.
+    pub calls: Vec<CallRecord>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -208,6 +232,22 @@ pub fn open_db(path: &Path) -> Result<Connection, LedgerError> {
     let version: i64 = conn
         .pragma_query_value(None, "user_version", |r| r.get(0))
         .map_err(&err)?;
+    if version < 2 {
+        // Version 1 files lack the cache origin and the per-call record.
+        let has = |col: &str| -> Result<bool, LedgerError> {
+            conn.prepare("SELECT 1 FROM pragma_table_info('requests') WHERE name = ?1")
+                .and_then(|mut st| st.exists([col]))
+                .map_err(&err)
+        };
+        if !has("cache_origin")? {
+            conn.execute_batch("ALTER TABLE requests ADD COLUMN cache_origin TEXT")
+                .map_err(&err)?;
+        }
+        if !has("calls")? {
+            conn.execute_batch("ALTER TABLE requests ADD COLUMN calls TEXT NOT NULL DEFAULT '[]'")
+                .map_err(&err)?;
+        }
+    }
     if version < SCHEMA_VERSION {
         conn.pragma_update(None, "user_version", SCHEMA_VERSION)
             .map_err(&err)?;
@@ -242,12 +282,13 @@ fn insert_batch(
             "INSERT OR REPLACE INTO requests (request_id, request_hash, ts_ms, tenant, user, feature, task, step,
              model_asked, model_served, provider, decisions, cache, stream, prompt_tokens, cached_tokens,
              cache_write_tokens, completion_tokens, tokens_saved, chars_before, chars_after, latency_ms,
-             upstream_ms, status, error_code, cost_usd, estimated, unpriced)
+             upstream_ms, status, error_code, cost_usd, estimated, unpriced, cache_origin, calls)
              VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19,
-                     ?20, ?21, ?22, ?23, ?24, ?25, ?26, ?27, ?28)",
+                     ?20, ?21, ?22, ?23, ?24, ?25, ?26, ?27, ?28, ?29, ?30)",
         )?;
         for r in rows {
             let decisions = serde_json::to_string(&r.decisions).unwrap_or_else(|_| "[]".into());
+            let calls = serde_json::to_string(&r.calls).unwrap_or_else(|_| "[]".into());
             st.execute(params![
                 r.request_id,
                 r.request_hash,
@@ -277,6 +318,8 @@ fn insert_batch(
                 r.cost_usd,
                 r.estimated,
                 r.unpriced,
+                r.cache_origin,
+                calls,
             ])?;
         }
     }
@@ -472,6 +515,54 @@ mod tests {
             .pragma_query_value(None, "journal_mode", |r| r.get(0))
             .unwrap();
         assert_eq!(mode, "wal");
+    }
+
+    #[test]
+    fn version_1_files_gain_the_new_columns() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("v1.sqlite");
+        {
+            let c = Connection::open(&path).unwrap();
+            let v1 = SCHEMA
+                .replace(",\n    cache_origin      TEXT", "")
+                .replace(",\n    calls             TEXT NOT NULL DEFAULT '[]'", "");
+            assert!(!v1.contains("calls"));
+            c.execute_batch(&v1).unwrap();
+            c.pragma_update(None, "user_version", 1).unwrap();
+            c.execute_batch(
+                "INSERT INTO requests VALUES ('old', 'h', 1, 't', 'u', 'f', '', 0, 'm', 'm', 'p', '[]',
+                 'none', 0, 1, 0, 0, 1, 0, 1, 1, 1.0, NULL, 200, NULL, 0.5, 0, 0)",
+            )
+            .unwrap();
+        }
+        let l = Ledger::open(&path, LedgerOptions::default()).unwrap();
+        let mut r = row("new");
+        r.cache_origin = Some("old".into());
+        r.calls = vec![CallRecord {
+            model: "m".into(),
+            status: 500,
+            ..CallRecord::default()
+        }];
+        l.record(r);
+        l.flush();
+        let conn = open_db(&path).unwrap();
+        let get = |id: &str| -> (Option<String>, String) {
+            conn.query_row(
+                "SELECT cache_origin, calls FROM requests WHERE request_id = ?1",
+                [id],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+            .unwrap()
+        };
+        assert_eq!(get("old"), (None, "[]".to_string()));
+        let (origin, calls) = get("new");
+        assert_eq!(origin.as_deref(), Some("old"));
+        let calls: Vec<CallRecord> = serde_json::from_str(&calls).unwrap();
+        assert_eq!(calls[0].status, 500);
+        let v: i64 = conn
+            .pragma_query_value(None, "user_version", |r| r.get(0))
+            .unwrap();
+        assert_eq!(v, SCHEMA_VERSION);
     }
 
     #[test]

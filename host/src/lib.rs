@@ -15,6 +15,7 @@ pub mod pipeline;
 pub mod plugins;
 pub mod pricing;
 pub mod providers;
+pub mod replay;
 pub mod report;
 pub mod server;
 pub mod tokens;

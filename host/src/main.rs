@@ -50,6 +50,48 @@ enum Command {
     Bench(bench::BenchArgs),
     /// Spend from the ledger, grouped, with cost per successful task.
     Report(ReportArgs),
+    /// Replay a day of traffic through a policy set on the simulator: what it
+    /// would cost and how requests would be served, before it goes live.
+    Replay(ReplayArgs),
+}
+
+#[derive(clap::Args)]
+struct ReplayArgs {
+    /// Trace to replay (JSON Lines: id, t_ms, tenant, user, feature, task, request).
+    #[arg(long)]
+    trace: PathBuf,
+    /// Policy set (gateway config) to replay.
+    #[arg(
+        long,
+        short,
+        required_unless_present = "compare",
+        conflicts_with = "compare"
+    )]
+    config: Option<PathBuf>,
+    /// Replay two policy sets on the same trace and show them side by side.
+    #[arg(long, num_args = 2, value_names = ["A", "B"])]
+    compare: Option<Vec<PathBuf>>,
+    /// Run file for score.py; with --compare, a directory for both runs.
+    #[arg(long, short)]
+    out: Option<PathBuf>,
+    /// The replay's ledger (default: next to the run file); read it with `tollgate report`.
+    #[arg(long, conflicts_with = "compare")]
+    ledger: Option<PathBuf>,
+    /// Trace time per wall time, e.g. 60 replays an hour per minute.
+    #[arg(long, conflicts_with = "max_speed")]
+    speed: Option<f64>,
+    /// As fast as the gateway answers (the default).
+    #[arg(long)]
+    max_speed: bool,
+    /// Requests in flight at once.
+    #[arg(long, default_value_t = 4)]
+    concurrency: usize,
+    /// The UTC day the trace's t_ms count from (YYYY-MM-DD; default today).
+    #[arg(long)]
+    day: Option<String>,
+    /// Price table replacing the built-in catalog (same format as host/pricing.toml).
+    #[arg(long)]
+    prices: Option<PathBuf>,
 }
 
 #[derive(clap::Args)]
@@ -96,15 +138,21 @@ struct ServeArgs {
 }
 
 fn main() -> Result<()> {
+    let cli = Cli::parse();
+    // A replay logs only what goes wrong: thousands of per-request lines
+    // would bury the summary.
+    let level = match cli.command {
+        Some(Command::Replay(_)) => "warn",
+        _ => "info",
+    };
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level)),
         )
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
-    let cli = Cli::parse();
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -118,7 +166,90 @@ fn main() -> Result<()> {
         } => rt.block_on(sim(listen, latency_ms, ms_per_token)),
         Command::Bench(args) => rt.block_on(bench::run(args)),
         Command::Report(args) => report(args),
+        Command::Replay(args) => rt.block_on(replay(args)),
     }
+}
+
+#[allow(clippy::print_stdout)] // the summary is the output
+async fn replay(args: ReplayArgs) -> Result<()> {
+    use tollgate::replay::{self, ReplayOptions, Summary};
+    let trace = replay::trace::read(&args.trace)?;
+    let day_start_ms = match &args.day {
+        Some(d) => tollgate::clock::parse_day(d)
+            .with_context(|| format!("--day {d:?}: expected a day as YYYY-MM-DD"))?,
+        None => {
+            let now = tollgate::clock::Clock::now_ms(&SystemClock);
+            now - now % tollgate::clock::DAY_MS
+        }
+    };
+    anyhow::ensure!(args.concurrency > 0, "--concurrency must be at least 1");
+    if let Some(s) = args.speed {
+        anyhow::ensure!(
+            s > 0.0 && s.is_finite(),
+            "--speed must be a positive number"
+        );
+    }
+    let load = |path: &std::path::Path| -> Result<Config> {
+        let mut c = Config::load(path)?;
+        if let Some(p) = &args.prices {
+            c.pricing.catalog = Some(p.clone());
+            c.catalog()?;
+        }
+        Ok(c)
+    };
+    let opts = |ledger_path: PathBuf, label: String| ReplayOptions {
+        concurrency: args.concurrency,
+        speed: args.speed,
+        day_start_ms,
+        ledger_path,
+        label,
+        progress: std::io::IsTerminal::is_terminal(&std::io::stderr()),
+    };
+    let stem = |p: &std::path::Path| {
+        p.file_stem()
+            .map_or_else(|| "run".to_string(), |s| s.to_string_lossy().into_owned())
+    };
+    if let Some(pair) = &args.compare {
+        let dir = args.out.clone().unwrap_or_else(|| PathBuf::from("replay"));
+        let (mut na, mut nb) = (stem(&pair[0]), stem(&pair[1]));
+        if na == nb {
+            na.push_str("-a");
+            nb.push_str("-b");
+        }
+        let mut summaries = Vec::new();
+        for (path, name) in [(&pair[0], na), (&pair[1], nb)] {
+            let config = load(path)?;
+            let run_path = dir.join(format!("{name}.jsonl"));
+            let o = opts(dir.join(format!("{name}.ledger.sqlite")), name.clone());
+            let run = replay::run(config, &trace, &o).await?;
+            run.write_jsonl(&run_path)?;
+            eprintln!("{name}: run written to {}", run_path.display());
+            summaries.push(Summary::of(&name, &run));
+        }
+        print!("{}", replay::compare_table(&summaries[0], &summaries[1]));
+        return Ok(());
+    }
+    let config_path = args.config.as_deref().context("--config is required")?;
+    let config = load(config_path)?;
+    let out = args
+        .out
+        .clone()
+        .unwrap_or_else(|| PathBuf::from("run.jsonl"));
+    let ledger = args
+        .ledger
+        .clone()
+        .unwrap_or_else(|| out.with_extension("ledger.sqlite"));
+    let run = replay::run(config, &trace, &opts(ledger.clone(), stem(config_path))).await?;
+    run.write_jsonl(&out)?;
+    print!("{}", Summary::of(&stem(config_path), &run).table());
+    println!(
+        "run: {}  ledger: {}\nscore it: python3 score.py --trace {} --run {}",
+        out.display(),
+        ledger.display(),
+        args.trace.display(),
+        out.display()
+    );
+    Ok(())
 }
 
 pub fn load_config(path: Option<&std::path::Path>) -> Result<Config> {
@@ -197,7 +328,11 @@ async fn sim(listen: String, latency_ms: u64, ms_per_token: u64) -> Result<()> {
         ms_per_token,
         ..SimConfig::default()
     };
-    let sim = Arc::new(SimProvider::new(cfg, Catalog::builtin()?));
+    let sim = Arc::new(SimProvider::new(
+        cfg,
+        Catalog::builtin()?,
+        Arc::new(SystemClock),
+    ));
     let listener = server::bind(&listen).await?;
     tracing::info!("simulator listening on http://{}", listener.local_addr()?);
     server::serve(

@@ -10,7 +10,7 @@ use super::{Gateway, contain, decided};
 use crate::api::{self, WireCompletion};
 use crate::budget::Reservation;
 use crate::cache::{AnswerStore, CacheKey, CachedAnswer};
-use crate::ledger::Row;
+use crate::ledger::{CallRecord, Row};
 use crate::plugins::PluginSet;
 use crate::plugins::types::{RequestView, ResponseMeta};
 use crate::pricing::Usage;
@@ -132,6 +132,11 @@ impl Accounting {
                         usage,
                         body,
                         ttl,
+                        expires_at_ms: gw
+                            .clock
+                            .now_ms()
+                            .saturating_add(u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX)),
+                        origin: self.row.request_id.clone(),
                     }),
                 );
                 admitted = true;
@@ -140,6 +145,17 @@ impl Accounting {
         let latency_ms = self.started.elapsed().as_secs_f64() * 1000.0;
         let upstream_ms = self.upstream_started.elapsed().as_secs_f64() * 1000.0;
         let mut row = std::mem::take(&mut self.row);
+        row.calls.push(CallRecord {
+            model: self.model.clone(),
+            provider: row.provider.clone().unwrap_or_default(),
+            status: 200,
+            error: None,
+            prompt_tokens: usage.prompt_tokens,
+            cached_tokens: usage.cached_tokens,
+            cache_write_tokens: usage.cache_write_tokens,
+            completion_tokens: usage.completion_tokens,
+            cost_usd: cost,
+        });
         row.prompt_tokens = usage.prompt_tokens;
         row.cached_tokens = usage.cached_tokens;
         row.cache_write_tokens = usage.cache_write_tokens;

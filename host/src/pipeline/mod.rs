@@ -98,7 +98,7 @@ impl Gateway {
     /// plugin config stops the start with a precise error).
     pub async fn new(config: Config, clock: Arc<dyn Clock>) -> Result<Arc<Self>, GatewayError> {
         let catalog = config.catalog()?;
-        let providers = Providers::from_config(&config, &catalog)?;
+        let providers = Providers::from_config(&config, &catalog, &clock)?;
         let runtime = Runtime::new(&config.runtime, clock.clone())?;
         let p = &config.plugins;
         let metrics = Metrics::new();
@@ -136,7 +136,7 @@ impl Gateway {
         Ok(Arc::new(Self {
             ledger,
             unpriced_warned: Default::default(),
-            cache: MemoryStore::new(config.cache.max_bytes),
+            cache: MemoryStore::new(config.cache.max_bytes, clock.clone()),
             catalog,
             providers,
             runtime,
@@ -458,6 +458,7 @@ impl Gateway {
                         tracing::info!(request_id = rid, tenant = %id.tenant, model = %hit.model, "cache hit");
                         rec.cache = "hit";
                         rec.model_served = Some(hit.model.clone());
+                        rec.cache_origin = Some(hit.origin.clone());
                         rec.cost_usd = Some(0.0);
                         self.record_answered(rec, started);
                         return Ok(self.reply_cached(rid, &req, &hit));
@@ -518,8 +519,9 @@ impl Gateway {
             body.insert("stream_options".into(), Value::Object(opts));
         }
         let upstream_started = Instant::now();
-        let (model, provider_name, reply) =
-            self.call_ladder(&ladder, body, req.stream, &id).await?;
+        let (model, provider_name, reply) = self
+            .call_ladder(&ladder, body, req.stream, &id, &mut rec.calls)
+            .await?;
         rec.model_served = Some(model.clone());
         rec.provider = Some(provider_name);
 
@@ -560,13 +562,16 @@ impl Gateway {
     }
 
     /// Calls each model of the ladder in turn until one answers; errors a
-    /// next model could fix (429, 5xx, timeouts, connection) move down the ladder.
+    /// next model could fix (429, 5xx, timeouts, connection) move down the
+    /// ladder. Each failed attempt is added to `calls` (the answering call is
+    /// added once its usage is known).
     async fn call_ladder(
         &self,
         ladder: &[String],
         body: serde_json::Map<String, Value>,
         stream: bool,
         id: &Identity,
+        calls: &mut Vec<ledger::CallRecord>,
     ) -> Result<(String, String, UpstreamReply), ApiError> {
         let mut last: Option<ProviderError> = None;
         for model in ladder {
@@ -591,6 +596,17 @@ impl Gateway {
                         .with_label_values(&labels)
                         .inc();
                     tracing::warn!(model = %model, provider = %target.provider_name, "upstream failed: {e}");
+                    calls.push(ledger::CallRecord {
+                        model: model.clone(),
+                        provider: target.provider_name.clone(),
+                        status: match &e {
+                            ProviderError::Status { status, .. } => *status,
+                            _ => 0,
+                        },
+                        error: Some(e.to_string()),
+                        cost_usd: Some(0.0),
+                        ..ledger::CallRecord::default()
+                    });
                     let retry = e.is_retryable();
                     last = Some(e);
                     if !retry {
@@ -659,6 +675,7 @@ impl Gateway {
             ("x-tollgate-request-id", rid.to_string()),
             ("x-tollgate-model", hit.model.clone()),
             ("x-tollgate-cache", "hit".to_string()),
+            ("x-tollgate-cache-origin", hit.origin.clone()),
             ("x-tollgate-cost-usd", format_cost(Some(0.0))),
         ];
         let body = if req.stream {

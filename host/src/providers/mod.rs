@@ -16,6 +16,7 @@ use serde_json::{Map, Value};
 pub use openai::OpenAiProvider;
 pub use sim::SimProvider;
 
+use crate::clock::Clock;
 use crate::config::{Config, ProviderConfig};
 use crate::pricing::Catalog;
 
@@ -98,11 +99,17 @@ pub enum ProviderSetupError {
 }
 
 impl Providers {
-    pub fn from_config(cfg: &Config, catalog: &Catalog) -> Result<Self, ProviderSetupError> {
+    pub fn from_config(
+        cfg: &Config,
+        catalog: &Catalog,
+        clock: &Arc<dyn Clock>,
+    ) -> Result<Self, ProviderSetupError> {
         let mut built: HashMap<String, Arc<dyn Provider>> = HashMap::new();
         for (name, p) in &cfg.providers {
             let provider: Arc<dyn Provider> = match p {
-                ProviderConfig::Sim(s) => Arc::new(SimProvider::new(s.clone(), catalog.clone())),
+                ProviderConfig::Sim(s) => {
+                    Arc::new(SimProvider::new(s.clone(), catalog.clone(), clock.clone()))
+                }
                 ProviderConfig::Openai(o) => {
                     let key = match o.api_key_env.as_deref().filter(|v| !v.is_empty()) {
                         Some(var) => match std::env::var(var) {
@@ -123,7 +130,11 @@ impl Providers {
                             "{} is not set: provider {name} answers from the built-in simulator",
                             o.api_key_env.as_deref().unwrap_or("the API key")
                         );
-                        Arc::new(SimProvider::new(o.sim.clone(), catalog.clone()))
+                        Arc::new(SimProvider::new(
+                            o.sim.clone(),
+                            catalog.clone(),
+                            clock.clone(),
+                        ))
                     } else {
                         Arc::new(OpenAiProvider::new(o, key).map_err(|message| {
                             ProviderSetupError::Client {
@@ -164,6 +175,14 @@ impl Providers {
         v.sort_unstable();
         v
     }
+}
+
+/// A reqwest client builder. reqwest is built without a default TLS
+/// backend (it would pull in a second crypto library); ring is installed
+/// once, before the first client is built.
+pub fn http_client() -> reqwest::ClientBuilder {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    reqwest::Client::builder()
 }
 
 /// The message of an OpenAI-style error body, or the body itself.

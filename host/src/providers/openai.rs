@@ -18,9 +18,7 @@ pub struct OpenAiProvider {
 
 impl OpenAiProvider {
     pub fn new(cfg: &OpenAiConfig, key: Option<String>) -> Result<Self, String> {
-        // reqwest is built without a default TLS backend; pick ring once.
-        let _ = rustls::crypto::ring::default_provider().install_default();
-        let client = reqwest::Client::builder()
+        let client = super::http_client()
             .connect_timeout(Duration::from_millis(cfg.connect_timeout_ms))
             .pool_idle_timeout(Duration::from_secs(90))
             .tcp_nodelay(true)

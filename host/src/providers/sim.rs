@@ -3,11 +3,15 @@
 //! benchmarked without an API key.
 //!
 //! * models and tiers come from the price catalog (tier 1..3 chat models);
-//! * usage is characters / 4 (rounded up) for the prompt; the completion has
+//! * usage is characters / 4 (rounded half to even) of what a provider bills
+//!   as input: message contents, tool-call names and arguments, and the tool
+//!   schemas as compact JSON — the rule of the workload scorer, so a replay's
+//!   costs are comparable with its baseline; the completion has
 //!   `x-tollgate-sim-output-tokens` tokens (or the configured default),
 //!   capped by `max_tokens` with `finish_reason: "length"`;
 //! * provider prompt caching: a prompt whose first 1,024+ tokens (in steps of
-//!   128) were seen before for the same model reports them as cached;
+//!   128) were sent to the same model before, and not idle longer than
+//!   `prompt_cache_ttl_ms` on the gateway's clock, reports them as cached;
 //! * latency: `latency_ms` before the first token, `ms_per_token` after;
 //! * faults on request: `x-tollgate-sim-fault: 429 | 500 | timeout`, or
 //!   `500@gpt-4o` to fail one model only; `no-usage` answers without usage.
@@ -18,8 +22,11 @@ use bytes::Bytes;
 use futures_util::StreamExt;
 use serde_json::Value;
 
+use std::sync::Arc;
+
 use super::{ProviderError, UpstreamCall, UpstreamReply};
 use crate::api;
+use crate::clock::Clock;
 use crate::config::SimConfig;
 use crate::pricing::{Catalog, Usage};
 
@@ -30,8 +37,10 @@ const CACHE_STEP_TOKENS: usize = 128;
 pub struct SimProvider {
     cfg: SimConfig,
     catalog: Catalog,
-    /// Prefix hashes seen per model, for prompt caching.
-    prefixes: moka::sync::Cache<[u8; 32], ()>,
+    /// Prefix hashes seen per model, with when each was last sent (gateway
+    /// clock), for prompt caching.
+    prefixes: moka::sync::Cache<[u8; 32], u64>,
+    clock: Arc<dyn Clock>,
 }
 
 /// A simulated completion.
@@ -80,14 +89,12 @@ const WORDS: [&str; 32] = [
 ];
 
 impl SimProvider {
-    pub fn new(cfg: SimConfig, catalog: Catalog) -> Self {
+    pub fn new(cfg: SimConfig, catalog: Catalog, clock: Arc<dyn Clock>) -> Self {
         Self {
             cfg,
             catalog,
-            prefixes: moka::sync::Cache::builder()
-                .max_capacity(200_000)
-                .time_to_idle(Duration::from_secs(600))
-                .build(),
+            prefixes: moka::sync::Cache::builder().max_capacity(500_000).build(),
+            clock,
         }
     }
 
@@ -108,19 +115,8 @@ impl SimProvider {
                 retry_after_s: None,
             });
         }
-        let mut prompt = String::new();
-        if let Some(Value::Array(messages)) = call.body.get("messages") {
-            for m in messages {
-                let (text, _) = api::message_text(m);
-                prompt.push_str(m.get("role").and_then(Value::as_str).unwrap_or(""));
-                prompt.push('\n');
-                prompt.push_str(&text);
-                prompt.push('\n');
-            }
-        }
-        let prompt_tokens = u32::try_from(prompt.chars().count().div_ceil(4))
-            .unwrap_or(u32::MAX)
-            .max(1);
+        let (prompt, billed_chars) = billed_input(&call.body);
+        let prompt_tokens = u32::try_from(chars_to_tokens(billed_chars)).unwrap_or(u32::MAX);
         let cached_tokens = self.prompt_cache(&model, prompt.as_bytes());
 
         let wanted = call
@@ -158,9 +154,11 @@ impl SimProvider {
         })
     }
 
-    /// Tokens of the longest previously seen prefix (≥ 1,024 tokens, in 128
-    /// token steps) of this prompt on this model; records this prompt's prefixes.
+    /// Tokens of the longest prefix (≥ 1,024 tokens, in 128 token steps) of
+    /// this prompt sent to this model within the cache's idle time; records
+    /// this prompt's prefixes as just used.
     fn prompt_cache(&self, model: &str, prompt: &[u8]) -> u32 {
+        let now = self.clock.now_ms();
         let mut hasher = blake3::Hasher::new();
         hasher.update(model.as_bytes());
         hasher.update(&[0]);
@@ -171,11 +169,14 @@ impl SimProvider {
             hasher.update(&prompt[done..tokens * 4]);
             done = tokens * 4;
             let key = *hasher.finalize().as_bytes();
-            if self.prefixes.contains_key(&key) {
+            if self
+                .prefixes
+                .get(&key)
+                .is_some_and(|last| now.saturating_sub(last) <= self.cfg.prompt_cache_ttl_ms)
+            {
                 cached = tokens;
-            } else {
-                self.prefixes.insert(key, ());
             }
+            self.prefixes.insert(key, now);
             tokens += CACHE_STEP_TOKENS;
         }
         u32::try_from(cached).unwrap_or(u32::MAX)
@@ -244,6 +245,84 @@ impl SimProvider {
                 (wait, e)
             })
             .collect()
+    }
+}
+
+/// The prompt as the provider sees it (for prefix caching) and the number of
+/// characters billed as input: message contents, tool-call names and
+/// arguments, and the tool schemas serialized as Python's `json.dumps` does.
+fn billed_input(body: &serde_json::Map<String, Value>) -> (String, usize) {
+    let mut prompt = String::new();
+    let mut chars = 0usize;
+    if let Some(Value::Array(messages)) = body.get("messages") {
+        for m in messages {
+            let (text, _) = api::message_text(m);
+            chars += text.chars().count();
+            prompt.push_str(&text);
+            prompt.push('\u{1e}');
+            if let Some(Value::Array(calls)) = m.get("tool_calls") {
+                for c in calls {
+                    for k in ["name", "arguments"] {
+                        if let Some(s) = c
+                            .get("function")
+                            .and_then(|f| f.get(k))
+                            .and_then(Value::as_str)
+                        {
+                            chars += s.chars().count();
+                            prompt.push_str(s);
+                        }
+                    }
+                }
+            }
+        }
+    }
+    if let Some(tools) = body.get("tools") {
+        chars += py_json_len(tools);
+        prompt.push_str(&tools.to_string());
+    }
+    (prompt, chars)
+}
+
+/// Characters / 4, rounded half to even.
+fn chars_to_tokens(chars: usize) -> usize {
+    let (q, r) = (chars / 4, chars % 4);
+    match r {
+        0 | 1 => q,
+        3 => q + 1,
+        _ => q + (q % 2),
+    }
+}
+
+/// Length of `json.dumps(v)` with Python's defaults (", " and ": "
+/// separators, non-ASCII escaped as \uXXXX).
+fn py_json_len(v: &Value) -> usize {
+    fn str_len(s: &str) -> usize {
+        2 + s
+            .chars()
+            .map(|c| match c {
+                '"' | '\\' | '\n' | '\r' | '\t' | '\u{8}' | '\u{c}' => 2,
+                c if (c as u32) < 0x20 => 6,
+                c if (c as u32) > 0xFFFF => 12,
+                c if (c as u32) > 0x7F => 6,
+                _ => 1,
+            })
+            .sum::<usize>()
+    }
+    let sep = |n: usize| 2 * n.saturating_sub(1);
+    match v {
+        Value::Null => 4,
+        Value::Bool(true) => 4,
+        Value::Bool(false) => 5,
+        Value::Number(n) => n.to_string().len(),
+        Value::String(s) => str_len(s),
+        Value::Array(a) => 2 + a.iter().map(py_json_len).sum::<usize>() + sep(a.len()),
+        Value::Object(o) => {
+            2 + o
+                .iter()
+                .map(|(k, v)| str_len(k) + 2 + py_json_len(v))
+                .sum::<usize>()
+                + sep(o.len())
+        }
     }
 }
 
@@ -335,7 +414,11 @@ mod tests {
     }
 
     fn sim() -> SimProvider {
-        SimProvider::new(SimConfig::default(), Catalog::builtin().unwrap())
+        SimProvider::new(
+            SimConfig::default(),
+            Catalog::builtin().unwrap(),
+            Arc::new(crate::clock::ManualClock::new(0)),
+        )
     }
 
     #[test]
@@ -344,8 +427,8 @@ mod tests {
         let a = s
             .answer(&call("What is the refund window?", Some(40), None))
             .unwrap();
-        // "user\n" + 26 chars + "\n" = 32 chars
-        assert_eq!(a.usage.prompt_tokens, 8);
+        // 26 characters / 4 = 6.5, rounded half to even
+        assert_eq!(a.usage.prompt_tokens, 6);
         assert_eq!(a.usage.completion_tokens, 40);
         assert_eq!(a.content.len(), 160);
         assert_eq!(a.finish, "stop");
@@ -371,6 +454,43 @@ mod tests {
         assert_eq!(second.usage.cached_tokens, 1408);
         let short = s.answer(&call("short", None, None)).unwrap();
         assert_eq!(short.usage.cached_tokens, 0);
+    }
+
+    #[test]
+    fn billed_characters_follow_the_scorers_rule() {
+        // `len(json.dumps(v))` in Python is 137 for this value.
+        let v = json!([{"type": "function", "function": {"name": "get_page", "parameters":
+            {"cursor": "ab\"c", "n": 3, "ok": true, "x": null, "é": 1.5}}}]);
+        assert_eq!(py_json_len(&v), 137);
+        assert_eq!(
+            (0..8).map(chars_to_tokens).collect::<Vec<_>>(),
+            [0, 0, 0, 1, 1, 1, 2, 2]
+        );
+        assert_eq!(chars_to_tokens(10), 2); // 2.5 rounds to even
+        assert_eq!(chars_to_tokens(14), 4); // 3.5 rounds to even
+        let body = json!({"model": "m", "messages": [
+            {"role": "user", "content": "abcd"},
+            {"role": "assistant", "content": null, "tool_calls": [
+                {"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{}"}}]},
+            {"role": "tool", "tool_call_id": "c1", "content": "xy"}]});
+        assert_eq!(billed_input(body.as_object().unwrap()).1, 4 + 1 + 2 + 2);
+    }
+
+    #[test]
+    fn prompt_cache_expires_on_the_gateways_clock() {
+        let clock = Arc::new(crate::clock::ManualClock::new(0));
+        let s = SimProvider::new(
+            SimConfig::default(),
+            Catalog::builtin().unwrap(),
+            clock.clone(),
+        );
+        let doc = "lorem ipsum ".repeat(500);
+        let ask = |q: &str| s.answer(&call(&format!("{doc}{q}"), None, None)).unwrap();
+        assert_eq!(ask("one").usage.cached_tokens, 0);
+        clock.advance(SimConfig::default().prompt_cache_ttl_ms);
+        assert_eq!(ask("two").usage.cached_tokens, 1408, "still warm");
+        clock.advance(SimConfig::default().prompt_cache_ttl_ms + 1);
+        assert_eq!(ask("three").usage.cached_tokens, 0, "idle too long");
     }
 
     #[test]

@@ -2,7 +2,7 @@
 # `make test` runs everything CI runs. Both install what they need.
 
 CARGO        ?= cargo
-PLUGIN_CRATES = rules-router trim-compressor default-cache-policy daily-budget hostile-fixture
+PLUGIN_CRATES = rules-router tier-router trim-compressor default-cache-policy daily-budget hostile-fixture
 PLUGIN_DIR    = target/plugins
 WASM_OUT      = target/wasm32-wasip2/plugin
 VENV          = target/venv
@@ -33,6 +33,7 @@ lint: setup
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy -p tollgate --all-targets -- -D warnings
 	$(CARGO) clippy --target wasm32-wasip2 $(addprefix -p ,tollgate-sdk $(PLUGIN_CRATES)) -- -D warnings
+	$(CARGO) clippy -p tier-router --examples -- -D warnings
 
 test: lint plugins test-rust test-python
 

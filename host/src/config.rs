@@ -41,6 +41,7 @@ pub struct Config {
     pub cache: CacheConfig,
     pub ledger: LedgerConfig,
     pub admin: AdminConfig,
+    pub tasks: TasksConfig,
     /// Where the file was read from (for messages); not a key.
     #[serde(skip)]
     pub origin: String,
@@ -315,6 +316,31 @@ impl Default for LedgerConfig {
             path: PathBuf::from("tollgate-ledger.sqlite"),
             flush_interval_ms: 100,
             batch_rows: 1000,
+        }
+    }
+}
+
+/// Runaway-task stops, checked natively before any plugin runs. A task is
+/// the `x-tollgate-task` header within a tenant.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TasksConfig {
+    /// Calls one task may make; 0 = no limit.
+    pub max_calls: u32,
+    /// A task idle this long (gateway clock) starts counting again.
+    pub idle_reset_seconds: u64,
+    /// Refuse a request whose history holds the same tool call (same
+    /// function, same arguments) this many times: an agent in a loop.
+    /// 0 = off.
+    pub max_identical_tool_calls: u32,
+}
+
+impl Default for TasksConfig {
+    fn default() -> Self {
+        Self {
+            max_calls: 0,
+            idle_reset_seconds: 3600,
+            max_identical_tool_calls: 3,
         }
     }
 }

@@ -83,8 +83,10 @@ struct ReplayArgs {
     /// As fast as the gateway answers (the default).
     #[arg(long)]
     max_speed: bool,
-    /// Requests in flight at once.
-    #[arg(long, default_value_t = 4)]
+    /// Requests in flight at once. Above 1, requests close in time may be
+    /// answered out of trace order (a cache hit can come from a request
+    /// that arrives later in the trace), and runs stop being repeatable.
+    #[arg(long, default_value_t = 1)]
     concurrency: usize,
     /// The UTC day the trace's t_ms count from (YYYY-MM-DD; default today).
     #[arg(long)]

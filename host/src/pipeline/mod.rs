@@ -1,6 +1,7 @@
 //! One chat completion request, top to bottom:
 //!
-//! 1. parse and validate the body; the asked model must be served;
+//! 1. parse and validate the body; the asked model must be served; a task
+//!    that loops or is over its call cap is stopped (natively, no plugin);
 //! 2. budget: the budget-rule plugin sees the spend so far and allows,
 //!    denies or downgrades;
 //! 3. compressors rewrite the prompt (validated, applied, tokens saved counted);
@@ -17,6 +18,7 @@
 mod account;
 pub mod identity;
 mod stream;
+mod task_guard;
 pub mod view;
 
 use std::sync::Arc;
@@ -88,6 +90,7 @@ pub struct Gateway {
     pub metrics: Metrics,
     /// The cost ledger; None when `ledger.enabled = false`.
     pub ledger: Option<Ledger>,
+    pub tasks: task_guard::TaskGuard,
     /// Models already warned about for having no price.
     unpriced_warned: std::sync::Mutex<std::collections::HashSet<String>>,
 }
@@ -142,6 +145,7 @@ impl Gateway {
             runtime,
             plugins: ArcSwap::from_pointee(set),
             spend: Arc::new(SpendCounters::default()),
+            tasks: task_guard::TaskGuard::new(config.tasks.clone()),
             clock,
             metrics,
             config,
@@ -369,6 +373,13 @@ impl Gateway {
         }
         if self.providers.get(&req.model).is_none() {
             return Err(model_not_found(&req.model, &self.providers));
+        }
+        if let Err(e) = self
+            .tasks
+            .check(&id.tenant, &id.task, &req.body, self.clock.now_ms())
+        {
+            self.metrics.budget(e.code);
+            return Err(e);
         }
         let plugins = self.plugins.load_full();
         let mut view = view::build(rid, &id, &req);

@@ -207,9 +207,17 @@ async fn replay(args: ReplayArgs) -> Result<()> {
         label,
         progress: std::io::IsTerminal::is_terminal(&std::io::stderr()),
     };
+    // A policy set's name: its file's stem, or its directory's name for a
+    // `tollgate.toml` inside a policy-set directory (examples/cost-saver).
     let stem = |p: &std::path::Path| {
-        p.file_stem()
-            .map_or_else(|| "run".to_string(), |s| s.to_string_lossy().into_owned())
+        let name = |s: Option<&std::ffi::OsStr>| s.map(|s| s.to_string_lossy().into_owned());
+        match name(p.file_stem()) {
+            Some(s) if s == "tollgate" => {
+                name(p.parent().and_then(|d| d.file_name())).unwrap_or(s)
+            }
+            Some(s) => s,
+            None => "run".to_string(),
+        }
     };
     if let Some(pair) = &args.compare {
         let dir = args.out.clone().unwrap_or_else(|| PathBuf::from("replay"));

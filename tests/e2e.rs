@@ -1311,3 +1311,90 @@ async fn without_a_token_the_admin_api_does_not_start() {
     assert!(gw.log_contains("admin API disabled"));
     assert!(!gw.log_contains("admin API listening"));
 }
+
+#[tokio::test]
+async fn recorded_traffic_exports_to_a_trace_that_replays() {
+    let cfg = r#"
+[ledger]
+record_bodies = true
+[plugins.cache_policy]
+path = "{plugins}/default_cache_policy.wasm"
+"#;
+    let mut gw = gateway(cfg);
+    let h = [
+        ("x-tollgate-tenant", "acme"),
+        ("x-tollgate-user", "ann"),
+        ("x-tollgate-feature", "faq"),
+        ("x-tollgate-task", "t1"),
+        ("x-tollgate-sim-output-tokens", "30"),
+    ];
+    let q = ask("How do I rotate an API key?");
+    assert_eq!(chat(&gw.base, &h, q.clone()).await.status, 200);
+    let hit = chat(&gw.base, &h, q.clone()).await;
+    assert_eq!(hit.header("x-tollgate-cache"), "hit");
+    let origin = hit.header("x-tollgate-cache-origin").to_string();
+    assert!(origin.starts_with("req_"), "{origin}");
+    let other = ask("How do I delete a project?");
+    assert_eq!(chat(&gw.base, &h, other.clone()).await.status, 200);
+    assert!(gw.sigterm_and_wait().success());
+
+    let dir = gw._dir.path();
+    let trace = dir.join("recorded.jsonl");
+    let ledger = dir.join("tollgate-ledger.sqlite");
+    let out = Command::new(env!("CARGO_BIN_EXE_tollgate"))
+        .args(["export-trace", "--ledger"])
+        .arg(&ledger)
+        .arg("--out")
+        .arg(&trace)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let lines: Vec<Value> = std::fs::read_to_string(&trace)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 3);
+    assert_eq!(lines[0]["id"], origin.as_str());
+    assert_eq!(lines[0]["request"], q);
+    assert_eq!(lines[2]["request"], other);
+    assert_eq!(
+        (lines[0]["tenant"].as_str(), lines[0]["user"].as_str()),
+        (Some("acme"), Some("ann"))
+    );
+    assert!(lines[0]["t_ms"].as_u64().unwrap() < 86_400_000);
+    // The cache hit keeps the output length of the answer it was served.
+    assert_eq!(lines[1]["label"]["expected_output_tokens"], 30);
+
+    // The export replays.
+    let run = dir.join("run.jsonl");
+    let out = Command::new(env!("CARGO_BIN_EXE_tollgate"))
+        .args(["replay", "--trace"])
+        .arg(&trace)
+        .arg("--config")
+        .arg(dir.join("tollgate.toml"))
+        .arg("--out")
+        .arg(&run)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let served: Vec<String> = std::fs::read_to_string(&run)
+        .unwrap()
+        .lines()
+        .map(|l| {
+            serde_json::from_str::<Value>(l).unwrap()["served"]
+                .as_str()
+                .unwrap()
+                .to_string()
+        })
+        .collect();
+    assert_eq!(served, ["model", "cache", "model"]);
+}

@@ -114,7 +114,9 @@ fn the_cost_saver_replay_is_scored_and_matches_its_ledger() {
         .collect();
     assert_eq!(
         served,
-        ["model", "model", "model", "model", "model", "blocked", "blocked", "blocked"]
+        [
+            "model", "model", "model", "model", "model", "blocked", "blocked", "blocked"
+        ]
     );
     assert_eq!(
         rep["successes"].as_u64().unwrap() as usize,
@@ -125,11 +127,9 @@ fn the_cost_saver_replay_is_scored_and_matches_its_ledger() {
     // The ledger agrees with the run, on the trace's clock.
     let conn = tollgate::ledger::open_db(&ledger).unwrap();
     let (rows, cost): (i64, f64) = conn
-        .query_row(
-            "SELECT COUNT(*), TOTAL(cost_usd) FROM requests",
-            [],
-            |r| Ok((r.get(0)?, r.get(1)?)),
-        )
+        .query_row("SELECT COUNT(*), TOTAL(cost_usd) FROM requests", [], |r| {
+            Ok((r.get(0)?, r.get(1)?))
+        })
         .unwrap();
     assert_eq!(rows as usize, requests.len());
     assert!(
@@ -264,17 +264,8 @@ fn compare_shows_two_policy_sets_side_by_side() {
         header.contains("baseline") && header.contains("cost-saver"),
         "{table}"
     );
-    let total = table
-        .lines()
-        .find(|l| l.starts_with("total cost"))
-        .unwrap();
-    let ratio: f64 = total
-        .rsplit('x')
-        .next()
-        .unwrap()
-        .trim()
-        .parse()
-        .unwrap();
+    let total = table.lines().find(|l| l.starts_with("total cost")).unwrap();
+    let ratio: f64 = total.rsplit('x').next().unwrap().trim().parse().unwrap();
     assert!(ratio < 0.6, "{table}");
     assert!(table.contains("cost of feature support-faq"), "{table}");
     let base = score(&trace, &dir.path().join("baseline.jsonl"));

@@ -307,6 +307,10 @@ pub struct LedgerConfig {
     pub flush_interval_ms: u64,
     /// Rows per transaction at most.
     pub batch_rows: usize,
+    /// Keep each request body (as the client sent it) in the ledger, so
+    /// `tollgate export-trace` can turn recorded traffic into a replayable
+    /// trace. Off by default: prompts can hold personal data.
+    pub record_bodies: bool,
 }
 
 impl Default for LedgerConfig {
@@ -316,6 +320,7 @@ impl Default for LedgerConfig {
             path: PathBuf::from("tollgate-ledger.sqlite"),
             flush_interval_ms: 100,
             batch_rows: 1000,
+            record_bodies: false,
         }
     }
 }

@@ -49,7 +49,8 @@ CREATE TABLE IF NOT EXISTS requests (
     estimated         INTEGER NOT NULL,
     unpriced          INTEGER NOT NULL,
     cache_origin      TEXT,
-    calls             TEXT NOT NULL DEFAULT '[]'
+    calls             TEXT NOT NULL DEFAULT '[]',
+    request_body      TEXT
 );
 CREATE INDEX IF NOT EXISTS requests_ts ON requests (ts_ms);
 CREATE INDEX IF NOT EXISTS requests_tenant_ts ON requests (tenant, ts_ms);
@@ -134,6 +135,8 @@ pub struct Row {
     pub cache_origin: Option<String>,
     /// Every upstream call, in order.
     pub calls: Vec<CallRecord>,
+    /// The request body as received, when `ledger.record_bodies` is on.
+    pub request_body: Option<String>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -247,6 +250,10 @@ pub fn open_db(path: &Path) -> Result<Connection, LedgerError> {
             conn.execute_batch("ALTER TABLE requests ADD COLUMN calls TEXT NOT NULL DEFAULT '[]'")
                 .map_err(&err)?;
         }
+        if !has("request_body")? {
+            conn.execute_batch("ALTER TABLE requests ADD COLUMN request_body TEXT")
+                .map_err(&err)?;
+        }
     }
     if version < SCHEMA_VERSION {
         conn.pragma_update(None, "user_version", SCHEMA_VERSION)
@@ -282,9 +289,9 @@ fn insert_batch(
             "INSERT OR REPLACE INTO requests (request_id, request_hash, ts_ms, tenant, user, feature, task, step,
              model_asked, model_served, provider, decisions, cache, stream, prompt_tokens, cached_tokens,
              cache_write_tokens, completion_tokens, tokens_saved, chars_before, chars_after, latency_ms,
-             upstream_ms, status, error_code, cost_usd, estimated, unpriced, cache_origin, calls)
+             upstream_ms, status, error_code, cost_usd, estimated, unpriced, cache_origin, calls, request_body)
              VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19,
-                     ?20, ?21, ?22, ?23, ?24, ?25, ?26, ?27, ?28, ?29, ?30)",
+                     ?20, ?21, ?22, ?23, ?24, ?25, ?26, ?27, ?28, ?29, ?30, ?31)",
         )?;
         for r in rows {
             let decisions = serde_json::to_string(&r.decisions).unwrap_or_else(|_| "[]".into());
@@ -320,6 +327,7 @@ fn insert_batch(
                 r.unpriced,
                 r.cache_origin,
                 calls,
+                r.request_body,
             ])?;
         }
     }
@@ -525,7 +533,8 @@ mod tests {
             let c = Connection::open(&path).unwrap();
             let v1 = SCHEMA
                 .replace(",\n    cache_origin      TEXT", "")
-                .replace(",\n    calls             TEXT NOT NULL DEFAULT '[]'", "");
+                .replace(",\n    calls             TEXT NOT NULL DEFAULT '[]'", "")
+                .replace(",\n    request_body      TEXT", "");
             assert!(!v1.contains("calls"));
             c.execute_batch(&v1).unwrap();
             c.pragma_update(None, "user_version", 1).unwrap();

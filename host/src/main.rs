@@ -53,6 +53,30 @@ enum Command {
     /// Replay a day of traffic through a policy set on the simulator: what it
     /// would cost and how requests would be served, before it goes live.
     Replay(ReplayArgs),
+    /// Turn recorded traffic (ledger rows kept with `ledger.record_bodies`)
+    /// into a trace that `tollgate replay` can run.
+    ExportTrace(ExportArgs),
+}
+
+#[derive(clap::Args)]
+struct ExportArgs {
+    /// Gateway config: where the ledger is.
+    #[arg(long, short, env = "TOLLGATE_CONFIG")]
+    config: Option<PathBuf>,
+    /// Ledger file; overrides the config's `ledger.path`.
+    #[arg(long)]
+    ledger: Option<PathBuf>,
+    /// The trace to write (JSON Lines).
+    #[arg(long, short)]
+    out: PathBuf,
+    /// First day included (YYYY-MM-DD, UTC).
+    #[arg(long)]
+    since: Option<String>,
+    /// Last day included (YYYY-MM-DD, UTC).
+    #[arg(long)]
+    until: Option<String>,
+    #[arg(long)]
+    tenant: Option<String>,
 }
 
 #[derive(clap::Args)]
@@ -169,6 +193,7 @@ fn main() -> Result<()> {
         Command::Bench(args) => rt.block_on(bench::run(args)),
         Command::Report(args) => report(args),
         Command::Replay(args) => rt.block_on(replay(args)),
+        Command::ExportTrace(args) => export_trace(args),
     }
 }
 
@@ -212,9 +237,7 @@ async fn replay(args: ReplayArgs) -> Result<()> {
     let stem = |p: &std::path::Path| {
         let name = |s: Option<&std::ffi::OsStr>| s.map(|s| s.to_string_lossy().into_owned());
         match name(p.file_stem()) {
-            Some(s) if s == "tollgate" => {
-                name(p.parent().and_then(|d| d.file_name())).unwrap_or(s)
-            }
+            Some(s) if s == "tollgate" => name(p.parent().and_then(|d| d.file_name())).unwrap_or(s),
             Some(s) => s,
             None => "run".to_string(),
         }
@@ -355,24 +378,61 @@ async fn sim(listen: String, latency_ms: u64, ms_per_token: u64) -> Result<()> {
     Ok(())
 }
 
-#[allow(clippy::print_stdout)] // the report is the output
-fn report(args: ReportArgs) -> Result<()> {
-    let config = load_config(args.config.as_deref())?;
-    let path = args.ledger.unwrap_or_else(|| config.ledger.path.clone());
+/// A `--since`/`--until` day argument in epoch milliseconds.
+fn day_arg(s: &Option<String>, what: &str, parse: fn(&str) -> Option<u64>) -> Result<Option<u64>> {
+    s.as_deref()
+        .map(|d| parse(d).with_context(|| format!("--{what} {d:?}: expected a day as YYYY-MM-DD")))
+        .transpose()
+}
+
+/// The ledger of a config, or the one given; it must exist.
+fn open_ledger(
+    config: Option<&std::path::Path>,
+    ledger: Option<PathBuf>,
+) -> Result<(Config, rusqlite::Connection)> {
+    let config = load_config(config)?;
+    let path = ledger.unwrap_or_else(|| config.ledger.path.clone());
     anyhow::ensure!(path.exists(), "no ledger at {}", path.display());
     let conn = tollgate::ledger::open_db(&path)?;
-    let day = |s: &Option<String>, what: &str, parse: fn(&str) -> Option<u64>| {
-        s.as_deref()
-            .map(|d| {
-                parse(d).with_context(|| format!("--{what} {d:?}: expected a day as YYYY-MM-DD"))
-            })
-            .transpose()
+    Ok((config, conn))
+}
+
+fn export_trace(args: ExportArgs) -> Result<()> {
+    use tollgate::replay::export::{ExportQuery, from_ledger};
+    let (_, conn) = open_ledger(args.config.as_deref(), args.ledger)?;
+    let q = ExportQuery {
+        since_ms: day_arg(&args.since, "since", tollgate::clock::parse_day)?,
+        until_ms: day_arg(&args.until, "until", tollgate::clock::parse_day_end)?,
+        tenant: args.tenant,
     };
+    let (requests, without_body) = from_ledger(&conn, &q)?;
+    let mut out = std::io::BufWriter::new(
+        std::fs::File::create(&args.out)
+            .with_context(|| format!("cannot write {}", args.out.display()))?,
+    );
+    tollgate::replay::trace::write(&mut out, &requests)?;
+    std::io::Write::flush(&mut out)?;
+    eprintln!(
+        "{} requests written to {}",
+        requests.len(),
+        args.out.display()
+    );
+    if without_body > 0 {
+        eprintln!(
+            "{without_body} requests in range were recorded without their body (ledger.record_bodies was off) and are not in the trace"
+        );
+    }
+    Ok(())
+}
+
+#[allow(clippy::print_stdout)] // the report is the output
+fn report(args: ReportArgs) -> Result<()> {
+    let (config, conn) = open_ledger(args.config.as_deref(), args.ledger)?;
     let query = tollgate::report::Query {
         group_by: tollgate::report::parse_dims(&args.group_by)
             .map_err(|e| anyhow::anyhow!("--group-by: {e}"))?,
-        since_ms: day(&args.since, "since", tollgate::clock::parse_day)?,
-        until_ms: day(&args.until, "until", tollgate::clock::parse_day_end)?,
+        since_ms: day_arg(&args.since, "since", tollgate::clock::parse_day)?,
+        until_ms: day_arg(&args.until, "until", tollgate::clock::parse_day_end)?,
         tenant: args.tenant,
         top: args.top,
     };

@@ -368,8 +368,11 @@ impl Gateway {
         rec.model_asked = req.model.clone();
         rec.stream = req.stream;
         if self.ledger.is_some() {
-            rec.request_hash =
-                ledger::request_hash(&serde_json::to_string(&req.body).unwrap_or_default());
+            let canonical = serde_json::to_string(&req.body).unwrap_or_default();
+            rec.request_hash = ledger::request_hash(&canonical);
+            if self.config.ledger.record_bodies {
+                rec.request_body = Some(canonical);
+            }
         }
         if self.providers.get(&req.model).is_none() {
             return Err(model_not_found(&req.model, &self.providers));

@@ -11,6 +11,7 @@
 //! blocked or failed, and every upstream call with its tokens — is then read
 //! back from the gateway's own ledger, the same record production keeps.
 
+pub mod export;
 mod summary;
 pub mod trace;
 

@@ -7,8 +7,10 @@ PLUGIN_DIR    = target/plugins
 WASM_OUT      = target/wasm32-wasip2/plugin
 VENV          = target/venv
 CONFIG       ?= examples/quickstart.toml
+WORKLOADS    ?= ../shared/workloads
+POLICY       ?= examples/cost-saver/tollgate.toml
 
-.PHONY: run build plugins setup test test-rust test-python lint fmt bench clean
+.PHONY: run build plugins setup test test-rust test-python lint fmt bench score clean
 
 run: build
 	./target/release/tollgate serve --config $(CONFIG)
@@ -58,3 +60,10 @@ bench: plugins
 
 clean:
 	$(CARGO) clean
+
+# Replays the public trace (seed 1, 5,000 requests) through $(POLICY) and
+# scores it with the workload scorer in $(WORKLOADS).
+score: build
+	python3 $(WORKLOADS)/gen_trace.py --seed 1 --n 5000 --out target/trace.jsonl
+	./target/release/tollgate replay --trace target/trace.jsonl --config $(POLICY) --out target/replay/run.jsonl
+	python3 $(WORKLOADS)/score.py --trace target/trace.jsonl --run target/replay/run.jsonl

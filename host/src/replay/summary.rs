@@ -72,8 +72,9 @@ impl Summary {
         self.by_model + self.from_cache
     }
 
-    /// Rows of (name, value) shown for one run, in display order.
-    fn rows(&self) -> Vec<(String, Cell)> {
+    /// Rows of (name, value) shown for one run, in display order; a model or
+    /// feature of `also` (the other run of a comparison) gets a row too.
+    fn rows(&self, also: Option<&Summary>) -> Vec<(String, Cell)> {
         let pct = |a: usize| Cell::Pct(ratio(a as f64, self.requests as f64));
         let mut rows = vec![
             ("requests".to_string(), Cell::Count(self.requests as f64)),
@@ -111,11 +112,23 @@ impl Summary {
                 Cell::Pct(ratio(self.chars_sent as f64, self.chars_in as f64)),
             ),
         ];
-        for (model, n) in &self.answered_by {
-            rows.push((format!("answered by {model}"), pct(*n)));
+        let models: std::collections::BTreeSet<&String> = self
+            .answered_by
+            .keys()
+            .chain(also.iter().flat_map(|o| o.answered_by.keys()))
+            .collect();
+        for model in models {
+            let n = self.answered_by.get(model).copied().unwrap_or(0);
+            rows.push((format!("answered by {model}"), pct(n)));
         }
-        for (feature, cost) in &self.cost_by_feature {
-            rows.push((format!("cost of feature {feature}"), Cell::Usd(*cost)));
+        let features: std::collections::BTreeSet<&String> = self
+            .cost_by_feature
+            .keys()
+            .chain(also.iter().flat_map(|o| o.cost_by_feature.keys()))
+            .collect();
+        for feature in features {
+            let cost = self.cost_by_feature.get(feature).copied().unwrap_or(0.0);
+            rows.push((format!("cost of feature {feature}"), Cell::Usd(cost)));
         }
         rows.push((
             "replay wall time".into(),
@@ -129,7 +142,7 @@ impl Summary {
     }
 
     pub fn table(&self) -> String {
-        let rows = self.rows();
+        let rows = self.rows(None);
         let width = rows.iter().map(|(n, _)| n.len()).max().unwrap_or(0);
         let mut out = format!("== replay: {}\n", self.label);
         for (name, cell) in rows {
@@ -141,27 +154,13 @@ impl Summary {
 
 /// Two runs side by side, with B relative to A.
 pub fn compare_table(a: &Summary, b: &Summary) -> String {
-    let (ra, rb) = (a.rows(), b.rows());
-    let mut names: Vec<String> = ra.iter().map(|(n, _)| n.clone()).collect();
-    for (n, _) in &rb {
-        if !names.contains(n) {
-            names.push(n.clone());
-        }
-    }
-    let find = |rows: &[(String, Cell)], n: &str| {
-        rows.iter()
-            .find(|(m, _)| m == n)
-            .map(|(_, c)| c.clone())
-            .unwrap_or(Cell::Text("-".into()))
-    };
-    let width = names.iter().map(String::len).max().unwrap_or(0);
-    let cols: Vec<(String, String, String)> = names
+    let (ra, rb) = (a.rows(Some(b)), b.rows(Some(a)));
+    let cols: Vec<(String, String, String)> = ra
         .iter()
-        .map(|n| {
-            let (x, y) = (find(&ra, n), find(&rb, n));
-            (x.show(), y.show(), x.change_to(&y))
-        })
+        .zip(&rb)
+        .map(|((_, x), (_, y))| (x.show(), y.show(), x.change_to(y)))
         .collect();
+    let width = ra.iter().map(|(n, _)| n.len()).max().unwrap_or(0);
     let wa = cols
         .iter()
         .map(|c| c.0.len())
@@ -178,7 +177,7 @@ pub fn compare_table(a: &Summary, b: &Summary) -> String {
         "{:<width$}  {:>wa$}  {:>wb$}  B vs A\n",
         "", a.label, b.label
     );
-    for (n, (x, y, d)) in names.iter().zip(cols) {
+    for ((n, _), (x, y, d)) in ra.iter().zip(cols) {
         let _ = writeln!(out, "{n:<width$}  {x:>wa$}  {y:>wb$}  {d}");
     }
     out

@@ -1312,6 +1312,29 @@ async fn without_a_token_the_admin_api_does_not_start() {
     assert!(!gw.log_contains("admin API listening"));
 }
 
+/// Runs the binary to completion; it must succeed.
+fn tollgate_ok(args: &[&std::ffi::OsStr]) -> std::process::Output {
+    let out = Command::new(env!("CARGO_BIN_EXE_tollgate"))
+        .args(args)
+        .env_remove("RUST_LOG")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "tollgate {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+fn read_jsonl(path: &std::path::Path) -> Vec<Value> {
+    std::fs::read_to_string(path)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
 #[tokio::test]
 async fn recorded_traffic_exports_to_a_trace_that_replays() {
     let cfg = r#"
@@ -1341,23 +1364,14 @@ path = "{plugins}/default_cache_policy.wasm"
     let dir = gw._dir.path();
     let trace = dir.join("recorded.jsonl");
     let ledger = dir.join("tollgate-ledger.sqlite");
-    let out = Command::new(env!("CARGO_BIN_EXE_tollgate"))
-        .args(["export-trace", "--ledger"])
-        .arg(&ledger)
-        .arg("--out")
-        .arg(&trace)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let lines: Vec<Value> = std::fs::read_to_string(&trace)
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
+    tollgate_ok(&[
+        "export-trace".as_ref(),
+        "--ledger".as_ref(),
+        ledger.as_os_str(),
+        "--out".as_ref(),
+        trace.as_os_str(),
+    ]);
+    let lines = read_jsonl(&trace);
     assert_eq!(lines.len(), 3);
     assert_eq!(lines[0]["id"], origin.as_str());
     assert_eq!(lines[0]["request"], q);
@@ -1372,29 +1386,19 @@ path = "{plugins}/default_cache_policy.wasm"
 
     // The export replays.
     let run = dir.join("run.jsonl");
-    let out = Command::new(env!("CARGO_BIN_EXE_tollgate"))
-        .args(["replay", "--trace"])
-        .arg(&trace)
-        .arg("--config")
-        .arg(dir.join("tollgate.toml"))
-        .arg("--out")
-        .arg(&run)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let served: Vec<String> = std::fs::read_to_string(&run)
-        .unwrap()
-        .lines()
-        .map(|l| {
-            serde_json::from_str::<Value>(l).unwrap()["served"]
-                .as_str()
-                .unwrap()
-                .to_string()
-        })
+    let config = dir.join("tollgate.toml");
+    tollgate_ok(&[
+        "replay".as_ref(),
+        "--trace".as_ref(),
+        trace.as_os_str(),
+        "--config".as_ref(),
+        config.as_os_str(),
+        "--out".as_ref(),
+        run.as_os_str(),
+    ]);
+    let served: Vec<Value> = read_jsonl(&run)
+        .into_iter()
+        .map(|r| r["served"].clone())
         .collect();
     assert_eq!(served, ["model", "cache", "model"]);
 }

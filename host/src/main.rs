@@ -60,23 +60,11 @@ enum Command {
 
 #[derive(clap::Args)]
 struct ExportArgs {
-    /// Gateway config: where the ledger is.
-    #[arg(long, short, env = "TOLLGATE_CONFIG")]
-    config: Option<PathBuf>,
-    /// Ledger file; overrides the config's `ledger.path`.
-    #[arg(long)]
-    ledger: Option<PathBuf>,
+    #[command(flatten)]
+    range: LedgerRange,
     /// The trace to write (JSON Lines).
     #[arg(long, short)]
     out: PathBuf,
-    /// First day included (YYYY-MM-DD, UTC).
-    #[arg(long)]
-    since: Option<String>,
-    /// Last day included (YYYY-MM-DD, UTC).
-    #[arg(long)]
-    until: Option<String>,
-    #[arg(long)]
-    tenant: Option<String>,
 }
 
 #[derive(clap::Args)]
@@ -122,15 +110,27 @@ struct ReplayArgs {
 
 #[derive(clap::Args)]
 struct ReportArgs {
-    /// Gateway config: where the ledger is and the prices for savings.
+    #[command(flatten)]
+    range: LedgerRange,
+    /// Comma-separated: tenant, user, feature, model, route, provider, day.
+    #[arg(long, default_value = "feature")]
+    group_by: String,
+    /// Only the N most expensive groups.
+    #[arg(long)]
+    top: Option<usize>,
+    #[arg(long, value_enum, default_value = "table")]
+    format: ReportFormat,
+}
+
+/// A ledger and the part of it a command reads.
+#[derive(clap::Args)]
+struct LedgerRange {
+    /// Gateway config: where the ledger is (and the prices, for reports).
     #[arg(long, short, env = "TOLLGATE_CONFIG")]
     config: Option<PathBuf>,
     /// Ledger file; overrides the config's `ledger.path`.
     #[arg(long)]
     ledger: Option<PathBuf>,
-    /// Comma-separated: tenant, user, feature, model, route, provider, day.
-    #[arg(long, default_value = "feature")]
-    group_by: String,
     /// First day included (YYYY-MM-DD, UTC).
     #[arg(long)]
     since: Option<String>,
@@ -139,11 +139,36 @@ struct ReportArgs {
     until: Option<String>,
     #[arg(long)]
     tenant: Option<String>,
-    /// Only the N most expensive groups.
-    #[arg(long)]
-    top: Option<usize>,
-    #[arg(long, value_enum, default_value = "table")]
-    format: ReportFormat,
+}
+
+impl LedgerRange {
+    /// The config and its ledger, which must exist.
+    fn open(&self) -> Result<(Config, rusqlite::Connection)> {
+        let config = load_config(self.config.as_deref())?;
+        let path = self
+            .ledger
+            .clone()
+            .unwrap_or_else(|| config.ledger.path.clone());
+        anyhow::ensure!(path.exists(), "no ledger at {}", path.display());
+        let conn = tollgate::ledger::open_db(&path)?;
+        Ok((config, conn))
+    }
+
+    /// `--since` and `--until` in epoch milliseconds (until: exclusive).
+    fn days(&self) -> Result<(Option<u64>, Option<u64>)> {
+        let day = |s: &Option<String>, what: &str, parse: fn(&str) -> Option<u64>| {
+            s.as_deref()
+                .map(|d| {
+                    parse(d)
+                        .with_context(|| format!("--{what} {d:?}: expected a day as YYYY-MM-DD"))
+                })
+                .transpose()
+        };
+        Ok((
+            day(&self.since, "since", tollgate::clock::parse_day)?,
+            day(&self.until, "until", tollgate::clock::parse_day_end)?,
+        ))
+    }
 }
 
 #[derive(Clone, Copy, clap::ValueEnum)]
@@ -378,32 +403,14 @@ async fn sim(listen: String, latency_ms: u64, ms_per_token: u64) -> Result<()> {
     Ok(())
 }
 
-/// A `--since`/`--until` day argument in epoch milliseconds.
-fn day_arg(s: &Option<String>, what: &str, parse: fn(&str) -> Option<u64>) -> Result<Option<u64>> {
-    s.as_deref()
-        .map(|d| parse(d).with_context(|| format!("--{what} {d:?}: expected a day as YYYY-MM-DD")))
-        .transpose()
-}
-
-/// The ledger of a config, or the one given; it must exist.
-fn open_ledger(
-    config: Option<&std::path::Path>,
-    ledger: Option<PathBuf>,
-) -> Result<(Config, rusqlite::Connection)> {
-    let config = load_config(config)?;
-    let path = ledger.unwrap_or_else(|| config.ledger.path.clone());
-    anyhow::ensure!(path.exists(), "no ledger at {}", path.display());
-    let conn = tollgate::ledger::open_db(&path)?;
-    Ok((config, conn))
-}
-
 fn export_trace(args: ExportArgs) -> Result<()> {
     use tollgate::replay::export::{ExportQuery, from_ledger};
-    let (_, conn) = open_ledger(args.config.as_deref(), args.ledger)?;
+    let (_, conn) = args.range.open()?;
+    let (since_ms, until_ms) = args.range.days()?;
     let q = ExportQuery {
-        since_ms: day_arg(&args.since, "since", tollgate::clock::parse_day)?,
-        until_ms: day_arg(&args.until, "until", tollgate::clock::parse_day_end)?,
-        tenant: args.tenant,
+        since_ms,
+        until_ms,
+        tenant: args.range.tenant,
     };
     let (requests, without_body) = from_ledger(&conn, &q)?;
     let mut out = std::io::BufWriter::new(
@@ -427,13 +434,14 @@ fn export_trace(args: ExportArgs) -> Result<()> {
 
 #[allow(clippy::print_stdout)] // the report is the output
 fn report(args: ReportArgs) -> Result<()> {
-    let (config, conn) = open_ledger(args.config.as_deref(), args.ledger)?;
+    let (config, conn) = args.range.open()?;
+    let (since_ms, until_ms) = args.range.days()?;
     let query = tollgate::report::Query {
         group_by: tollgate::report::parse_dims(&args.group_by)
             .map_err(|e| anyhow::anyhow!("--group-by: {e}"))?,
-        since_ms: day_arg(&args.since, "since", tollgate::clock::parse_day)?,
-        until_ms: day_arg(&args.until, "until", tollgate::clock::parse_day_end)?,
-        tenant: args.tenant,
+        since_ms,
+        until_ms,
+        tenant: args.range.tenant,
         top: args.top,
     };
     let rep = tollgate::report::run(&conn, &config.catalog()?, &query)?;

@@ -296,3 +296,32 @@ fn a_bad_trace_line_is_named() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("line 2") && err.contains("not JSON"), "{err}");
 }
+
+#[test]
+fn speed_paces_the_replay_in_wall_time() {
+    let dir = tempfile::tempdir().unwrap();
+    let trace = dir.path().join("trace.jsonl");
+    let line = |id: &str, t_ms: u64| {
+        json!({"id": id, "t_ms": t_ms, "request": {"model": "gpt-4o",
+            "messages": [{"role": "user", "content": format!("question {id}")}]}})
+        .to_string()
+    };
+    // Four trace-seconds at 2x real time: about two wall seconds.
+    std::fs::write(&trace, [line("a", 0), line("b", 4_000)].join("\n")).unwrap();
+    let run = dir.path().join("run.jsonl");
+    let started = std::time::Instant::now();
+    tollgate(&[
+        "replay",
+        "--trace",
+        s(&trace),
+        "--config",
+        s(&root().join("examples/baseline.toml")),
+        "--out",
+        s(&run),
+        "--speed",
+        "2",
+    ]);
+    let wall = started.elapsed();
+    assert!(wall >= std::time::Duration::from_millis(1_950), "{wall:?}");
+    assert_eq!(read_jsonl(&run).len(), 2);
+}

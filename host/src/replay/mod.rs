@@ -475,3 +475,99 @@ fn remove_ledger(path: &Path) -> Result<(), ReplayError> {
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn req(id: &str) -> TraceRequest {
+        TraceRequest {
+            id: id.into(),
+            t_ms: 0,
+            tenant: "t".into(),
+            user: "u".into(),
+            feature: "f".into(),
+            task: String::new(),
+            body: serde_json::Map::new(),
+            output_tokens: None,
+        }
+    }
+
+    fn sent(gw: &str, status: u16) -> Sent {
+        Sent {
+            gateway_id: Some(gw.into()),
+            status,
+            error: None,
+        }
+    }
+
+    fn row(
+        model: Option<&str>,
+        cache: &str,
+        origin: Option<&str>,
+        code: Option<&str>,
+    ) -> LedgerRow {
+        LedgerRow {
+            model_served: model.map(Into::into),
+            cache: cache.into(),
+            cache_origin: origin.map(Into::into),
+            error_code: code.map(Into::into),
+            ..LedgerRow::default()
+        }
+    }
+
+    #[test]
+    fn outcomes_map_to_the_scorers_terms() {
+        let trace: Vec<TraceRequest> = ["a", "b", "c", "d", "e", "f", "g"].map(req).into();
+        let sent = vec![
+            sent("g1", 200),
+            sent("g2", 200),
+            sent("g3", 200),
+            sent("g4", 429),
+            sent("g5", 502),
+            Sent {
+                gateway_id: None,
+                status: 0,
+                error: Some("connection refused".into()),
+            },
+            sent("g7", 200),
+        ];
+        let rows: HashMap<String, LedgerRow> = [
+            ("g1", row(Some("gpt-4o-mini"), "miss", None, None)),
+            ("g2", row(Some("gpt-4o-mini"), "hit", Some("g1"), None)),
+            ("g3", row(Some("fixed-response"), "bypass", None, None)),
+            ("g4", row(None, "none", None, Some("budget_exceeded"))),
+            ("g5", row(None, "miss", None, Some("upstream_error"))),
+            (
+                "g7",
+                row(Some("gpt-4o"), "hit", Some("req_from_yesterday"), None),
+            ),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v))
+        .collect();
+        let r = assemble(&trace, &sent, &rows);
+        let served: Vec<Served> = r.iter().map(|x| x.served).collect();
+        assert_eq!(
+            served,
+            [
+                Served::Model,
+                Served::Cache,
+                Served::Blocked,
+                Served::Blocked,
+                Served::Error,
+                Served::Error,
+                Served::Error, // a hit whose origin is not in the trace cannot be scored
+            ]
+        );
+        assert_eq!(r[1].origin.as_deref(), Some("a"));
+        assert_eq!(r[5].error_code.as_deref(), Some("connection refused"));
+        let line = r[1].to_json();
+        assert_eq!(line["origin"], "a");
+        assert!(
+            line.get("model").is_none(),
+            "only served=model names a model"
+        );
+        assert_eq!(r[0].to_json()["prompt_chars_sent"], 0);
+    }
+}

@@ -33,6 +33,18 @@ impl Drop for Proc {
 }
 
 impl Proc {
+    /// The admin listener's base URL, from the start-up log.
+    fn admin_base(&self) -> String {
+        let log = self.log.lock().unwrap();
+        let line = log
+            .iter()
+            .find(|l| l.contains("admin API listening on http://"))
+            .unwrap()
+            .clone();
+        let i = line.find("http://").unwrap();
+        line[i..].split_whitespace().next().unwrap().to_string()
+    }
+
     fn log_contains(&self, needle: &str) -> bool {
         self.log.lock().unwrap().iter().any(|l| l.contains(needle))
     }
@@ -1233,16 +1245,7 @@ async fn admin_spend_needs_the_token_and_returns_the_report() {
          [plugins.router]\npath = \"{plugins}/rules_router.wasm\"\n",
         &[("TOLLGATE_ADMIN_TOKEN", token)],
     );
-    let admin = {
-        let log = gw.log.lock().unwrap();
-        let line = log
-            .iter()
-            .find(|l| l.contains("admin API listening on http://"))
-            .unwrap()
-            .clone();
-        let i = line.find("http://").unwrap();
-        line[i..].split_whitespace().next().unwrap().to_string()
-    };
+    let admin = gw.admin_base();
     for f in ["faq", "faq", "billing"] {
         let r = chat(
             &gw.base,
@@ -1401,4 +1404,217 @@ path = "{plugins}/default_cache_policy.wasm"
         .map(|r| r["served"].clone())
         .collect();
     assert_eq!(served, ["model", "cache", "model"]);
+}
+
+/// The tier router's trained config from the cost-saver policy set, as JSON.
+fn tier_router_config() -> Value {
+    let text = std::fs::read_to_string(
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../examples/cost-saver/tollgate.toml"),
+    )
+    .unwrap();
+    let v: toml::Value = toml::from_str(&text).unwrap();
+    serde_json::to_value(&v["plugins"]["router"]["config"]).unwrap()
+}
+
+#[tokio::test]
+async fn plugins_are_loaded_validated_swapped_rolled_back_and_recorded() {
+    let token = "test-admin-token-0123456789";
+    let cfg = format!(
+        "[admin]\nlisten = \"127.0.0.1:0\"\nplugin_dir = \"{{plugins}}\"\n\
+         pins = {{ \"budget_rule\" = \"{}\" }}\n\
+         [plugins.router]\npath = \"{{plugins}}/rules_router.wasm\"\nconfig = {{ default = \"gpt-4o-mini\" }}\n",
+        "0".repeat(64)
+    );
+    let gw = gateway_env(&cfg, &[("TOLLGATE_ADMIN_TOKEN", token)]);
+    let admin = gw.admin_base();
+    let call = |method: reqwest::Method, path: &str, body: Option<Value>| {
+        let mut r = http()
+            .request(method, format!("{admin}{path}"))
+            .header("authorization", format!("Bearer {token}"))
+            .header("x-tollgate-actor", "alice@ci");
+        if let Some(b) = body {
+            r = r
+                .header("content-type", "application/json")
+                .body(b.to_string());
+        }
+        async move {
+            let resp = r.send().await.unwrap();
+            let status = resp.status().as_u16();
+            let v: Value = serde_json::from_str(&resp.text().await.unwrap()).unwrap();
+            (status, v)
+        }
+    };
+    let post = |path: &str, body: Value| call(reqwest::Method::POST, path, Some(body));
+    let model_for = |q: &'static str| {
+        let base = gw.base.clone();
+        async move {
+            chat(&base, &[], ask(q))
+                .await
+                .header("x-tollgate-model")
+                .to_string()
+        }
+    };
+    let hard =
+        "Why did our churn rise? Compare both options, explain the trade-off and recommend one.";
+    assert_eq!(model_for(hard).await, "gpt-4o-mini");
+
+    // Refused versions name the reason and leave the active one alone.
+    let reasoning_case = json!({"name": "reasoning goes premium",
+        "request": {"model": "gpt-4o", "messages": [{"role": "user", "content": hard}]},
+        "expect": {"model": "gpt-4o"}});
+    let (s, e) = post("/v1/plugins/router/load", json!({"path": "tier_router.wasm", "config": tier_router_config(),
+        "self_test": [{"name": "wrong on purpose", "request": reasoning_case["request"], "expect": {"model": "gpt-4o-mini"}}]})).await;
+    assert_eq!(
+        (s, e["error"]["code"].as_str()),
+        (422, Some("self_test_failed")),
+        "{e}"
+    );
+    assert!(
+        e["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("wrong on purpose"),
+        "{e}"
+    );
+    let (s, e) = post(
+        "/v1/plugins/router/load",
+        json!({"path": "trim_compressor.wasm"}),
+    )
+    .await;
+    assert_eq!(
+        (s, e["error"]["code"].as_str()),
+        (422, Some("wrong_world")),
+        "{e}"
+    );
+    let (s, e) = post(
+        "/v1/plugins/router/load",
+        json!({"path": "../plugins/rules_router.wasm"}),
+    )
+    .await;
+    assert_eq!(
+        (s, e["error"]["code"].as_str()),
+        (403, Some("path_outside_plugin_dir")),
+        "{e}"
+    );
+    let (s, e) = post(
+        "/v1/plugins/router/load",
+        json!({"wasm_base64": "AGFzbQ=="}),
+    )
+    .await;
+    assert_eq!(
+        (s, e["error"]["code"].as_str()),
+        (422, Some("not_a_component")),
+        "{e}"
+    );
+    let (s, e) = post(
+        "/v1/plugins/budget_rule/load",
+        json!({"path": "daily_budget.wasm"}),
+    )
+    .await;
+    assert_eq!(
+        (s, e["error"]["code"].as_str()),
+        (409, Some("digest_not_pinned")),
+        "{e}"
+    );
+    let (s, e) = post(
+        "/v1/plugins/router/load",
+        json!({"path": "tier_router.wasm", "config": {"threshold2": 2}}),
+    )
+    .await;
+    assert_eq!(
+        (s, e["error"]["code"].as_str()),
+        (422, Some("init_refused")),
+        "{e}"
+    );
+    assert_eq!(model_for(hard).await, "gpt-4o-mini");
+
+    // A good version: loaded and tested, not yet active.
+    let (s, v) = post("/v1/plugins/router/load",
+        json!({"path": "tier_router.wasm", "config": tier_router_config(), "self_test": [reasoning_case]})).await;
+    assert_eq!(s, 200, "{v}");
+    assert_eq!(v["self_tests_passed"], 1);
+    let digest = v["sha256"].as_str().unwrap().to_string();
+    assert_eq!(model_for(hard).await, "gpt-4o-mini");
+
+    // Swap back and forth under load: no request fails.
+    let load = {
+        let base = gw.base.clone();
+        tokio::spawn(async move {
+            let mut statuses = Vec::new();
+            for i in 0..300 {
+                statuses.push(chat(&base, &[], ask(&format!("question {i}"))).await.status);
+            }
+            statuses
+        })
+    };
+    for _ in 0..5 {
+        let (s, v) = post(
+            "/v1/plugins/router/activate",
+            json!({"sha256": &digest[..12]}),
+        )
+        .await;
+        assert_eq!(s, 200, "{v}");
+        let (s, v) = post("/v1/plugins/router/rollback", json!({})).await;
+        assert_eq!(s, 200, "{v}");
+    }
+    let statuses = load.await.unwrap();
+    assert!(statuses.iter().all(|s| *s == 200), "{statuses:?}");
+
+    let (s, _) = post("/v1/plugins/router/activate", json!({"sha256": digest})).await;
+    assert_eq!(s, 200);
+    assert_eq!(model_for(hard).await, "gpt-4o");
+    assert_eq!(
+        model_for("How do I reset my password?").await,
+        "gpt-4.1-mini"
+    );
+    let (_, listed) = call(reqwest::Method::GET, "/v1/plugins", None).await;
+    assert_eq!(listed["plugins"][0]["sha256"], digest.as_str());
+    assert_eq!(listed["loaded"]["router"][0]["loaded_by"], "alice@ci");
+    assert_eq!(listed["pins"]["budget_rule"], "0".repeat(64));
+
+    let (s, _) = post("/v1/plugins/router/rollback", json!({})).await;
+    assert_eq!(s, 200);
+    assert_eq!(model_for(hard).await, "gpt-4o-mini");
+    let (s, _) = call(reqwest::Method::DELETE, "/v1/plugins/router", None).await;
+    assert_eq!(s, 200);
+    assert_eq!(
+        model_for(hard).await,
+        "gpt-4o",
+        "no router: the asked model"
+    );
+    let (s, e) = call(reqwest::Method::DELETE, "/v1/plugins/router", None).await;
+    assert_eq!((s, e["error"]["code"].as_str()), (404, Some("slot_empty")));
+    let (s, e) = post("/v1/plugins/routr/load", json!({})).await;
+    assert_eq!(
+        (s, e["error"]["code"].as_str()),
+        (404, Some("unknown_slot"))
+    );
+
+    // Every change and refusal is on record, newest first.
+    let (_, c) = call(reqwest::Method::GET, "/v1/plugins/changes?limit=100", None).await;
+    let actions: Vec<&str> = c["changes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x["action"].as_str().unwrap())
+        .collect();
+    assert_eq!(actions[0], "remove");
+    assert_eq!(actions[1], "rollback");
+    assert_eq!(actions.iter().filter(|a| **a == "refuse").count(), 6, "{c}");
+    assert_eq!(actions.iter().filter(|a| **a == "activate").count(), 6);
+    assert_eq!(actions.iter().filter(|a| **a == "load").count(), 1);
+    assert!(
+        c["changes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|x| x["actor"] == "alice@ci")
+    );
+    let loaded = c["changes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|x| x["action"] == "load")
+        .unwrap();
+    assert_eq!(loaded["sha256"], digest.as_str());
 }

@@ -359,6 +359,12 @@ pub struct AdminConfig {
     pub token_env: String,
     /// A file holding the bearer token (wins over the variable).
     pub token_file: Option<PathBuf>,
+    /// The only directory the admin API loads plugin files from (by a path
+    /// relative to it); unset = plugins can only be uploaded.
+    pub plugin_dir: Option<PathBuf>,
+    /// Required sha256 per slot (`router`, `compressor[0]`, ...): any plugin
+    /// whose bytes do not match is refused, whoever loads it.
+    pub pins: BTreeMap<String, String>,
 }
 
 impl Default for AdminConfig {
@@ -367,6 +373,8 @@ impl Default for AdminConfig {
             listen: "127.0.0.1:8081".into(),
             token_env: "TOLLGATE_ADMIN_TOKEN".into(),
             token_file: None,
+            plugin_dir: None,
+            pins: BTreeMap::new(),
         }
     }
 }
@@ -407,6 +415,9 @@ impl Config {
         fix(&mut self.ledger.path);
         if let Some(t) = &mut self.admin.token_file {
             fix(t);
+        }
+        if let Some(d) = &mut self.admin.plugin_dir {
+            fix(d);
         }
         let slots = self
             .plugins
@@ -449,6 +460,16 @@ impl Config {
     }
 
     fn validate(&self) -> Result<(), ConfigError> {
+        for (slot, digest) in &self.admin.pins {
+            crate::plugins::SlotId::parse(slot)
+                .map_err(|m| self.invalid(format!("admin.pins.{slot}"), m))?;
+            if digest.len() != 64 || !digest.bytes().all(|b| b.is_ascii_hexdigit()) {
+                return Err(self.invalid(
+                    format!("admin.pins.{slot}"),
+                    "expected a sha256 digest (64 hex characters)",
+                ));
+            }
+        }
         if self.server.listen.parse::<std::net::SocketAddr>().is_err() {
             return Err(self.invalid(
                 "server.listen",

@@ -65,6 +65,16 @@ CREATE TABLE IF NOT EXISTS feedback (
     score       REAL
 );
 CREATE INDEX IF NOT EXISTS feedback_request ON feedback (request_id);
+CREATE TABLE IF NOT EXISTS plugin_changes (
+    id          INTEGER PRIMARY KEY AUTOINCREMENT,
+    ts_ms       INTEGER NOT NULL,
+    actor       TEXT NOT NULL,
+    action      TEXT NOT NULL,
+    slot        TEXT NOT NULL,
+    plugin      TEXT,
+    sha256      TEXT,
+    detail      TEXT NOT NULL
+);
 CREATE INDEX IF NOT EXISTS feedback_task ON feedback (tenant, task_id);
 ";
 
@@ -166,9 +176,44 @@ pub struct Feedback {
     pub score: Option<f64>,
 }
 
+/// A change to the active plugins, made through the admin API.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct PluginChange {
+    pub ts_ms: u64,
+    /// Who made it (the admin call's `x-tollgate-actor`, or "admin").
+    pub actor: String,
+    /// load, activate, rollback, remove, refuse.
+    pub action: String,
+    pub slot: String,
+    pub plugin: Option<String>,
+    pub sha256: Option<String>,
+    pub detail: String,
+}
+
+/// The latest plugin changes, newest first.
+pub fn plugin_changes(conn: &Connection, limit: u32) -> rusqlite::Result<Vec<PluginChange>> {
+    let mut st = conn.prepare(
+        "SELECT ts_ms, actor, action, slot, plugin, sha256, detail FROM plugin_changes
+         ORDER BY id DESC LIMIT ?1",
+    )?;
+    let rows = st.query_map([limit], |r| {
+        Ok(PluginChange {
+            ts_ms: r.get::<_, i64>(0)?.max(0) as u64,
+            actor: r.get(1)?,
+            action: r.get(2)?,
+            slot: r.get(3)?,
+            plugin: r.get(4)?,
+            sha256: r.get(5)?,
+            detail: r.get(6)?,
+        })
+    })?;
+    rows.collect()
+}
+
 enum Msg {
     Row(Box<Row>),
     Feedback(Feedback),
+    Change(PluginChange),
     /// Commit everything received so far, then answer.
     Flush(mpsc::Sender<()>),
 }
@@ -260,6 +305,23 @@ pub fn open_db(path: &Path) -> Result<Connection, LedgerError> {
             .map_err(&err)?;
     }
     Ok(conn)
+}
+
+fn insert_change(conn: &Connection, c: &PluginChange) -> rusqlite::Result<()> {
+    conn.execute(
+        "INSERT INTO plugin_changes (ts_ms, actor, action, slot, plugin, sha256, detail)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+        params![
+            c.ts_ms as i64,
+            c.actor,
+            c.action,
+            c.slot,
+            c.plugin,
+            c.sha256,
+            c.detail
+        ],
+    )?;
+    Ok(())
 }
 
 fn insert_batch(
@@ -359,6 +421,12 @@ impl Ledger {
                         match rx.try_recv() {
                             Ok(Msg::Row(r)) => batch.push(r),
                             Ok(Msg::Feedback(f)) => feedback.push(f),
+                            Ok(Msg::Change(c)) => {
+                                // Rare and important: written at once, alone.
+                                if let Err(e) = insert_change(&conn, &c) {
+                                    tracing::error!(ledger = %ledger_path, "plugin change not recorded: {e}");
+                                }
+                            }
                             Ok(Msg::Flush(ack)) => waiting.push(ack),
                             Err(mpsc::TryRecvError::Empty) => break,
                             Err(mpsc::TryRecvError::Disconnected) => {
@@ -438,6 +506,16 @@ impl Ledger {
             self.stats.failed.fetch_add(1, Ordering::Relaxed);
             tracing::error!("ledger writer is gone; feedback was not recorded");
         }
+    }
+
+    /// Records a plugin change and waits until it is on disk.
+    pub fn record_change(&self, c: PluginChange) {
+        if self.tx.send(Msg::Change(c)).is_err() {
+            self.stats.failed.fetch_add(1, Ordering::Relaxed);
+            tracing::error!("ledger writer is gone; a plugin change was not recorded");
+            return;
+        }
+        self.flush();
     }
 
     /// Blocks until every row queued so far is committed.

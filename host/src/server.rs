@@ -76,7 +76,7 @@ fn into_response(reply: Reply) -> Response<Body> {
 }
 
 /// Reads a request body up to `max` bytes: 413 beyond it.
-async fn read_body(
+pub async fn read_body(
     req: Request<Incoming>,
     max: usize,
 ) -> Result<(http::request::Parts, Bytes), ApiError> {

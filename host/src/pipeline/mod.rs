@@ -40,7 +40,7 @@ use crate::metrics::Metrics;
 use crate::plugins::types::{
     CacheDecision, Compression, ModelInfo, RequestView, RouteDecision, SpendSnapshot, Verdict,
 };
-use crate::plugins::{Kind, LoadError, PluginError, PluginSet, Runtime, Slot};
+use crate::plugins::{Kind, LoadError, PluginError, PluginSet, Runtime, Slot, SlotId};
 use crate::pricing::{Catalog, Usage};
 use crate::providers::{ProviderError, ProviderSetupError, Providers, UpstreamCall, UpstreamReply};
 use crate::tokens;
@@ -91,6 +91,8 @@ pub struct Gateway {
     /// The cost ledger; None when `ledger.enabled = false`.
     pub ledger: Option<Ledger>,
     pub tasks: task_guard::TaskGuard,
+    /// Plugin versions loaded through the admin API, and what rollbacks restore.
+    pub versions: tokio::sync::Mutex<crate::plugins::manager::Versions>,
     /// Models already warned about for having no price.
     unpriced_warned: std::sync::Mutex<std::collections::HashSet<String>>,
 }
@@ -136,7 +138,9 @@ impl Gateway {
             tracing::warn!("ledger disabled: requests leave no cost record");
             None
         };
+        let versions = crate::plugins::manager::Versions::new(pins(&config));
         Ok(Arc::new(Self {
+            versions: tokio::sync::Mutex::new(versions),
             ledger,
             unpriced_warned: Default::default(),
             cache: MemoryStore::new(config.cache.max_bytes, clock.clone()),
@@ -752,17 +756,52 @@ impl Gateway {
     }
 }
 
+/// Required digests per slot: `admin.pins`, and the `sha256` of each
+/// plugin slot in the config (it binds the slot, not only the first load).
+fn pins(config: &Config) -> std::collections::HashMap<SlotId, String> {
+    let p = &config.plugins;
+    let mut pins: std::collections::HashMap<SlotId, String> = config
+        .admin
+        .pins
+        .iter()
+        .filter_map(|(k, v)| Some((SlotId::parse(k).ok()?, v.to_ascii_lowercase())))
+        .collect();
+    let configured = p
+        .router
+        .iter()
+        .map(|s| (SlotId::Router, s))
+        .chain(
+            p.compressor
+                .iter()
+                .enumerate()
+                .map(|(i, s)| (SlotId::Compressor(i), s)),
+        )
+        .chain(p.cache_policy.iter().map(|s| (SlotId::CachePolicy, s)))
+        .chain(p.budget_rule.iter().map(|s| (SlotId::BudgetRule, s)));
+    for (slot, s) in configured {
+        if let Some(d) = &s.sha256 {
+            pins.entry(slot).or_insert_with(|| d.to_ascii_lowercase());
+        }
+    }
+    pins
+}
+
+/// Attaches a freshly loaded plugin to the gateway's metrics.
+pub fn attach_metrics<K: Kind>(plugin: &crate::plugins::Plugin<K>, metrics: &Metrics) {
+    let _ = plugin.stats().call_seconds.set(
+        metrics
+            .plugin_seconds
+            .with_label_values(&[K::KIND.world(), plugin.name()]),
+    );
+}
+
 async fn load_slot<K: Kind>(
     rt: &Arc<Runtime>,
     cfg: &crate::config::PluginSlotConfig,
     metrics: &Metrics,
 ) -> Result<Slot<K>, LoadError> {
     let plugin = rt.load::<K>(cfg).await?;
-    let _ = plugin.stats().call_seconds.set(
-        metrics
-            .plugin_seconds
-            .with_label_values(&[K::KIND.world(), plugin.name()]),
-    );
+    attach_metrics(&plugin, metrics);
     Ok(Slot {
         plugin: Arc::new(plugin),
         fail_mode: cfg.on_error,

@@ -10,7 +10,9 @@
 
 mod bindings;
 mod kinds;
+pub mod manager;
 mod runtime;
+mod slots;
 mod state;
 mod stderr;
 
@@ -20,8 +22,18 @@ use std::sync::atomic::{AtomicU64, Ordering};
 pub use bindings::types;
 pub use kinds::{BudgetRuleKind, CachePolicyKind, CompressorKind, Kind, RouterKind};
 pub use runtime::{Plugin, Runtime};
+pub use slots::{AnySlot, SlotId};
 
 use crate::config::FailMode;
+
+/// sha256 of plugin bytes, lowercase hex (the digest pins and records use).
+pub fn sha256_hex(bytes: &[u8]) -> String {
+    use sha2::Digest;
+    sha2::Sha256::digest(bytes)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum PluginKind {

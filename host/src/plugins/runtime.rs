@@ -2,7 +2,6 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use sha2::{Digest, Sha256};
 use wasmtime::component::{Component, HasSelf, Linker};
 use wasmtime::{Config, Engine, InstanceAllocationStrategy, PoolingAllocationConfig, Store, Trap};
 
@@ -111,7 +110,7 @@ impl Runtime {
         path: &str,
         slot: &PluginSlotConfig,
     ) -> Result<Plugin<K>, LoadError> {
-        let digest = hex(&Sha256::digest(bytes));
+        let digest = super::sha256_hex(bytes);
         if let Some(expected) = &slot.sha256
             && !expected.eq_ignore_ascii_case(&digest)
         {
@@ -171,10 +170,6 @@ impl Runtime {
         plugin.put_back(warm);
         Ok(plugin)
     }
-}
-
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 #[derive(Debug, Clone, Copy)]

@@ -6,7 +6,11 @@
 //! * `GET /v1/spend?group_by=feature,model&since=YYYY-MM-DD&until=YYYY-MM-DD&tenant=T&top=N`:
 //!   the `tollgate report` of the ledger, as JSON;
 //! * `GET /v1/plugins`: every slot's plugin with its sha256, limits,
-//!   capabilities, failure mode and counters.
+//!   capabilities, failure mode and counters, the versions loaded beside
+//!   them and the slots' digest pins;
+//! * loading, activating, rolling back and removing plugins: [`plugins`].
+
+mod plugins;
 
 use std::future::Future;
 use std::pin::Pin;
@@ -127,6 +131,98 @@ async fn spend(gw: Arc<Gateway>, query: Option<String>) -> Result<Bytes, ApiErro
     .map_err(|e| internal(e.to_string()))?
 }
 
+/// Largest admin request body: a plugin upload, base64-encoded.
+const MAX_ADMIN_BODY: usize = 64 << 20;
+
+/// `/v1/plugins/{slot}[/load|/activate|/rollback]`.
+async fn plugin_call(
+    gw: &Arc<Gateway>,
+    rest: &str,
+    req: Request<Incoming>,
+) -> Result<serde_json::Value, ApiError> {
+    let (slot, action) = rest.split_once('/').unwrap_or((rest, ""));
+    let slot = crate::plugins::SlotId::parse(slot).map_err(|m| {
+        ApiError::new(
+            StatusCode::NOT_FOUND,
+            "invalid_request_error",
+            "unknown_slot",
+            m,
+        )
+    })?;
+    let method = req.method().clone();
+    let who = plugins::actor(req.headers());
+    let (_, body) = crate::server::read_body(req, MAX_ADMIN_BODY).await?;
+    match (action, method) {
+        ("load", Method::POST) => plugins::load(gw, slot, &who, &body).await,
+        ("activate", Method::POST) => plugins::activate(gw, slot, &who, &body).await,
+        ("rollback", Method::POST) => plugins::rollback(gw, slot, &who).await,
+        ("", Method::DELETE) => plugins::remove(gw, slot, &who).await,
+        (_, m) => Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            "invalid_request_error",
+            "unknown_url",
+            format!(
+                "Unknown admin URL: {m} /v1/plugins/{rest} (POST .../load, .../activate, .../rollback; DELETE /v1/plugins/SLOT)"
+            ),
+        )),
+    }
+}
+
+async fn changes(gw: Arc<Gateway>, query: Option<String>) -> Result<Bytes, ApiError> {
+    let mut limit = 100u32;
+    for (k, v) in form_urlencoded::parse(query.unwrap_or_default().as_bytes()) {
+        match k.as_ref() {
+            "limit" => {
+                limit = v
+                    .parse()
+                    .ok()
+                    .filter(|n| (1..=10_000).contains(n))
+                    .ok_or_else(|| {
+                        ApiError::invalid(
+                            "invalid_value",
+                            "`limit`: a whole number from 1 to 10000",
+                        )
+                        .param("limit")
+                    })?;
+            }
+            _ => {
+                return Err(ApiError::invalid(
+                    "invalid_value",
+                    format!("`{k}`: unknown parameter (limit)"),
+                )
+                .param(k.to_string()));
+            }
+        }
+    }
+    let Some(ledger) = &gw.ledger else {
+        return Err(ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "api_error",
+            "ledger_disabled",
+            "the ledger is disabled (ledger.enabled = false)",
+        ));
+    };
+    let path = ledger.path().to_path_buf();
+    let internal = |m: String| {
+        ApiError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "api_error",
+            "ledger_read_failed",
+            m,
+        )
+    };
+    tokio::task::spawn_blocking(move || {
+        let conn = crate::ledger::open_db(&path).map_err(|e| internal(e.to_string()))?;
+        let list =
+            crate::ledger::plugin_changes(&conn, limit).map_err(|e| internal(e.to_string()))?;
+        Ok(Bytes::from(
+            serde_json::json!({ "changes": list }).to_string(),
+        ))
+    })
+    .await
+    .map_err(|e| internal(e.to_string()))?
+}
+
 async fn route(gw: Arc<Gateway>, token: Arc<str>, req: Request<Incoming>) -> Response<Body> {
     if !authorized(&req, &token) {
         tracing::warn!(
@@ -141,11 +237,29 @@ async fn route(gw: Arc<Gateway>, token: Arc<str>, req: Request<Incoming>) -> Res
         ));
     }
     let path = req.uri().path().to_string();
+    if let Some(rest) = path.strip_prefix("/v1/plugins/")
+        && rest != "changes"
+    {
+        return match plugin_call(&gw, rest, req).await {
+            Ok(v) => json_response(StatusCode::OK, Bytes::from(v.to_string())),
+            Err(e) => error_response(&e),
+        };
+    }
     match (path.as_str(), req.method()) {
-        ("/v1/plugins", &Method::GET) => json_response(
-            StatusCode::OK,
-            Bytes::from(gw.plugins.load().describe().to_string()),
-        ),
+        ("/v1/plugins", &Method::GET) => {
+            let mut v = gw.plugins.load().describe();
+            let versions = gw.versions.lock().await.describe();
+            if let (Some(o), serde_json::Value::Object(extra)) = (v.as_object_mut(), versions) {
+                o.extend(extra);
+            }
+            json_response(StatusCode::OK, Bytes::from(v.to_string()))
+        }
+        ("/v1/plugins/changes", &Method::GET) => {
+            match changes(gw, req.uri().query().map(str::to_string)).await {
+                Ok(body) => json_response(StatusCode::OK, body),
+                Err(e) => error_response(&e),
+            }
+        }
         ("/v1/spend", &Method::GET) => match spend(gw, req.uri().query().map(str::to_string)).await
         {
             Ok(body) => json_response(StatusCode::OK, body),

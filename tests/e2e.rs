@@ -1618,3 +1618,63 @@ async fn plugins_are_loaded_validated_swapped_rolled_back_and_recorded() {
         .unwrap();
     assert_eq!(loaded["sha256"], digest.as_str());
 }
+
+#[test]
+fn plugin_inspect_shows_what_a_reviewer_needs() {
+    let file = plugin_dir().join("rules_router.wasm");
+    let out = tollgate_ok(&[
+        "plugin".as_ref(),
+        "inspect".as_ref(),
+        file.as_os_str(),
+        "--json".as_ref(),
+    ]);
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let bytes = std::fs::read(&file).unwrap();
+    assert_eq!(v["world"], "router");
+    assert_eq!(v["bytes"], bytes.len());
+    assert_eq!(v["loadable"], true);
+    assert_eq!(v["exports"], json!(["init", "route"]));
+    let sha = v["sha256"].as_str().unwrap();
+    assert_eq!(sha.len(), 64);
+    // The hostile fixture probes the filesystem, the environment and the
+    // network: the inspection names each import with what the gateway allows.
+    let hostile = plugin_dir().join("hostile_fixture.wasm");
+    let out = tollgate_ok(&[
+        "plugin".as_ref(),
+        "inspect".as_ref(),
+        hostile.as_os_str(),
+        "--json".as_ref(),
+    ]);
+    let h: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let caps = h["wasi_capabilities_imported"].as_array().unwrap();
+    assert!(
+        caps.contains(&json!("network")) && caps.contains(&json!("filesystem")),
+        "{h}"
+    );
+    let imports = h["imports"].as_array().unwrap();
+    assert!(
+        imports.iter().any(|i| i["name"]
+            .as_str()
+            .unwrap()
+            .starts_with("tollgate:policy/host")
+            && i["items"].as_array().unwrap().contains(&json!("log"))),
+        "{h}"
+    );
+    let text = tollgate_ok(&["plugin".as_ref(), "inspect".as_ref(), file.as_os_str()]);
+    let text = String::from_utf8_lossy(&text.stdout);
+    assert!(
+        text.contains("world     router") && text.contains(sha),
+        "{text}"
+    );
+
+    let dir = tempfile::tempdir().unwrap();
+    let junk = dir.path().join("junk.wasm");
+    std::fs::write(&junk, b"\0asm\x01\0\0\0").unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_tollgate"))
+        .args(["plugin", "inspect"])
+        .arg(&junk)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("not a valid WebAssembly component"));
+}

@@ -468,3 +468,54 @@ async fn a_log_flood_is_capped_per_call() {
         .load(std::sync::atomic::Ordering::Relaxed);
     assert_eq!(dropped, 10_000 - 16);
 }
+
+#[tokio::test]
+async fn compiled_plugins_are_cached_on_disk_and_a_bad_artifact_is_recompiled() {
+    let dir = tempfile::tempdir().unwrap();
+    let cached_runtime = || {
+        Runtime::new(
+            &RuntimeConfig {
+                cache_dir: Some(dir.path().to_path_buf()),
+                ..RuntimeConfig::default()
+            },
+            Arc::new(ManualClock::new(0)),
+        )
+        .unwrap()
+    };
+    let s = slot("rules_router.wasm", "default = \"gpt-4o-mini\"");
+    let cold = cached_runtime().load::<RouterKind>(&s).await.unwrap();
+    assert!(!cold.compiled().from_cache);
+    let artifacts: Vec<_> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    assert_eq!(artifacts.len(), 1);
+    assert!(
+        artifacts[0]
+            .file_name()
+            .unwrap()
+            .to_string_lossy()
+            .starts_with(cold.digest()),
+        "keyed by digest: {artifacts:?}"
+    );
+
+    // A restart (a new runtime) reads the artifact instead of compiling.
+    let warm = cached_runtime().load::<RouterKind>(&s).await.unwrap();
+    assert!(warm.compiled().from_cache);
+    let d = warm.route(&view("hello"), &candidates()).await.unwrap();
+    assert_eq!(d, RouteDecision::UseModel("gpt-4o-mini".into()));
+
+    // A damaged artifact is thrown away and the plugin compiled again.
+    std::fs::write(&artifacts[0], b"not machine code").unwrap();
+    let again = cached_runtime().load::<RouterKind>(&s).await.unwrap();
+    assert!(!again.compiled().from_cache);
+    assert!(again.route(&view("hello"), &candidates()).await.is_ok());
+    assert!(
+        cached_runtime()
+            .load::<RouterKind>(&s)
+            .await
+            .unwrap()
+            .compiled()
+            .from_cache
+    );
+}

@@ -40,7 +40,7 @@ pub struct BenchArgs {
     /// Fuel per plugin call in the plugin measurement (0 turns fuel off).
     #[arg(long)]
     fuel: Option<u64>,
-    /// Run only one part: `plugins`, `http` or `ledger`.
+    /// Run only one part: `plugins`, `http`, `ledger` or `load`.
     #[arg(long)]
     only: Option<String>,
 }
@@ -334,9 +334,13 @@ async fn start_gateway(cfg: &str) -> Result<(String, tokio::task::JoinHandle<()>
     Ok((format!("http://{addr}/v1/chat/completions"), handle))
 }
 
-/// A fresh directory for the benchmark's ledger file.
+/// A fresh directory for the benchmark's files.
 fn tempfile_dir() -> Result<PathBuf> {
-    let dir = std::env::temp_dir().join(format!("tollgate-bench-{}", std::process::id()));
+    let dir = std::env::temp_dir().join(format!(
+        "tollgate-bench-{}-{}",
+        std::process::id(),
+        uuid::Uuid::now_v7().simple()
+    ));
     std::fs::create_dir_all(&dir)?;
     Ok(dir)
 }
@@ -491,24 +495,92 @@ fn bench_ledger_writer() -> Result<Value> {
     }))
 }
 
+/// Plugin load time: compiled from the component (no cache), compiled and
+/// stored in the artifact cache, and read back from it by a new runtime (a
+/// restart or a swap back). Median of `ROUNDS` per plugin.
+async fn bench_load(args: &BenchArgs) -> Result<Value> {
+    const ROUNDS: usize = 5;
+    let mut out = serde_json::Map::new();
+    let files = [
+        ("router", "rules_router.wasm"),
+        ("tier_router", "tier_router.wasm"),
+        ("compressor", "trim_compressor.wasm"),
+        ("cache_policy", "default_cache_policy.wasm"),
+        ("budget_rule", "daily_budget.wasm"),
+    ];
+    for (name, file) in files {
+        let path = args.plugins.join(file);
+        let bytes = std::fs::read(&path).with_context(|| format!("{}", path.display()))?;
+        let mut none = Vec::new();
+        let mut cold = Vec::new();
+        let mut cached = Vec::new();
+        for _ in 0..ROUNDS {
+            let dir = tempfile_dir()?;
+            let rt = |cache: Option<PathBuf>| {
+                Runtime::new(
+                    &tollgate::config::RuntimeConfig {
+                        cache_dir: cache,
+                        ..Default::default()
+                    },
+                    Arc::new(tollgate::clock::SystemClock),
+                )
+            };
+            let slot = tollgate::config::PluginSlotConfig::new(path.clone());
+            // Only compilation is timed: init needs a trained config for some plugins.
+            for (times, cache) in [
+                (&mut none, None),
+                (&mut cold, Some(dir.clone())),
+                (&mut cached, Some(dir.clone())),
+            ] {
+                let r = rt(cache)?;
+                let t = Instant::now();
+                let _ = r
+                    .load_bytes::<tollgate::plugins::RouterKind>(&bytes, file, &slot)
+                    .await;
+                times.push(t.elapsed().as_secs_f64() * 1000.0);
+            }
+            let _ = std::fs::remove_dir_all(&dir);
+        }
+        let med = |v: &mut Vec<f64>| {
+            v.sort_by(f64::total_cmp);
+            round1(v[v.len() / 2] * 10.0) / 10.0
+        };
+        out.insert(
+            name.into(),
+            json!({
+                "bytes": bytes.len(),
+                "compile_ms": med(&mut none),
+                "compile_and_store_ms": med(&mut cold),
+                "from_cache_ms": med(&mut cached),
+            }),
+        );
+    }
+    Ok(Value::Object(out))
+}
+
 #[allow(clippy::print_stdout)] // the report is the output
 pub async fn run(args: BenchArgs) -> Result<()> {
     let started = Instant::now();
     let only = args.only.as_deref();
+    let load = match only {
+        None | Some("load") => bench_load(&args).await?,
+        _ => Value::Null,
+    };
     let plugins = match only {
-        Some("http") | Some("ledger") => Value::Null,
+        Some("http") | Some("ledger") | Some("load") => Value::Null,
         _ => bench_plugins(&args).await?,
     };
     let http = match only {
-        Some("plugins") | Some("ledger") => Value::Null,
+        Some("plugins") | Some("ledger") | Some("load") => Value::Null,
         _ => bench_http(&args).await?,
     };
     let ledger = match only {
-        Some("plugins") | Some("http") => Value::Null,
+        Some("plugins") | Some("http") | Some("load") => Value::Null,
         _ => tokio::task::spawn_blocking(bench_ledger_writer).await??,
     };
     let out = json!({
         "cpus": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
+        "plugin_load": load,
         "plugin_calls": plugins,
         "http_overhead": http,
         "ledger_writer": ledger,

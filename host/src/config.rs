@@ -178,6 +178,10 @@ pub struct RuntimeConfig {
     pub max_instances: u32,
     /// Warm instances kept per plugin.
     pub idle_instances: usize,
+    /// Compiled plugins are kept here (by digest and engine settings), so a
+    /// restart or a swap back skips compilation. Only the gateway may write
+    /// to it: a compiled artifact is machine code the gateway will run.
+    pub cache_dir: Option<PathBuf>,
 }
 
 impl Default for RuntimeConfig {
@@ -187,6 +191,7 @@ impl Default for RuntimeConfig {
             max_memory_mib: 256,
             max_instances: 256,
             idle_instances: 8,
+            cache_dir: None,
         }
     }
 }
@@ -417,6 +422,9 @@ impl Config {
             fix(t);
         }
         if let Some(d) = &mut self.admin.plugin_dir {
+            fix(d);
+        }
+        if let Some(d) = &mut self.runtime.cache_dir {
             fix(d);
         }
         let slots = self

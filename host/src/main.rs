@@ -56,6 +56,21 @@ enum Command {
     /// Turn recorded traffic (ledger rows kept with `ledger.record_bodies`)
     /// into a trace that `tollgate replay` can run.
     ExportTrace(ExportArgs),
+    /// Work with plugin files.
+    #[command(subcommand)]
+    Plugin(PluginCommand),
+}
+
+#[derive(Subcommand)]
+enum PluginCommand {
+    /// What a plugin is and may do: world, imports, exports, size, sha256 and
+    /// the capabilities its imports ask for. Exits 1 if the gateway would refuse it.
+    Inspect {
+        file: PathBuf,
+        /// JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(clap::Args)]
@@ -219,6 +234,7 @@ fn main() -> Result<()> {
         Command::Report(args) => report(args),
         Command::Replay(args) => rt.block_on(replay(args)),
         Command::ExportTrace(args) => export_trace(args),
+        Command::Plugin(PluginCommand::Inspect { file, json }) => inspect(&file, json),
     }
 }
 
@@ -400,6 +416,22 @@ async fn sim(listen: String, latency_ms: u64, ms_per_token: u64) -> Result<()> {
         Duration::from_secs(5),
     )
     .await;
+    Ok(())
+}
+
+#[allow(clippy::print_stdout)] // the inspection is the output
+fn inspect(file: &std::path::Path, json: bool) -> Result<()> {
+    let bytes = std::fs::read(file).with_context(|| format!("cannot read {}", file.display()))?;
+    let rt = tollgate::plugins::Runtime::new(&Default::default(), Arc::new(SystemClock))?;
+    let v = rt.inspect(&bytes, &file.display().to_string())?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&v)?);
+    } else {
+        print!("{}", tollgate::plugins::inspect::inspection_text(&v));
+    }
+    if v["loadable"] != serde_json::Value::Bool(true) {
+        std::process::exit(1);
+    }
     Ok(())
 }
 

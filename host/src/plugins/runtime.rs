@@ -14,12 +14,14 @@ use crate::config::{PluginSlotConfig, RuntimeConfig};
 
 /// The process-wide wasmtime engine, linker and epoch ticker.
 pub struct Runtime {
-    engine: Engine,
-    linker: Linker<StoreState>,
+    pub(super) engine: Engine,
+    pub(super) linker: Linker<StoreState>,
     tick_ms: u64,
     idle_instances: usize,
     clock: Arc<dyn Clock>,
     stop: Arc<AtomicBool>,
+    /// Where compiled artifacts are kept, and the engine-settings part of their key.
+    cache: Option<(std::path::PathBuf, u64)>,
 }
 
 impl Drop for Runtime {
@@ -78,7 +80,17 @@ impl Runtime {
             })
             .map_err(|e| LoadError::Engine(format!("cannot start epoch thread: {e}")))?;
 
+        let cache = cfg.cache_dir.clone().map(|dir| {
+            use std::hash::{Hash, Hasher};
+            // Artifacts only load into an engine built with the same
+            // settings and wasmtime version; the key says which.
+            let mut h = std::collections::hash_map::DefaultHasher::new();
+            engine.precompile_compatibility_hash().hash(&mut h);
+            env!("CARGO_PKG_VERSION").hash(&mut h);
+            (dir, h.finish())
+        });
         Ok(Arc::new(Self {
+            cache,
             engine,
             linker,
             tick_ms: cfg.epoch_tick_ms.max(1),
@@ -120,10 +132,15 @@ impl Runtime {
                 actual: digest,
             });
         }
-        let component = Component::new(&self.engine, bytes).map_err(|e| LoadError::Compile {
-            path: path.into(),
-            message: format!("{e:#}"),
-        })?;
+        let started = std::time::Instant::now();
+        let (component, cached) = self
+            .compile(bytes, &digest)
+            .map_err(|e| LoadError::Compile {
+                path: path.into(),
+                message: format!("{e:#}"),
+            })?;
+        let compile_ms = started.elapsed().as_secs_f64() * 1000.0;
+        tracing::debug!(plugin = path, sha256 = %digest, from_cache = cached, ms = compile_ms, "plugin compiled");
         let instance_pre =
             self.linker
                 .instantiate_pre(&component)
@@ -147,6 +164,10 @@ impl Runtime {
         let plugin = Plugin {
             name: Arc::from(slot.display_name()),
             digest,
+            compiled: Compiled {
+                from_cache: cached,
+                ms: compile_ms,
+            },
             runtime: self.clone(),
             pre,
             config_json: slot.config_json(),
@@ -172,6 +193,62 @@ impl Runtime {
     }
 }
 
+impl Runtime {
+    /// The compiled component: from the artifact cache when it holds this
+    /// digest for this engine, else compiled (and stored there). Returns
+    /// whether it came from the cache.
+    fn compile(&self, bytes: &[u8], digest: &str) -> wasmtime::Result<(Component, bool)> {
+        let Some((dir, engine_key)) = &self.cache else {
+            return Ok((Component::new(&self.engine, bytes)?, false));
+        };
+        let path = dir.join(format!("{digest}-{engine_key:016x}.cwasm"));
+        if path.exists() {
+            match load_artifact(&self.engine, &path) {
+                Ok(c) => return Ok((c, true)),
+                Err(e) => {
+                    tracing::warn!(path = %path.display(), "compiled plugin unusable, compiling again: {e:#}");
+                    let _ = std::fs::remove_file(&path);
+                }
+            }
+        }
+        let artifact = self.engine.precompile_component(bytes)?;
+        let component = load_artifact_bytes(&self.engine, &artifact)?;
+        let tmp = path.with_extension(format!("tmp{}", std::process::id()));
+        let stored = std::fs::create_dir_all(dir)
+            .and_then(|()| std::fs::write(&tmp, &artifact))
+            .and_then(|()| std::fs::rename(&tmp, &path));
+        if let Err(e) = stored {
+            let _ = std::fs::remove_file(&tmp);
+            tracing::warn!(dir = %dir.display(), "cannot keep the compiled plugin: {e}");
+        }
+        Ok((component, false))
+    }
+}
+
+/// Loads a compiled artifact from the cache directory.
+///
+/// The file is read into memory rather than mapped: a mapped file that
+/// someone truncates or rewrites in place would crash the process (SIGBUS)
+/// the next time the plugin runs.
+fn load_artifact(engine: &Engine, path: &std::path::Path) -> wasmtime::Result<Component> {
+    let bytes = std::fs::read(path)?;
+    load_artifact_bytes(engine, &bytes)
+}
+
+/// Turns a compiled artifact into a component.
+///
+/// `unsafe` because wasmtime runs the machine code in it as is. Artifacts
+/// are trusted the way the gateway binary is: they come from this engine's
+/// `precompile_component`, either just now or through `runtime.cache_dir`,
+/// which only the gateway writes to (atomically, named by the sha256 of the
+/// component it compiled); wasmtime still checks that the artifact was made
+/// by this wasmtime version with these engine settings.
+#[allow(unsafe_code)]
+fn load_artifact_bytes(engine: &Engine, artifact: &[u8]) -> wasmtime::Result<Component> {
+    // SAFETY: see above.
+    unsafe { Component::deserialize(engine, artifact) }
+}
+
 #[derive(Debug, Clone, Copy)]
 struct Limits {
     deadline_ms: u64,
@@ -189,10 +266,19 @@ pub(super) struct Warm<K: Kind> {
     started: Option<std::time::Instant>,
 }
 
+/// How a plugin's machine code was obtained.
+#[derive(Debug, Clone, Copy)]
+pub struct Compiled {
+    /// Read from `runtime.cache_dir` instead of compiled.
+    pub from_cache: bool,
+    pub ms: f64,
+}
+
 /// One loaded plugin: compiled once, instantiated on demand, kept warm.
 pub struct Plugin<K: Kind> {
     name: Arc<str>,
     digest: String,
+    compiled: Compiled,
     runtime: Arc<Runtime>,
     pre: K::Pre,
     config_json: String,
@@ -214,6 +300,10 @@ impl<K: Kind> Plugin<K> {
 
     pub fn stats(&self) -> &PluginStats {
         &self.stats
+    }
+
+    pub fn compiled(&self) -> Compiled {
+        self.compiled
     }
 
     /// What a reviewer needs to know about a loaded plugin: identity,
@@ -241,6 +331,10 @@ impl<K: Kind> Plugin<K> {
                 "network": false,
                 "environment": false,
                 "host_imports": ["count-tokens", "hash", "now-ms", "log"],
+            },
+            "compiled": {
+                "from_cache": self.compiled.from_cache,
+                "ms": (self.compiled.ms * 10.0).round() / 10.0,
             },
             "calls": self.stats.calls.load(Ordering::Relaxed),
             "instantiations": self.stats.instantiations.load(Ordering::Relaxed),

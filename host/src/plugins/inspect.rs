@@ -1,0 +1,161 @@
+//! `tollgate plugin inspect`: what a security reviewer reads before a
+//! plugin is deployed — the world it implements, everything it imports and
+//! exports, its size and digest, and which capabilities those imports ask
+//! for next to what the gateway grants.
+
+use serde_json::{Value, json};
+use wasmtime::component::Component;
+use wasmtime::component::types::ComponentItem;
+
+use super::LoadError;
+use super::runtime::Runtime;
+
+/// What an import asks for, and what the gateway gives it.
+fn capability(name: &str) -> (&'static str, &'static str) {
+    let iface = name.split('@').next().unwrap_or(name);
+    match iface {
+        "tollgate:policy/host" => (
+            "host functions",
+            "granted: count-tokens, hash, now-ms (gateway clock), log (capped per call)",
+        ),
+        "tollgate:policy/types" => ("policy types", "granted (types only)"),
+        i if i.starts_with("wasi:filesystem/") => (
+            "filesystem",
+            "linked, but no directory is opened: every file access fails",
+        ),
+        i if i.starts_with("wasi:sockets/") => (
+            "network",
+            "linked, but no network access is allowed: every socket call fails",
+        ),
+        "wasi:cli/environment" => ("environment", "linked, empty: no variables, no arguments"),
+        i if i.starts_with("wasi:cli/std") || i.starts_with("wasi:cli/terminal") => (
+            "standard streams",
+            "linked: stdin is empty, stdout is discarded, stderr is kept as the plugin's error tail",
+        ),
+        "wasi:cli/exit" => ("exit", "linked: exiting traps the call"),
+        i if i.starts_with("wasi:clocks/") => ("clocks", "linked: wall and monotonic clocks"),
+        i if i.starts_with("wasi:random/") => ("randomness", "linked"),
+        i if i.starts_with("wasi:io/") => ("streams and polling", "linked"),
+        _ => (
+            "unknown",
+            "not offered by the gateway: the plugin is refused at load",
+        ),
+    }
+}
+
+fn world_of(exports: &[String]) -> Option<&'static str> {
+    let has = |n: &str| exports.iter().any(|e| e == n);
+    if !has("init") {
+        return None;
+    }
+    if has("route") {
+        Some("router")
+    } else if has("compress") {
+        Some("compressor")
+    } else if has("lookup") && has("admit") {
+        Some("cache-policy")
+    } else if has("check") {
+        Some("budget-rule")
+    } else {
+        None
+    }
+}
+
+impl Runtime {
+    /// Describes a component without instantiating it or running any of its code.
+    pub fn inspect(&self, bytes: &[u8], path: &str) -> Result<Value, LoadError> {
+        let component = Component::new(&self.engine, bytes).map_err(|e| LoadError::Compile {
+            path: path.into(),
+            message: format!("{e:#}"),
+        })?;
+        let ty = component.component_type();
+        let mut imports = Vec::new();
+        for (name, item) in ty.imports(&self.engine) {
+            let functions: Vec<String> = match item.ty {
+                ComponentItem::ComponentInstance(i) => i
+                    .exports(&self.engine)
+                    .map(|(n, _)| n.to_string())
+                    .collect(),
+                _ => Vec::new(),
+            };
+            let (what, granted) = capability(name);
+            imports.push(json!({
+                "name": name, "capability": what, "gateway": granted, "items": functions,
+            }));
+        }
+        let exports: Vec<String> = ty
+            .exports(&self.engine)
+            .map(|(n, _)| n.to_string())
+            .collect();
+        let world = world_of(&exports);
+        let links = self
+            .linker
+            .instantiate_pre(&component)
+            .err()
+            .map(|e| format!("{e:#}"));
+        let mut needs: Vec<&str> = imports
+            .iter()
+            .filter_map(|i| i["capability"].as_str())
+            .filter(|c| !matches!(*c, "host functions" | "policy types"))
+            .collect();
+        needs.sort_unstable();
+        needs.dedup();
+        Ok(json!({
+            "file": path,
+            "bytes": bytes.len(),
+            "sha256": super::sha256_hex(bytes),
+            "world": world,
+            "exports": exports,
+            "imports": imports,
+            "wasi_capabilities_imported": needs,
+            "loadable": links.is_none() && world.is_some(),
+            "refused_because": links.or_else(|| world.is_none().then(|| {
+                "exports match no policy world (router, compressor, cache-policy, budget-rule)".to_string()
+            })),
+        }))
+    }
+}
+
+/// The inspection as text for a terminal.
+pub fn inspection_text(v: &Value) -> String {
+    use std::fmt::Write as _;
+    let s = |k: &str| v[k].as_str().unwrap_or("-").to_string();
+    let mut out = String::new();
+    let _ = writeln!(out, "file      {}", s("file"));
+    let _ = writeln!(out, "size      {} bytes", v["bytes"]);
+    let _ = writeln!(out, "sha256    {}", s("sha256"));
+    let _ = writeln!(
+        out,
+        "world     {}",
+        v["world"].as_str().unwrap_or("none (not a policy plugin)")
+    );
+    let exports: Vec<&str> = v["exports"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(Value::as_str)
+        .collect();
+    let _ = writeln!(out, "exports   {}", exports.join(", "));
+    let _ = writeln!(out, "imports");
+    for i in v["imports"].as_array().into_iter().flatten() {
+        let _ = writeln!(
+            out,
+            "  {:<40} {:<20} {}",
+            i["name"].as_str().unwrap_or(""),
+            i["capability"].as_str().unwrap_or(""),
+            i["gateway"].as_str().unwrap_or("")
+        );
+    }
+    match v["refused_because"].as_str() {
+        None => {
+            let _ = writeln!(
+                out,
+                "verdict   loadable: imports only what the gateway offers"
+            );
+        }
+        Some(why) => {
+            let _ = writeln!(out, "verdict   refused at load: {why}");
+        }
+    }
+    out
+}

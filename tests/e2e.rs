@@ -1678,3 +1678,106 @@ fn plugin_inspect_shows_what_a_reviewer_needs() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("not a valid WebAssembly component"));
 }
+
+#[tokio::test]
+async fn a_shadow_router_is_compared_not_applied() {
+    let token = "test-admin-token-0123456789";
+    let cfg = "[admin]\nlisten = \"127.0.0.1:0\"\nplugin_dir = \"{plugins}\"\n\
+               [ledger]\nflush_interval_ms = 20\n\
+               [plugins.router]\npath = \"{plugins}/rules_router.wasm\"\n\
+               config = { default = \"gpt-4.1-mini\" }\n";
+    let gw = gateway_env(cfg, &[("TOLLGATE_ADMIN_TOKEN", token)]);
+    let admin = gw.admin_base();
+    let call = |method: reqwest::Method, path: &str, body: Option<Value>| {
+        let mut r = http()
+            .request(method, format!("{admin}{path}"))
+            .header("authorization", format!("Bearer {token}"));
+        if let Some(b) = body {
+            r = r
+                .header("content-type", "application/json")
+                .body(b.to_string());
+        }
+        async move {
+            let resp = r.send().await.unwrap();
+            let status = resp.status().as_u16();
+            (
+                status,
+                serde_json::from_str::<Value>(&resp.text().await.unwrap()).unwrap(),
+            )
+        }
+    };
+    let (s, v) = call(
+        reqwest::Method::POST,
+        "/v1/plugins/router/load",
+        Some(json!({"path": "tier_router.wasm", "config": tier_router_config()})),
+    )
+    .await;
+    assert_eq!(s, 200, "{v}");
+    let digest = v["sha256"].as_str().unwrap().to_string();
+    let (s, v) = call(
+        reqwest::Method::POST,
+        "/v1/plugins/router/shadow",
+        Some(json!({"sha256": digest})),
+    )
+    .await;
+    assert_eq!(s, 200, "{v}");
+    let (s, e) = call(
+        reqwest::Method::POST,
+        "/v1/plugins/compressor/shadow",
+        Some(json!({"sha256": digest})),
+    )
+    .await;
+    assert_eq!(s, 404, "{e}"); // nothing loaded for that slot
+
+    let hard =
+        "Why did our churn rise? Compare both options, explain the trade-off and recommend one.";
+    for q in [hard, "How do I reset my password?"] {
+        let r = chat(&gw.base, &[], ask(q)).await;
+        assert_eq!(r.status, 200);
+        assert_eq!(
+            r.header("x-tollgate-model"),
+            "gpt-4.1-mini",
+            "the shadow is not applied"
+        );
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let (s, rep) = call(reqwest::Method::GET, "/v1/plugins/shadow", None).await;
+    assert_eq!(s, 200);
+    let line = &rep["shadows"][0];
+    assert_eq!(line["slot"], "router");
+    assert_eq!(line["sha256"], digest.as_str());
+    assert_eq!(line["requests"], 2);
+    assert_eq!(line["agreement_rate"], 0.5, "{rep}");
+    assert_eq!(line["priced_requests"], 2);
+    assert!(
+        line["cost_difference_usd"].as_f64().unwrap() > 0.0,
+        "gpt-4o costs more: {rep}"
+    );
+
+    let (s, _) = call(reqwest::Method::DELETE, "/v1/plugins/router/shadow", None).await;
+    assert_eq!(s, 200);
+    assert_eq!(chat(&gw.base, &[], ask("one more")).await.status, 200);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let (_, rep) = call(reqwest::Method::GET, "/v1/plugins/shadow", None).await;
+    assert_eq!(
+        rep["shadows"][0]["requests"], 2,
+        "no shadow after it was removed"
+    );
+    let ledger = gw._dir.path().join("tollgate-ledger.sqlite");
+    let out = tollgate_ok(&[
+        "report".as_ref(),
+        "--ledger".as_ref(),
+        ledger.as_os_str(),
+        "--shadow".as_ref(),
+    ]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("router") && text.contains("50.00%"), "{text}");
+    let (_, c) = call(reqwest::Method::GET, "/v1/plugins/changes", None).await;
+    let actions: Vec<&str> = c["changes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x["action"].as_str().unwrap())
+        .collect();
+    assert_eq!(&actions[..2], ["unshadow", "shadow"], "{c}");
+}

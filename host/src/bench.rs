@@ -543,7 +543,7 @@ async fn bench_load(args: &BenchArgs) -> Result<Value> {
         }
         let med = |v: &mut Vec<f64>| {
             v.sort_by(f64::total_cmp);
-            round1(v[v.len() / 2] * 10.0) / 10.0
+            round1(v[v.len() / 2])
         };
         out.insert(
             name.into(),

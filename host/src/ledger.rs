@@ -50,7 +50,8 @@ CREATE TABLE IF NOT EXISTS requests (
     unpriced          INTEGER NOT NULL,
     cache_origin      TEXT,
     calls             TEXT NOT NULL DEFAULT '[]',
-    request_body      TEXT
+    request_body      TEXT,
+    shadow            TEXT NOT NULL DEFAULT '[]'
 );
 CREATE INDEX IF NOT EXISTS requests_ts ON requests (ts_ms);
 CREATE INDEX IF NOT EXISTS requests_tenant_ts ON requests (tenant, ts_ms);
@@ -106,6 +107,23 @@ pub struct CallRecord {
     pub cost_usd: Option<f64>,
 }
 
+/// What a shadow plugin decided for a request, beside the active decision.
+#[derive(Debug, Clone, Serialize, serde::Deserialize, PartialEq, Default)]
+pub struct ShadowRecord {
+    pub slot: String,
+    pub plugin: String,
+    pub digest: String,
+    pub decision: String,
+    /// The same decision as the active plugin's.
+    pub agrees: bool,
+    /// Router shadows: the model it would have sent the request to.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub model: Option<String>,
+    /// Router shadows: the answering call's usage priced at that model.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cost_usd: Option<f64>,
+}
+
 /// Everything the ledger keeps about one request.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Row {
@@ -147,6 +165,8 @@ pub struct Row {
     pub calls: Vec<CallRecord>,
     /// The request body as received, when `ledger.record_bodies` is on.
     pub request_body: Option<String>,
+    /// Decisions of shadow plugins.
+    pub shadow: Vec<ShadowRecord>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -295,6 +315,10 @@ pub fn open_db(path: &Path) -> Result<Connection, LedgerError> {
             conn.execute_batch("ALTER TABLE requests ADD COLUMN calls TEXT NOT NULL DEFAULT '[]'")
                 .map_err(&err)?;
         }
+        if !has("shadow")? {
+            conn.execute_batch("ALTER TABLE requests ADD COLUMN shadow TEXT NOT NULL DEFAULT '[]'")
+                .map_err(&err)?;
+        }
         if !has("request_body")? {
             conn.execute_batch("ALTER TABLE requests ADD COLUMN request_body TEXT")
                 .map_err(&err)?;
@@ -351,13 +375,14 @@ fn insert_batch(
             "INSERT OR REPLACE INTO requests (request_id, request_hash, ts_ms, tenant, user, feature, task, step,
              model_asked, model_served, provider, decisions, cache, stream, prompt_tokens, cached_tokens,
              cache_write_tokens, completion_tokens, tokens_saved, chars_before, chars_after, latency_ms,
-             upstream_ms, status, error_code, cost_usd, estimated, unpriced, cache_origin, calls, request_body)
+             upstream_ms, status, error_code, cost_usd, estimated, unpriced, cache_origin, calls, request_body, shadow)
              VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19,
-                     ?20, ?21, ?22, ?23, ?24, ?25, ?26, ?27, ?28, ?29, ?30, ?31)",
+                     ?20, ?21, ?22, ?23, ?24, ?25, ?26, ?27, ?28, ?29, ?30, ?31, ?32)",
         )?;
         for r in rows {
             let decisions = serde_json::to_string(&r.decisions).unwrap_or_else(|_| "[]".into());
             let calls = serde_json::to_string(&r.calls).unwrap_or_else(|_| "[]".into());
+            let shadow = serde_json::to_string(&r.shadow).unwrap_or_else(|_| "[]".into());
             st.execute(params![
                 r.request_id,
                 r.request_hash,
@@ -390,6 +415,7 @@ fn insert_batch(
                 r.cache_origin,
                 calls,
                 r.request_body,
+                shadow,
             ])?;
         }
     }
@@ -612,7 +638,8 @@ mod tests {
             let v1 = SCHEMA
                 .replace(",\n    cache_origin      TEXT", "")
                 .replace(",\n    calls             TEXT NOT NULL DEFAULT '[]'", "")
-                .replace(",\n    request_body      TEXT", "");
+                .replace(",\n    request_body      TEXT", "")
+                .replace(",\n    shadow            TEXT NOT NULL DEFAULT '[]'", "");
             assert!(!v1.contains("calls"));
             c.execute_batch(&v1).unwrap();
             c.pragma_update(None, "user_version", 1).unwrap();

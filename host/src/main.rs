@@ -135,6 +135,10 @@ struct ReportArgs {
     top: Option<usize>,
     #[arg(long, value_enum, default_value = "table")]
     format: ReportFormat,
+    /// Shadow plugins instead: agreement with the active plugin and the cost
+    /// difference they would have made.
+    #[arg(long)]
+    shadow: bool,
 }
 
 /// A ledger and the part of it a command reads.
@@ -476,6 +480,14 @@ fn report(args: ReportArgs) -> Result<()> {
         tenant: args.range.tenant,
         top: args.top,
     };
+    if args.shadow {
+        let lines = tollgate::report::shadows(&conn, &query)?;
+        match args.format {
+            ReportFormat::Json => println!("{}", serde_json::json!({ "shadows": lines })),
+            _ => print!("{}", tollgate::report::shadows_table(&lines)),
+        }
+        return Ok(());
+    }
     let rep = tollgate::report::run(&conn, &config.catalog()?, &query)?;
     let out = match args.format {
         ReportFormat::Table => rep.table(),

@@ -553,3 +553,91 @@ mod tests {
         );
     }
 }
+
+/// How a shadow plugin compares with the active plugin of its slot.
+#[derive(Debug, Clone, Default, Serialize, PartialEq)]
+pub struct ShadowLine {
+    pub slot: String,
+    pub plugin: String,
+    pub sha256: String,
+    pub requests: u64,
+    pub agreements: u64,
+    pub agreement_rate: f64,
+    /// Router shadows: requests where both costs are known.
+    pub priced_requests: u64,
+    pub actual_cost_usd: f64,
+    /// What the same answers would have cost on the shadow's models.
+    pub shadow_cost_usd: f64,
+    /// shadow - actual: negative means the shadow would have saved money.
+    pub cost_difference_usd: f64,
+}
+
+/// Agreement rate and cost difference of every shadow in the range.
+pub fn shadows(conn: &Connection, q: &Query) -> Result<Vec<ShadowLine>, ReportError> {
+    let mut st = conn.prepare(
+        "SELECT shadow, cost_usd FROM requests
+         WHERE shadow != '[]' AND ts_ms >= ?1 AND ts_ms < ?2 AND (?3 IS NULL OR tenant = ?3)",
+    )?;
+    let since = q.since_ms.unwrap_or(0).min(i64::MAX as u64) as i64;
+    let until = q.until_ms.unwrap_or(i64::MAX as u64).min(i64::MAX as u64) as i64;
+    let mut acc: std::collections::BTreeMap<(String, String, String), ShadowLine> =
+        std::collections::BTreeMap::new();
+    let rows = st.query_map(rusqlite::params![since, until, q.tenant], |r| {
+        Ok((r.get::<_, String>(0)?, r.get::<_, Option<f64>>(1)?))
+    })?;
+    for row in rows {
+        let (json, cost) = row?;
+        let records: Vec<crate::ledger::ShadowRecord> =
+            serde_json::from_str(&json).unwrap_or_default();
+        for s in records {
+            let key = (s.slot.clone(), s.plugin.clone(), s.digest.clone());
+            let l = acc.entry(key).or_insert_with(|| ShadowLine {
+                slot: s.slot.clone(),
+                plugin: s.plugin.clone(),
+                sha256: s.digest.clone(),
+                ..ShadowLine::default()
+            });
+            l.requests += 1;
+            l.agreements += u64::from(s.agrees);
+            if let (Some(actual), Some(shadow)) = (cost, s.cost_usd) {
+                l.priced_requests += 1;
+                l.actual_cost_usd += actual;
+                l.shadow_cost_usd += shadow;
+            }
+        }
+    }
+    Ok(acc
+        .into_values()
+        .map(|mut l| {
+            l.agreement_rate = l.agreements as f64 / l.requests.max(1) as f64;
+            l.cost_difference_usd = l.shadow_cost_usd - l.actual_cost_usd;
+            l
+        })
+        .collect())
+}
+
+/// Shadow lines as aligned text.
+pub fn shadows_table(lines: &[ShadowLine]) -> String {
+    let mut out = String::from(
+        "slot          plugin                sha256        requests  agreement  priced  actual_usd  shadow_usd  difference_usd\n",
+    );
+    for l in lines {
+        let _ = writeln!(
+            out,
+            "{:<13} {:<21} {:<13} {:>8}  {:>8.2}%  {:>6}  {:>10.6}  {:>10.6}  {:>+14.6}",
+            l.slot,
+            l.plugin,
+            &l.sha256[..l.sha256.len().min(12)],
+            l.requests,
+            l.agreement_rate * 100.0,
+            l.priced_requests,
+            l.actual_cost_usd,
+            l.shadow_cost_usd,
+            l.cost_difference_usd
+        );
+    }
+    if lines.is_empty() {
+        out.push_str("(no shadow decisions in range)\n");
+    }
+    out
+}

@@ -104,15 +104,7 @@ fn spend_query(query: Option<&str>) -> Result<report::Query, ApiError> {
 
 async fn spend(gw: Arc<Gateway>, query: Option<String>) -> Result<Bytes, ApiError> {
     let q = spend_query(query.as_deref())?;
-    let Some(ledger) = &gw.ledger else {
-        return Err(ApiError::new(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "api_error",
-            "ledger_disabled",
-            "the ledger is disabled (ledger.enabled = false)",
-        ));
-    };
-    let path = ledger.path().to_path_buf();
+    let path = ledger_path(&gw)?;
     let catalog = gw.catalog.clone();
     let internal = |m: String| {
         ApiError::new(
@@ -156,16 +148,57 @@ async fn plugin_call(
         ("load", Method::POST) => plugins::load(gw, slot, &who, &body).await,
         ("activate", Method::POST) => plugins::activate(gw, slot, &who, &body).await,
         ("rollback", Method::POST) => plugins::rollback(gw, slot, &who).await,
+        ("shadow", Method::POST) => plugins::shadow(gw, slot, &who, Some(&body)).await,
+        ("shadow", Method::DELETE) => plugins::shadow(gw, slot, &who, None).await,
         ("", Method::DELETE) => plugins::remove(gw, slot, &who).await,
         (_, m) => Err(ApiError::new(
             StatusCode::NOT_FOUND,
             "invalid_request_error",
             "unknown_url",
             format!(
-                "Unknown admin URL: {m} /v1/plugins/{rest} (POST .../load, .../activate, .../rollback; DELETE /v1/plugins/SLOT)"
+                "Unknown admin URL: {m} /v1/plugins/{rest} (POST .../load, .../activate, .../rollback, .../shadow; DELETE /v1/plugins/SLOT, /v1/plugins/SLOT/shadow)"
             ),
         )),
     }
+}
+
+/// `GET /v1/plugins/shadow?since=&until=&tenant=`: each shadow's agreement
+/// rate and the cost difference it would have made.
+async fn shadow_report(gw: Arc<Gateway>, query: Option<String>) -> Result<Bytes, ApiError> {
+    let q = spend_query(query.as_deref())?;
+    let path = ledger_path(&gw)?;
+    let internal = |m: String| {
+        ApiError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "api_error",
+            "report_failed",
+            m,
+        )
+    };
+    tokio::task::spawn_blocking(move || {
+        let conn = crate::ledger::open_db(&path).map_err(|e| internal(e.to_string()))?;
+        let lines = report::shadows(&conn, &q).map_err(|e| internal(e.to_string()))?;
+        Ok(Bytes::from(
+            serde_json::json!({ "shadows": lines }).to_string(),
+        ))
+    })
+    .await
+    .map_err(|e| internal(e.to_string()))?
+}
+
+/// The ledger file, or 503 when the ledger is off.
+fn ledger_path(gw: &Gateway) -> Result<std::path::PathBuf, ApiError> {
+    gw.ledger
+        .as_ref()
+        .map(|l| l.path().to_path_buf())
+        .ok_or_else(|| {
+            ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "api_error",
+                "ledger_disabled",
+                "the ledger is disabled (ledger.enabled = false)",
+            )
+        })
 }
 
 async fn changes(gw: Arc<Gateway>, query: Option<String>) -> Result<Bytes, ApiError> {
@@ -194,15 +227,7 @@ async fn changes(gw: Arc<Gateway>, query: Option<String>) -> Result<Bytes, ApiEr
             }
         }
     }
-    let Some(ledger) = &gw.ledger else {
-        return Err(ApiError::new(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "api_error",
-            "ledger_disabled",
-            "the ledger is disabled (ledger.enabled = false)",
-        ));
-    };
-    let path = ledger.path().to_path_buf();
+    let path = ledger_path(&gw)?;
     let internal = |m: String| {
         ApiError::new(
             StatusCode::INTERNAL_SERVER_ERROR,
@@ -239,6 +264,7 @@ async fn route(gw: Arc<Gateway>, token: Arc<str>, req: Request<Incoming>) -> Res
     let path = req.uri().path().to_string();
     if let Some(rest) = path.strip_prefix("/v1/plugins/")
         && rest != "changes"
+        && rest != "shadow"
     {
         return match plugin_call(&gw, rest, req).await {
             Ok(v) => json_response(StatusCode::OK, Bytes::from(v.to_string())),
@@ -253,6 +279,12 @@ async fn route(gw: Arc<Gateway>, token: Arc<str>, req: Request<Incoming>) -> Res
                 o.extend(extra);
             }
             json_response(StatusCode::OK, Bytes::from(v.to_string()))
+        }
+        ("/v1/plugins/shadow", &Method::GET) => {
+            match shadow_report(gw, req.uri().query().map(str::to_string)).await {
+                Ok(body) => json_response(StatusCode::OK, body),
+                Err(e) => error_response(&e),
+            }
         }
         ("/v1/plugins/changes", &Method::GET) => {
             match changes(gw, req.uri().query().map(str::to_string)).await {

@@ -365,6 +365,67 @@ pub async fn rollback(gw: &Arc<Gateway>, slot: SlotId, actor: &str) -> Result<Va
     put(gw, slot, previous, actor, "rollback").await
 }
 
+/// `POST /v1/plugins/{slot}/shadow` with the `sha256` of a loaded version,
+/// or `DELETE /v1/plugins/{slot}/shadow` (`raw` None) to stop shadowing.
+pub async fn shadow(
+    gw: &Arc<Gateway>,
+    slot: SlotId,
+    actor: &str,
+    raw: Option<&[u8]>,
+) -> Result<Value, ApiError> {
+    let plugin = match raw {
+        Some(raw) => {
+            let o = crate::api::parse_object(raw)?;
+            let digest = o.get("sha256").and_then(Value::as_str).ok_or_else(|| {
+                bad(
+                    "missing_required_parameter",
+                    "give the `sha256` of a loaded version",
+                )
+                .param("sha256")
+            })?;
+            let found = gw
+                .versions
+                .lock()
+                .await
+                .find(slot, digest)
+                .map(|s| s.plugin.clone());
+            Some(found.map_err(|m| refused(StatusCode::NOT_FOUND, "version_not_loaded", m))?)
+        }
+        None => None,
+    };
+    let versions = gw.versions.lock().await;
+    let current = gw.plugins.load_full();
+    let before = current.shadow_of(slot);
+    if plugin.is_none() && before.is_none() {
+        return Err(refused(
+            StatusCode::NOT_FOUND,
+            "no_shadow",
+            format!("slot {slot} has no shadow"),
+        ));
+    }
+    let next = current
+        .with_shadow(slot, plugin.clone())
+        .map_err(|m| refused(StatusCode::CONFLICT, "slot_mismatch", m))?;
+    gw.plugins.store(Arc::new(next));
+    drop(versions);
+    let (action, shown) = match &plugin {
+        Some(p) => ("shadow", Some(p)),
+        None => ("unshadow", before.as_ref()),
+    };
+    change(
+        gw,
+        actor,
+        action,
+        slot,
+        shown,
+        format!("{action} for slot {slot}"),
+    );
+    Ok(json!({
+        "slot": slot.to_string(),
+        "shadow": plugin.as_ref().map(|p| json!({"name": p.name(), "sha256": p.digest()})),
+    }))
+}
+
 /// `DELETE /v1/plugins/{slot}`.
 pub async fn remove(gw: &Arc<Gateway>, slot: SlotId, actor: &str) -> Result<Value, ApiError> {
     if gw.plugins.load().get(slot).is_none() {

@@ -145,6 +145,10 @@ impl Accounting {
         let latency_ms = self.started.elapsed().as_secs_f64() * 1000.0;
         let upstream_ms = self.upstream_started.elapsed().as_secs_f64() * 1000.0;
         let mut row = std::mem::take(&mut self.row);
+        // What a router shadow's model would have cost for the same usage.
+        for s in row.shadow.iter_mut().filter(|s| s.slot == "router") {
+            s.cost_usd = s.model.as_deref().and_then(|m| gw.catalog.cost(m, &usage));
+        }
         row.calls.push(CallRecord {
             model: self.model.clone(),
             provider: row.provider.clone().unwrap_or_default(),

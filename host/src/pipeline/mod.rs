@@ -17,6 +17,7 @@
 
 mod account;
 pub mod identity;
+mod shadow;
 mod stream;
 mod task_guard;
 pub mod view;
@@ -413,6 +414,7 @@ impl Gateway {
             if let Some(v) = &verdict {
                 decided(rec, slot, format!("{v:?}"));
             }
+            shadow::budget(&plugins, &view, &spend, verdict.as_ref(), rec).await;
             match verdict {
                 None | Some(Verdict::Allow) => {}
                 Some(Verdict::Deny(reason)) => {
@@ -463,7 +465,9 @@ impl Gateway {
         let mut cache_plan = None;
         let mut cache_outcome = "bypass";
         if let Some(slot) = &plugins.cache_policy {
-            match contain(slot, slot.plugin.lookup(&view).await, rec)? {
+            let decision = contain(slot, slot.plugin.lookup(&view).await, rec)?;
+            shadow::cache(&plugins, &view, decision.as_ref(), rec).await;
+            match decision {
                 Some(CacheDecision::Lookup(l)) => {
                     decided(
                         rec,
@@ -494,15 +498,35 @@ impl Gateway {
         rec.cache = cache_outcome;
         self.metrics.cache(cache_outcome);
 
-        // 5. Route.
+        // 5. Route. A router shadow runs even when the slot is empty: it is
+        // then compared with keeping the asked model.
         let default_model = ceiling.clone().unwrap_or_else(|| req.model.clone());
-        let mut ladder = vec![default_model];
-        if let Some(slot) = &plugins.router {
-            let candidates = self.candidates(ceiling.as_deref());
-            let decision = contain(slot, slot.plugin.route(&view, &candidates).await, rec)?;
-            if let Some(d) = &decision {
-                decided(rec, slot, format!("{d:?}"));
+        let mut ladder = vec![default_model.clone()];
+        let candidates = if plugins.router.is_some() || plugins.shadow.router.is_some() {
+            self.candidates(ceiling.as_deref())
+        } else {
+            Vec::new()
+        };
+        let decision = match &plugins.router {
+            Some(slot) => {
+                let d = contain(slot, slot.plugin.route(&view, &candidates).await, rec)?;
+                if let Some(d) = &d {
+                    decided(rec, slot, format!("{d:?}"));
+                }
+                d
             }
+            None => Some(RouteDecision::Keep),
+        };
+        shadow::route(
+            &plugins,
+            &view,
+            &candidates,
+            decision.as_ref(),
+            &default_model,
+            rec,
+        )
+        .await;
+        if let Some(slot) = &plugins.router {
             match decision {
                 None | Some(RouteDecision::Keep) => {}
                 Some(RouteDecision::UseModel(m)) => ladder = vec![m],

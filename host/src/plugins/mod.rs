@@ -190,6 +190,16 @@ pub struct PluginSet {
     pub compressors: Vec<Slot<CompressorKind>>,
     pub cache_policy: Option<Slot<CachePolicyKind>>,
     pub budget_rule: Option<Slot<BudgetRuleKind>>,
+    /// Shadows see the same requests as the active plugin of their slot;
+    /// their decisions are recorded and compared, never applied.
+    pub shadow: Shadows,
+}
+
+#[derive(Default, Clone)]
+pub struct Shadows {
+    pub router: Option<Slot<RouterKind>>,
+    pub cache_policy: Option<Slot<CachePolicyKind>>,
+    pub budget_rule: Option<Slot<BudgetRuleKind>>,
 }
 
 /// A reference to any plugin, for listing and metrics.
@@ -228,7 +238,25 @@ impl PluginSet {
         );
         out.extend(self.cache_policy.iter().map(|s| one("cache_policy", s)));
         out.extend(self.budget_rule.iter().map(|s| one("budget_rule", s)));
-        serde_json::json!({ "plugins": out })
+        let shadows: Vec<serde_json::Value> = self
+            .shadow
+            .router
+            .iter()
+            .map(|s| one("router", s))
+            .chain(
+                self.shadow
+                    .cache_policy
+                    .iter()
+                    .map(|s| one("cache_policy", s)),
+            )
+            .chain(
+                self.shadow
+                    .budget_rule
+                    .iter()
+                    .map(|s| one("budget_rule", s)),
+            )
+            .collect();
+        serde_json::json!({ "plugins": out, "shadows": shadows })
     }
 
     pub fn summaries(&self) -> Vec<PluginSummary<'_>> {

@@ -158,6 +158,46 @@ impl PluginSet {
     }
 }
 
+impl PluginSet {
+    /// The shadow of a slot, if any.
+    pub fn shadow_of(&self, id: SlotId) -> Option<AnySlot> {
+        match id {
+            SlotId::Router => self.shadow.router.clone().map(AnySlot::Router),
+            SlotId::CachePolicy => self.shadow.cache_policy.clone().map(AnySlot::CachePolicy),
+            SlotId::BudgetRule => self.shadow.budget_rule.clone().map(AnySlot::BudgetRule),
+            SlotId::Compressor(_) => None,
+        }
+    }
+
+    /// A copy of this set with `plugin` as the shadow of slot `id` (None
+    /// removes it). Compressors have no shadow: their rewrite changes what
+    /// every later step sees, so it cannot be compared on the same request.
+    pub fn with_shadow(&self, id: SlotId, plugin: Option<AnySlot>) -> Result<PluginSet, String> {
+        let mut set = self.clone();
+        match (id, plugin) {
+            (SlotId::Router, None) => set.shadow.router = None,
+            (SlotId::Router, Some(AnySlot::Router(s))) => set.shadow.router = Some(s),
+            (SlotId::CachePolicy, None) => set.shadow.cache_policy = None,
+            (SlotId::CachePolicy, Some(AnySlot::CachePolicy(s))) => {
+                set.shadow.cache_policy = Some(s)
+            }
+            (SlotId::BudgetRule, None) => set.shadow.budget_rule = None,
+            (SlotId::BudgetRule, Some(AnySlot::BudgetRule(s))) => set.shadow.budget_rule = Some(s),
+            (SlotId::Compressor(_), _) => {
+                return Err("shadow mode covers router, cache_policy and budget_rule".into());
+            }
+            (_, Some(p)) => {
+                return Err(format!(
+                    "slot {id} takes a {} plugin, not a {} plugin",
+                    id.kind(),
+                    p.kind()
+                ));
+            }
+        }
+        Ok(set)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

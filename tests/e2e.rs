@@ -1781,3 +1781,81 @@ async fn a_shadow_router_is_compared_not_applied() {
         .collect();
     assert_eq!(&actions[..2], ["unshadow", "shadow"], "{c}");
 }
+
+#[tokio::test]
+async fn the_watched_plugin_directory_deploys_good_files_and_refuses_bad_ones() {
+    let watched = tempfile::tempdir().unwrap();
+    let dir = watched.path().display().to_string();
+    let cfg = format!(
+        "[admin]\nplugin_dir = \"{dir}\"\nwatch = true\n[ledger]\nflush_interval_ms = 20\n\
+         [plugins.router]\npath = \"{{plugins}}/rules_router.wasm\"\nconfig = {{ default = \"gpt-4o-mini\" }}\n"
+    );
+    let gw = gateway(&cfg);
+    let base = gw.base.clone();
+    let base = base.as_str();
+    let model = || async {
+        chat(base, &[], ask("hello there"))
+            .await
+            .header("x-tollgate-model")
+            .to_string()
+    };
+    let wait_for = |want: &'static str| async move {
+        let t = Instant::now();
+        loop {
+            let m = chat(base, &[], ask("hello there"))
+                .await
+                .header("x-tollgate-model")
+                .to_string();
+            if m == want || t.elapsed() > Duration::from_secs(20) {
+                return m;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    };
+    assert_eq!(model().await, "gpt-4o-mini");
+
+    // Settings first, then the plugin: deployed together.
+    std::fs::write(
+        watched.path().join("router.toml"),
+        "on_error = \"open\"\n[config]\ndefault = \"gpt-4.1-mini\"\n\
+         [[self_test]]\nname = \"default model\"\nrequest = { model = \"gpt-4o\", messages = [{ role = \"user\", content = \"hi\" }] }\n\
+         expect = { model = \"gpt-4.1-mini\" }\n",
+    )
+    .unwrap();
+    std::fs::copy(
+        plugin_dir().join("rules_router.wasm"),
+        watched.path().join("router.wasm"),
+    )
+    .unwrap();
+    assert_eq!(wait_for("gpt-4.1-mini").await, "gpt-4.1-mini");
+
+    // A broken file is refused; the deployed version keeps serving.
+    std::fs::write(watched.path().join("router.wasm"), b"\0asm garbage").unwrap();
+    let t = Instant::now();
+    while !gw.log_contains("refused, the active version keeps serving")
+        && t.elapsed() < Duration::from_secs(20)
+    {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(gw.log_contains("not a valid WebAssembly component"));
+    assert_eq!(model().await, "gpt-4.1-mini");
+    // Files that are not `<slot>.wasm` / `<slot>.toml` are ignored.
+    std::fs::write(watched.path().join("notes.txt"), b"hello").unwrap();
+
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let conn = tollgate::ledger::open_db(&gw._dir.path().join("tollgate-ledger.sqlite")).unwrap();
+    let changes = tollgate::ledger::plugin_changes(&conn, 10).unwrap();
+    let actions: Vec<(&str, &str)> = changes
+        .iter()
+        .map(|c| (c.actor.as_str(), c.action.as_str()))
+        .collect();
+    assert_eq!(
+        &actions[..3],
+        [
+            ("watch", "refuse"),
+            ("watch", "activate"),
+            ("watch", "load")
+        ],
+        "{changes:?}"
+    );
+}

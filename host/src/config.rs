@@ -370,6 +370,10 @@ pub struct AdminConfig {
     /// Required sha256 per slot (`router`, `compressor[0]`, ...): any plugin
     /// whose bytes do not match is refused, whoever loads it.
     pub pins: BTreeMap<String, String>,
+    /// Watch `plugin_dir`: a `<slot>.wasm` (with its settings in an optional
+    /// `<slot>.toml`) that appears or changes is validated and activated;
+    /// a bad one is refused and the active version keeps serving.
+    pub watch: bool,
 }
 
 impl Default for AdminConfig {
@@ -380,6 +384,7 @@ impl Default for AdminConfig {
             token_file: None,
             plugin_dir: None,
             pins: BTreeMap::new(),
+            watch: false,
         }
     }
 }
@@ -468,6 +473,12 @@ impl Config {
     }
 
     fn validate(&self) -> Result<(), ConfigError> {
+        if self.admin.watch && self.admin.plugin_dir.is_none() {
+            return Err(self.invalid(
+                "admin.watch",
+                "needs admin.plugin_dir, the directory to watch",
+            ));
+        }
         for (slot, digest) in &self.admin.pins {
             crate::plugins::SlotId::parse(slot)
                 .map_err(|m| self.invalid(format!("admin.pins.{slot}"), m))?;

@@ -348,6 +348,7 @@ async fn serve(args: ServeArgs) -> Result<()> {
         .await
         .context("cannot start the gateway")?;
     let admin_token = tollgate::admin::load_token(&gw.config.admin)?;
+    let _watcher = tollgate::admin::watch::spawn(gw.clone())?;
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     tokio::spawn(async move {
         shutdown_signal().await;

@@ -11,6 +11,7 @@
 //! * loading, activating, rolling back and removing plugins: [`plugins`].
 
 mod plugins;
+pub mod watch;
 
 use std::future::Future;
 use std::pin::Pin;

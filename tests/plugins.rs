@@ -519,3 +519,32 @@ async fn compiled_plugins_are_cached_on_disk_and_a_bad_artifact_is_recompiled() 
             .from_cache
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn max_instances_bounds_concurrent_calls() {
+    let rt = runtime();
+    let mut s = slot("hostile_fixture.wasm", "mode = \"loop\"");
+    s.timeout_ms = 200;
+    s.fuel = 0;
+    s.max_instances = Some(1);
+    let p: Arc<Plugin<RouterKind>> = Arc::new(rt.load(&s).await.unwrap());
+    let calls: Vec<_> = (0..3)
+        .map(|_| {
+            let p = p.clone();
+            tokio::spawn(async move { p.route(&view("spin"), &candidates()).await })
+        })
+        .collect();
+    let mut busy = 0;
+    for c in calls {
+        match c.await.unwrap() {
+            Err(PluginError::Busy { max: 1, .. }) => busy += 1,
+            Err(PluginError::Timeout { .. }) => {}
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    // One call holds the only instance for its whole deadline; of the two
+    // waiting for it, at least one gives up.
+    assert!(busy >= 1, "{busy}");
+    assert_eq!(p.stats().busy.load(std::sync::atomic::Ordering::Relaxed), busy);
+    assert_eq!(p.describe()["limits"]["max_instances"], 1);
+}

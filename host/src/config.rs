@@ -259,6 +259,11 @@ pub struct PluginSlotConfig {
     /// a fresh instance, so nothing a plugin keeps in memory survives a call.
     #[serde(default = "default_true")]
     pub reuse_instances: bool,
+    /// Calls of this plugin running at once (each on its own instance); a
+    /// call waits up to its deadline for a free one, then fails as `busy`.
+    /// Unset: only the runtime-wide `runtime.max_instances` bounds it.
+    #[serde(default)]
+    pub max_instances: Option<u32>,
     /// Required sha256 of the file (hex); a file that does not match is refused.
     #[serde(default)]
     pub sha256: Option<String>,
@@ -623,6 +628,7 @@ impl PluginSlotConfig {
             memory_mib: default_memory_mib(),
             fuel: default_fuel(),
             reuse_instances: true,
+            max_instances: None,
             sha256: None,
             config: None,
         }

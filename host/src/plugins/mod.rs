@@ -107,6 +107,8 @@ pub enum PluginError {
     Invalid { plugin: String, message: String },
     #[error("plugin {plugin} could not be instantiated: {message}")]
     Instantiate { plugin: String, message: String },
+    #[error("plugin {plugin}: all {max} instances stayed busy for the call's deadline")]
+    Busy { plugin: String, max: u32 },
 }
 
 impl PluginError {
@@ -119,6 +121,7 @@ impl PluginError {
             PluginError::Trap { .. } => "trap",
             PluginError::Invalid { .. } => "invalid",
             PluginError::Instantiate { .. } => "instantiate",
+            PluginError::Busy { .. } => "busy",
         }
     }
 }
@@ -138,6 +141,7 @@ pub struct PluginStats {
     pub trap: AtomicU64,
     pub invalid: AtomicU64,
     pub instantiate: AtomicU64,
+    pub busy: AtomicU64,
 }
 
 impl PluginStats {
@@ -149,12 +153,13 @@ impl PluginStats {
             PluginError::Trap { .. } => &self.trap,
             PluginError::Invalid { .. } => &self.invalid,
             PluginError::Instantiate { .. } => &self.instantiate,
+            PluginError::Busy { .. } => &self.busy,
         };
         c.fetch_add(1, Ordering::Relaxed);
     }
 
     /// (reason, count) pairs of failures.
-    pub fn failures(&self) -> [(&'static str, u64); 6] {
+    pub fn failures(&self) -> [(&'static str, u64); 7] {
         let g = |c: &AtomicU64| c.load(Ordering::Relaxed);
         [
             ("timeout", g(&self.timeout)),
@@ -163,6 +168,7 @@ impl PluginStats {
             ("trap", g(&self.trap)),
             ("invalid", g(&self.invalid)),
             ("instantiate", g(&self.instantiate)),
+            ("busy", g(&self.busy)),
         ]
     }
 }

@@ -174,6 +174,12 @@ impl Runtime {
             limits,
             reuse: slot.reuse_instances,
             idle: Mutex::new(Vec::new()),
+            busy: slot.max_instances.map(|n| {
+                (
+                    Arc::new(tokio::sync::Semaphore::new(n.max(1) as usize)),
+                    n.max(1),
+                )
+            }),
             stats: PluginStats::default(),
         };
         // One real instantiation and `init` now, so a bad config is refused at
@@ -264,6 +270,8 @@ pub(super) struct Warm<K: Kind> {
     pub(super) bindings: K::Bindings,
     /// When the current call was armed.
     started: Option<std::time::Instant>,
+    /// The call's place under the plugin's `max_instances`.
+    permit: Option<tokio::sync::OwnedSemaphorePermit>,
 }
 
 /// How a plugin's machine code was obtained.
@@ -285,6 +293,8 @@ pub struct Plugin<K: Kind> {
     limits: Limits,
     reuse: bool,
     idle: Mutex<Vec<Warm<K>>>,
+    /// Calls running at once, when the slot sets `max_instances`.
+    busy: Option<(Arc<tokio::sync::Semaphore>, u32)>,
     stats: PluginStats,
 }
 
@@ -325,6 +335,7 @@ impl<K: Kind> Plugin<K> {
                 "memory_mib": self.limits.memory_mib,
                 "fuel": self.limits.fuel,
                 "reuse_instances": self.reuse,
+                "max_instances": self.busy.as_ref().map(|(_, n)| *n),
             },
             "capabilities": {
                 "filesystem": false,
@@ -382,6 +393,7 @@ impl<K: Kind> Plugin<K> {
                 store,
                 bindings,
                 started: None,
+                permit: None,
             }),
             Ok(Err(message)) => {
                 let err = PluginError::Invalid {
@@ -422,7 +434,8 @@ impl<K: Kind> Plugin<K> {
         self.idle.lock().ok()?.pop()
     }
 
-    fn put_back(&self, warm: Warm<K>) {
+    fn put_back(&self, mut warm: Warm<K>) {
+        warm.permit = None;
         if !self.reuse {
             return;
         }
@@ -437,12 +450,30 @@ impl<K: Kind> Plugin<K> {
     /// Pair with [`Plugin::release`].
     pub(super) async fn acquire(&self) -> Result<Warm<K>, PluginError> {
         self.stats.calls.fetch_add(1, Ordering::Relaxed);
+        let permit = match &self.busy {
+            Some((sem, max)) => {
+                let wait = Duration::from_millis(self.limits.deadline_ms);
+                match tokio::time::timeout(wait, sem.clone().acquire_owned()).await {
+                    Ok(Ok(p)) => Some(p),
+                    _ => {
+                        let e = PluginError::Busy {
+                            plugin: self.name.to_string(),
+                            max: *max,
+                        };
+                        self.stats.record_failure(&e);
+                        return Err(e);
+                    }
+                }
+            }
+            None => None,
+        };
         let mut warm = match self.take() {
             Some(w) => w,
             None => self.fresh().await?,
         };
         self.arm(&mut warm.store, self.limits.deadline_ms, self.limits.fuel);
         warm.started = Some(std::time::Instant::now());
+        warm.permit = permit;
         Ok(warm)
     }
 

@@ -1636,30 +1636,48 @@ fn plugin_inspect_shows_what_a_reviewer_needs() {
     assert_eq!(v["exports"], json!(["init", "route"]));
     let sha = v["sha256"].as_str().unwrap();
     assert_eq!(sha.len(), 64);
-    // The hostile fixture probes the filesystem, the environment and the
-    // network: the inspection names each import with what the gateway allows.
-    let hostile = plugin_dir().join("hostile_fixture.wasm");
+    // A plugin that imports the filesystem needs a data directory; one that
+    // imports sockets is refused outright (exit status 1).
+    let fs = plugin_dir().join("fs_probe_fixture.wasm");
     let out = tollgate_ok(&[
         "plugin".as_ref(),
         "inspect".as_ref(),
-        hostile.as_os_str(),
+        fs.as_os_str(),
         "--json".as_ref(),
     ]);
-    let h: Value = serde_json::from_slice(&out.stdout).unwrap();
-    let caps = h["wasi_capabilities_imported"].as_array().unwrap();
+    let f: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(f["needs_data_dir"], true, "{f}");
     assert!(
-        caps.contains(&json!("network")) && caps.contains(&json!("filesystem")),
-        "{h}"
+        f["imports"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|i| i["capability"] == "filesystem"
+                && i["gateway"]
+                    .as_str()
+                    .unwrap()
+                    .contains("capabilities.data_dir")),
+        "{f}"
     );
-    let imports = h["imports"].as_array().unwrap();
+    let net = plugin_dir().join("net_probe_fixture.wasm");
+    let out = Command::new(env!("CARGO_BIN_EXE_tollgate"))
+        .args(["plugin", "inspect", "--json"])
+        .arg(&net)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let n: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(n["loadable"], false);
     assert!(
-        imports.iter().any(|i| i["name"]
+        n["refused_because"]
             .as_str()
             .unwrap()
-            .starts_with("tollgate:policy/host")
-            && i["items"].as_array().unwrap().contains(&json!("log"))),
-        "{h}"
+            .contains("wasi:sockets"),
+        "{n}"
     );
+    let h = n;
+    let imports = h["imports"].as_array().unwrap();
+    assert!(imports.iter().any(|i| i["capability"] == "network"), "{h}");
     let text = tollgate_ok(&["plugin".as_ref(), "inspect".as_ref(), file.as_os_str()]);
     let text = String::from_utf8_lossy(&text.stdout);
     assert!(

@@ -431,9 +431,35 @@ async fn fresh_instance_per_call_mode_works() {
 }
 
 #[tokio::test]
-async fn the_sandbox_offers_no_filesystem_environment_or_network() {
+async fn capabilities_are_denied_by_default_and_a_data_dir_is_read_only() {
     let rt = runtime();
-    let p = hostile(&rt, "probe").await;
+    // Importing the filesystem without a grant: refused at load, by name.
+    let e = rt
+        .load::<RouterKind>(&slot("fs_probe_fixture.wasm", ""))
+        .await
+        .err()
+        .unwrap();
+    assert!(
+        matches!(&e, LoadError::NotGranted { import, .. } if import.starts_with("wasi:filesystem/")),
+        "{e}"
+    );
+    assert!(e.to_string().contains("capabilities.data_dir"), "{e}");
+
+    // The network is never granted, whatever the slot says.
+    let data = tempfile::tempdir().unwrap();
+    std::fs::write(data.path().join("words.txt"), "cancel pause").unwrap();
+    let mut net = slot("net_probe_fixture.wasm", "");
+    net.capabilities.data_dir = Some(data.path().to_path_buf());
+    let e = rt.load::<RouterKind>(&net).await.err().unwrap();
+    assert!(
+        matches!(&e, LoadError::NotGranted { import, .. } if import.starts_with("wasi:sockets/")),
+        "{e}"
+    );
+
+    // With a data directory: that directory, read-only, and nothing else.
+    let mut fs = slot("fs_probe_fixture.wasm", "read = \"words.txt\"");
+    fs.capabilities.data_dir = Some(data.path().to_path_buf());
+    let p: Plugin<RouterKind> = rt.load(&fs).await.unwrap();
     let RouteDecision::Respond(report) = p.route(&view("x"), &candidates()).await.unwrap() else {
         panic!("expected the probe report")
     };
@@ -444,12 +470,13 @@ async fn the_sandbox_offers_no_filesystem_environment_or_network() {
             .unwrap_or_else(|| panic!("{k} missing in {report}"))
             .to_string()
     };
-    assert!(get("fs_root").starts_with("denied"), "{report}");
-    assert!(get("fs_file").starts_with("denied"), "{report}");
+    assert_eq!(get("data"), "open:cancel pause", "{report}");
+    for denied in ["root", "etc", "escape", "write"] {
+        assert!(get(denied).starts_with("denied"), "{denied}: {report}");
+    }
     assert_eq!(get("env_vars"), "0", "{report}");
-    assert_eq!(get("args"), "0", "{report}");
-    assert!(get("net_tcp").starts_with("denied"), "{report}");
-    assert!(get("net_dns").starts_with("denied"), "{report}");
+    assert!(!data.path().join("written.txt").exists());
+    assert!(p.describe()["capabilities"]["filesystem"]["seen_as"] == "/data");
 }
 
 #[tokio::test]
@@ -545,6 +572,9 @@ async fn max_instances_bounds_concurrent_calls() {
     // One call holds the only instance for its whole deadline; of the two
     // waiting for it, at least one gives up.
     assert!(busy >= 1, "{busy}");
-    assert_eq!(p.stats().busy.load(std::sync::atomic::Ordering::Relaxed), busy);
+    assert_eq!(
+        p.stats().busy.load(std::sync::atomic::Ordering::Relaxed),
+        busy
+    );
     assert_eq!(p.describe()["limits"]["max_instances"], 1);
 }

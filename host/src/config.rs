@@ -264,12 +264,27 @@ pub struct PluginSlotConfig {
     /// Unset: only the runtime-wide `runtime.max_instances` bounds it.
     #[serde(default)]
     pub max_instances: Option<u32>,
+    /// What the plugin may touch beyond computing; nothing by default.
+    #[serde(default)]
+    pub capabilities: Capabilities,
     /// Required sha256 of the file (hex); a file that does not match is refused.
     #[serde(default)]
     pub sha256: Option<String>,
     /// Passed to the plugin's `init` as JSON.
     #[serde(default)]
     pub config: Option<toml::Value>,
+}
+
+/// Capabilities a slot grants its plugin. A plugin whose component imports
+/// a capability that is not granted is refused at load, naming the import.
+#[derive(Debug, Clone, Deserialize, Default, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Capabilities {
+    /// A directory the plugin may read (never write) as `/data`: model
+    /// weights, word lists. Without it, a plugin importing the WASI
+    /// filesystem is refused.
+    #[serde(default)]
+    pub data_dir: Option<PathBuf>,
 }
 
 fn default_timeout_ms() -> u64 {
@@ -446,6 +461,9 @@ impl Config {
             .chain(self.plugins.budget_rule.iter_mut());
         for slot in slots {
             fix(&mut slot.path);
+            if let Some(d) = &mut slot.capabilities.data_dir {
+                fix(d);
+            }
         }
     }
 
@@ -629,6 +647,7 @@ impl PluginSlotConfig {
             fuel: default_fuel(),
             reuse_instances: true,
             max_instances: None,
+            capabilities: Capabilities::default(),
             sha256: None,
             config: None,
         }

@@ -10,6 +10,20 @@ use wasmtime::component::types::ComponentItem;
 use super::LoadError;
 use super::runtime::Runtime;
 
+/// Whether a slot's grants allow an import: None when they do, else why not.
+pub fn refusal(name: &str, grants: &crate::config::Capabilities) -> Option<String> {
+    let iface = name.split('@').next().unwrap_or(name);
+    if iface.starts_with("wasi:sockets/") {
+        return Some("network access is never granted to a plugin".into());
+    }
+    if iface.starts_with("wasi:filesystem/") && grants.data_dir.is_none() {
+        return Some(
+            "the filesystem is not granted; give the slot `capabilities.data_dir` (read-only, seen as /data) if the plugin needs data files".into(),
+        );
+    }
+    None
+}
+
 /// What an import asks for, and what the gateway gives it.
 fn capability(name: &str) -> (&'static str, &'static str) {
     let iface = name.split('@').next().unwrap_or(name);
@@ -21,12 +35,11 @@ fn capability(name: &str) -> (&'static str, &'static str) {
         "tollgate:policy/types" => ("policy types", "granted (types only)"),
         i if i.starts_with("wasi:filesystem/") => (
             "filesystem",
-            "linked, but no directory is opened: every file access fails",
+            "refused unless the slot grants capabilities.data_dir: then that directory, read-only, as /data",
         ),
-        i if i.starts_with("wasi:sockets/") => (
-            "network",
-            "linked, but no network access is allowed: every socket call fails",
-        ),
+        i if i.starts_with("wasi:sockets/") => {
+            ("network", "refused: plugins never get network access")
+        }
         "wasi:cli/environment" => ("environment", "linked, empty: no variables, no arguments"),
         i if i.starts_with("wasi:cli/std") || i.starts_with("wasi:cli/terminal") => (
             "standard streams",
@@ -93,6 +106,14 @@ impl Runtime {
             .instantiate_pre(&component)
             .err()
             .map(|e| format!("{e:#}"));
+        // Sockets are never granted; the filesystem needs the slot's data_dir,
+        // which a reviewer reads from `needs_data_dir`.
+        let network = ty
+            .imports(&self.engine)
+            .map(|(n, _)| n)
+            .find(|n| n.starts_with("wasi:sockets/"))
+            .map(|n| format!("imports {n}: network access is never granted to a plugin"));
+        let links = links.or(network);
         let mut needs: Vec<&str> = imports
             .iter()
             .filter_map(|i| i["capability"].as_str())
@@ -108,6 +129,7 @@ impl Runtime {
             "exports": exports,
             "imports": imports,
             "wasi_capabilities_imported": needs,
+            "needs_data_dir": imports.iter().any(|i| i["capability"] == "filesystem"),
             "loadable": links.is_none() && world.is_some(),
             "refused_because": links.or_else(|| world.is_none().then(|| {
                 "exports match no policy world (router, compressor, cache-policy, budget-rule)".to_string()
@@ -147,6 +169,12 @@ pub fn inspection_text(v: &Value) -> String {
         );
     }
     match v["refused_because"].as_str() {
+        None if v["needs_data_dir"] == true => {
+            let _ = writeln!(
+                out,
+                "verdict   loadable only into a slot that grants capabilities.data_dir (it imports the filesystem)"
+            );
+        }
         None => {
             let _ = writeln!(
                 out,

@@ -86,6 +86,12 @@ pub enum LoadError {
         world: &'static str,
         message: String,
     },
+    #[error("plugin {path} imports {import}: {message}")]
+    NotGranted {
+        path: String,
+        import: String,
+        message: String,
+    },
     #[error("plugin {path} refused its config: {message}")]
     Init { path: String, message: String },
     #[error("plugin runtime: {0}")]

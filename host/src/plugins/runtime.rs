@@ -141,6 +141,17 @@ impl Runtime {
             })?;
         let compile_ms = started.elapsed().as_secs_f64() * 1000.0;
         tracing::debug!(plugin = path, sha256 = %digest, from_cache = cached, ms = compile_ms, "plugin compiled");
+        // Deny by default: an import the slot does not grant refuses the
+        // plugin here, by name, before any of its code runs.
+        for (name, _) in component.component_type().imports(&self.engine) {
+            if let Some(message) = super::inspect::refusal(name, &slot.capabilities) {
+                return Err(LoadError::NotGranted {
+                    path: path.into(),
+                    import: name.to_string(),
+                    message,
+                });
+            }
+        }
         let instance_pre =
             self.linker
                 .instantiate_pre(&component)
@@ -180,6 +191,7 @@ impl Runtime {
                     n.max(1),
                 )
             }),
+            data_dir: slot.capabilities.data_dir.clone(),
             stats: PluginStats::default(),
         };
         // One real instantiation and `init` now, so a bad config is refused at
@@ -295,6 +307,8 @@ pub struct Plugin<K: Kind> {
     idle: Mutex<Vec<Warm<K>>>,
     /// Calls running at once, when the slot sets `max_instances`.
     busy: Option<(Arc<tokio::sync::Semaphore>, u32)>,
+    /// The granted data directory, mounted read-only as `/data`.
+    data_dir: Option<std::path::PathBuf>,
     stats: PluginStats,
 }
 
@@ -338,7 +352,10 @@ impl<K: Kind> Plugin<K> {
                 "max_instances": self.busy.as_ref().map(|(_, n)| *n),
             },
             "capabilities": {
-                "filesystem": false,
+                "filesystem": self.data_dir.as_ref().map_or(
+                    serde_json::Value::Bool(false),
+                    |d| serde_json::json!({"read_only": d.display().to_string(), "seen_as": "/data"}),
+                ),
                 "network": false,
                 "environment": false,
                 "host_imports": ["count-tokens", "hash", "now-ms", "log"],
@@ -365,7 +382,12 @@ impl<K: Kind> Plugin<K> {
             self.name.clone(),
             self.runtime.clock.clone(),
             self.limits.memory_bytes,
-        );
+            self.data_dir.as_deref(),
+        )
+        .map_err(|message| PluginError::Instantiate {
+            plugin: self.name.to_string(),
+            message,
+        })?;
         let mut store = Store::new(&self.runtime.engine, state);
         store.limiter(|s| &mut s.limiter);
         store.epoch_deadline_trap();

@@ -30,17 +30,28 @@ pub struct StoreState {
 }
 
 impl StoreState {
-    pub fn new(plugin: Arc<str>, clock: Arc<dyn Clock>, memory_bytes: usize) -> Self {
-        // No preopened directories, no environment, no arguments, no network:
-        // a plugin sees clocks, randomness and empty stdio, nothing more.
+    /// No environment, no arguments, no network: a plugin sees clocks,
+    /// randomness and empty stdio — and, only when its slot grants one, its
+    /// data directory, read-only, as `/data` (opened through cap-std, so no
+    /// path can leave it).
+    pub fn new(
+        plugin: Arc<str>,
+        clock: Arc<dyn Clock>,
+        memory_bytes: usize,
+        data_dir: Option<&std::path::Path>,
+    ) -> Result<Self, String> {
         let stderr = StderrTail::default();
-        let wasi = WasiCtxBuilder::new()
-            .stderr(stderr.clone())
+        let mut b = WasiCtxBuilder::new();
+        b.stderr(stderr.clone())
             .allow_tcp(false)
             .allow_udp(false)
-            .allow_ip_name_lookup(false)
-            .build();
-        Self {
+            .allow_ip_name_lookup(false);
+        if let Some(dir) = data_dir {
+            b.preopened_dir(dir, "/data", wasmtime_wasi::FsPerms::ReadOnly)
+                .map_err(|e| format!("data directory {}: {e:#}", dir.display()))?;
+        }
+        let wasi = b.build();
+        Ok(Self {
             wasi,
             table: ResourceTable::new(),
             limiter: MemoryLimiter {
@@ -52,7 +63,7 @@ impl StoreState {
             logs_dropped: 0,
             plugin,
             clock,
-        }
+        })
     }
 }
 

@@ -1798,6 +1798,49 @@ async fn a_shadow_router_is_compared_not_applied() {
         .map(|x| x["action"].as_str().unwrap())
         .collect();
     assert_eq!(&actions[..2], ["unshadow", "shadow"], "{c}");
+
+    // The same bytes with two configs are two versions; the digest alone
+    // no longer says which one to activate.
+    let mut versions = Vec::new();
+    for default in ["gpt-4o", "gpt-4o-mini"] {
+        let (s, v) = call(
+            reqwest::Method::POST,
+            "/v1/plugins/router/load",
+            Some(json!({"path": "rules_router.wasm", "config": {"default": default}})),
+        )
+        .await;
+        assert_eq!(s, 200, "{v}");
+        versions.push((
+            v["version"].as_str().unwrap().to_string(),
+            v["sha256"].as_str().unwrap().to_string(),
+        ));
+    }
+    assert_ne!(versions[0].0, versions[1].0);
+    assert_eq!(versions[0].1, versions[1].1);
+    let (s, e) = call(
+        reqwest::Method::POST,
+        "/v1/plugins/router/activate",
+        Some(json!({"sha256": versions[0].1})),
+    )
+    .await;
+    assert_eq!(s, 404);
+    assert!(
+        e["error"]["message"].as_str().unwrap().contains("several"),
+        "{e}"
+    );
+    let (s, e) = call(
+        reqwest::Method::POST,
+        "/v1/plugins/router/activate",
+        Some(json!({"version": versions[0].0})),
+    )
+    .await;
+    assert_eq!(s, 200, "{e}");
+    assert_eq!(
+        chat(&gw.base, &[], ask("hi"))
+            .await
+            .header("x-tollgate-model"),
+        "gpt-4o"
+    );
 }
 
 #[tokio::test]

@@ -267,9 +267,18 @@ async fn load_version(
     };
     let plugin = loaded.map_err(with_source)?;
     let passed = self_test(gw, &plugin, &cases).await.map_err(with_source)?;
+    // Everything that makes this version behave as it does.
+    let settings = json!({
+        "sha256": digest, "config": cfg.config_json(), "on_error": format!("{:?}", cfg.on_error),
+        "timeout_ms": cfg.timeout_ms, "init_timeout_ms": cfg.init_timeout_ms,
+        "memory_mib": cfg.memory_mib, "fuel": cfg.fuel, "reuse_instances": cfg.reuse_instances,
+        "max_instances": cfg.max_instances, "data_dir": cfg.capabilities.data_dir,
+    });
+    let version = crate::plugins::sha256_hex(settings.to_string().as_bytes())[..16].to_string();
     gw.versions.lock().await.stage(
         slot,
         Staged {
+            version: version.clone(),
             plugin: plugin.clone(),
             loaded_at_ms: gw.clock.now_ms(),
             loaded_by: actor.to_string(),
@@ -288,7 +297,7 @@ async fn load_version(
         put(gw, slot, Some(plugin.clone()), actor, "activate").await?;
     }
     Ok(json!({
-        "slot": slot.to_string(), "name": plugin.name(), "sha256": plugin.digest(),
+        "slot": slot.to_string(), "version": version, "name": plugin.name(), "sha256": plugin.digest(),
         "kind": plugin.kind().world(), "self_tests_passed": passed, "active": activate,
     }))
 }
@@ -331,13 +340,7 @@ pub async fn activate(
     raw: &[u8],
 ) -> Result<Value, ApiError> {
     let o = crate::api::parse_object(raw)?;
-    let digest = o.get("sha256").and_then(Value::as_str).ok_or_else(|| {
-        bad(
-            "missing_required_parameter",
-            "give the `sha256` of a loaded version",
-        )
-        .param("sha256")
-    })?;
+    let digest = version_id(&o)?;
     let plugin = gw
         .versions
         .lock()
@@ -346,6 +349,21 @@ pub async fn activate(
         .map(|s| s.plugin.clone())
         .map_err(|m| refused(StatusCode::NOT_FOUND, "version_not_loaded", m))?;
     put(gw, slot, Some(plugin), actor, "activate").await
+}
+
+/// The loaded version a call names: `version`, or `sha256` when only one
+/// version of those bytes is loaded.
+fn version_id(o: &Map<String, Value>) -> Result<&str, ApiError> {
+    o.get("version")
+        .or_else(|| o.get("sha256"))
+        .and_then(Value::as_str)
+        .ok_or_else(|| {
+            bad(
+                "missing_required_parameter",
+                "give the `version` (or the `sha256`) of a loaded version",
+            )
+            .param("version")
+        })
 }
 
 /// `POST /v1/plugins/{slot}/rollback`.
@@ -377,13 +395,7 @@ pub async fn shadow(
     let plugin = match raw {
         Some(raw) => {
             let o = crate::api::parse_object(raw)?;
-            let digest = o.get("sha256").and_then(Value::as_str).ok_or_else(|| {
-                bad(
-                    "missing_required_parameter",
-                    "give the `sha256` of a loaded version",
-                )
-                .param("sha256")
-            })?;
+            let digest = version_id(&o)?;
             let found = gw
                 .versions
                 .lock()

@@ -14,6 +14,9 @@ const KEEP_PER_SLOT: usize = 8;
 #[derive(Clone)]
 pub struct Staged {
     pub plugin: AnySlot,
+    /// The digest and every setting (config, limits, grants, failure mode):
+    /// the same bytes with another config are another version.
+    pub version: String,
     pub loaded_at_ms: u64,
     pub loaded_by: String,
     /// Where the bytes came from: a path under the plugin directory, or "upload".
@@ -41,35 +44,42 @@ impl Versions {
         self.pins.get(&slot).map(String::as_str)
     }
 
-    /// Keeps a validated version (replacing one with the same digest).
+    /// Keeps a validated version (replacing an identical one).
     pub fn stage(&mut self, slot: SlotId, s: Staged) {
         let list = self.staged.entry(slot).or_default();
-        list.retain(|x| x.plugin.digest() != s.plugin.digest());
+        list.retain(|x| x.version != s.version);
         list.push(s);
         if list.len() > KEEP_PER_SLOT {
             list.remove(0);
         }
     }
 
-    /// A staged version by its sha256 (or a unique prefix of at least 8 characters).
-    pub fn find(&self, slot: SlotId, digest: &str) -> Result<&Staged, String> {
+    /// A staged version by its version id or its sha256 (or a unique prefix
+    /// of either, at least 8 characters).
+    pub fn find(&self, slot: SlotId, id: &str) -> Result<&Staged, String> {
         let list = self.staged.get(&slot).map(Vec::as_slice).unwrap_or(&[]);
-        let digest = digest.to_ascii_lowercase();
-        if digest.len() < 8 {
-            return Err("give the sha256 (at least its first 8 characters)".into());
+        let id = id.to_ascii_lowercase();
+        if id.len() < 8 {
+            return Err("give the version or the sha256 (at least 8 characters)".into());
         }
+        let shown = || {
+            list.iter()
+                .map(|s| format!("{} (sha256 {})", s.version, &s.plugin.digest()[..12]))
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
         let mut found = list
             .iter()
-            .filter(|s| s.plugin.digest().starts_with(&digest));
+            .filter(|s| s.version.starts_with(&id) || s.plugin.digest().starts_with(&id));
         match (found.next(), found.next()) {
             (Some(s), None) => Ok(s),
-            (Some(_), Some(_)) => Err(format!("{digest} matches several versions of {slot}")),
+            (Some(_), Some(_)) => Err(format!(
+                "{id} matches several loaded versions of {slot}; give the version: {}",
+                shown()
+            )),
             (None, _) => Err(format!(
-                "no loaded version {digest} for slot {slot}; load it first (loaded: {})",
-                list.iter()
-                    .map(|s| &s.plugin.digest()[..12])
-                    .collect::<Vec<_>>()
-                    .join(", ")
+                "no loaded version {id} for slot {slot}; load it first (loaded: {})",
+                shown()
             )),
         }
     }
@@ -94,6 +104,7 @@ impl Versions {
                     .iter()
                     .map(|s| {
                         serde_json::json!({
+                            "version": s.version,
                             "name": s.plugin.name(),
                             "sha256": s.plugin.digest(),
                             "kind": s.plugin.kind().world(),

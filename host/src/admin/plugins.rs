@@ -55,18 +55,20 @@ pub fn actor(headers: &http::HeaderMap) -> String {
         .to_string()
 }
 
-fn record(gw: &Gateway, c: PluginChange) {
+/// Logs a change and waits until the ledger has it on disk (off the async
+/// workers: the ledger's flush blocks).
+async fn record(gw: &Gateway, c: PluginChange) {
     tracing::info!(
         actor = %c.actor, action = %c.action, slot = %c.slot,
         plugin = c.plugin.as_deref().unwrap_or("-"), sha256 = c.sha256.as_deref().unwrap_or("-"),
         "plugin change: {}", c.detail
     );
-    if let Some(l) = &gw.ledger {
-        l.record_change(c);
+    if let Some(l) = gw.ledger.clone() {
+        let _ = tokio::task::spawn_blocking(move || l.record_change(c)).await;
     }
 }
 
-fn change(
+async fn change(
     gw: &Gateway,
     actor: &str,
     action: &str,
@@ -85,7 +87,8 @@ fn change(
             sha256: p.map(|p| p.digest().to_string()),
             detail,
         },
-    );
+    )
+    .await;
 }
 
 /// A path under the plugin directory; `..`, absolute paths and symlinks
@@ -172,7 +175,7 @@ pub async fn load(
 ) -> Result<Value, ApiError> {
     let result = load_version(gw, slot, actor, raw).await;
     if let Err(e) = &result {
-        change(gw, actor, "refuse", slot, None, e.message.clone());
+        change(gw, actor, "refuse", slot, None, e.message.clone()).await;
     }
     result
 }
@@ -292,7 +295,8 @@ async fn load_version(
         slot,
         Some(&plugin),
         format!("from {source}; {passed} self-test cases passed"),
-    );
+    )
+    .await;
     if activate {
         put(gw, slot, Some(plugin.clone()), actor, "activate").await?;
     }
@@ -324,7 +328,7 @@ async fn put(
         (Some(b), _) => format!("replaced {} ({})", b.name(), &b.digest()[..12]),
         (None, _) => "slot was empty".to_string(),
     };
-    change(gw, actor, action, slot, plugin.as_ref(), detail);
+    change(gw, actor, action, slot, plugin.as_ref(), detail).await;
     Ok(json!({
         "slot": slot.to_string(),
         "active": plugin.as_ref().map(|p| json!({"name": p.name(), "sha256": p.digest()})),
@@ -432,7 +436,8 @@ pub async fn shadow(
         slot,
         shown,
         format!("{action} for slot {slot}"),
-    );
+    )
+    .await;
     Ok(json!({
         "slot": slot.to_string(),
         "shadow": plugin.as_ref().map(|p| json!({"name": p.name(), "sha256": p.digest()})),

@@ -2,7 +2,7 @@
 # `make test` runs everything CI runs. Both install what they need.
 
 CARGO        ?= cargo
-PLUGIN_CRATES = rules-router tier-router trim-compressor default-cache-policy daily-budget hostile-fixture fs-probe-fixture net-probe-fixture
+PLUGIN_CRATES = rules-router tier-router trim-compressor default-cache-policy daily-budget hostile-fixture fs-probe-fixture net-probe-fixture spend-probe-fixture
 PLUGIN_DIR    = target/plugins
 WASM_OUT      = target/wasm32-wasip2/plugin
 VENV          = target/venv

@@ -1920,3 +1920,53 @@ async fn the_watched_plugin_directory_deploys_good_files_and_refuses_bad_ones() 
         "{changes:?}"
     );
 }
+
+#[tokio::test]
+async fn the_spend_import_needs_its_grant_and_reads_live_spend() {
+    // Without the grant the gateway refuses to start, naming the import.
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("t.toml");
+    let plugin = plugin_dir().join("spend_probe_fixture.wasm");
+    std::fs::write(&cfg, format!("[plugins.router]\npath = {:?}\n", plugin)).unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_tollgate"))
+        .args(["serve", "--listen", "127.0.0.1:0", "--config"])
+        .arg(&cfg)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("tollgate:policy/spend") && err.contains("capabilities.spend"),
+        "{err}"
+    );
+
+    let gw = gateway(
+        "[plugins.router]\npath = \"{plugins}/spend_probe_fixture.wasm\"\ncapabilities = { spend = true }\n",
+    );
+    let h = [
+        ("x-tollgate-tenant", "acme"),
+        ("x-tollgate-feature", "faq"),
+        ("x-tollgate-user", "ann"),
+    ];
+    let r = chat(&gw.base, &h, ask("hello")).await;
+    assert_eq!(r.header("x-tollgate-model"), "gpt-4o-mini");
+    let cost: f64 = r.header("x-tollgate-cost-usd").parse().unwrap();
+    assert!(cost > 0.0);
+    let r = chat(&gw.base, &h, ask("report")).await;
+    let text = r.json()["choices"][0]["message"]["content"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert_eq!(
+        text,
+        format!("tenant={cost:.9} feature={cost:.9} user={cost:.9}")
+    );
+    let other = chat(&gw.base, &[("x-tollgate-tenant", "bluefin")], ask("report")).await;
+    assert!(
+        other.json()["choices"][0]["message"]["content"]
+            .as_str()
+            .unwrap()
+            .starts_with("tenant=0.000000000"),
+        "another tenant's spend is its own"
+    );
+}

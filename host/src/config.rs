@@ -285,6 +285,10 @@ pub struct Capabilities {
     /// filesystem is refused.
     #[serde(default)]
     pub data_dir: Option<PathBuf>,
+    /// The `tollgate:policy/spend` import: what the request's tenant,
+    /// feature and user have spent today.
+    #[serde(default)]
+    pub spend: bool,
 }
 
 fn default_timeout_ms() -> u64 {

@@ -171,6 +171,12 @@ pub mod host {
     }
 }
 
+/// Spend so far, for plugins whose slot grants `capabilities.spend = true`
+/// (a plugin that calls this without the grant is refused at load).
+pub mod spend {
+    pub use crate::bindings::imports::tollgate::policy::spend::{SpendScope, today_usd};
+}
+
 /// Chooses the model for a request.
 pub trait Router: Sized + Send + 'static {
     /// Build the router from its configuration (JSON; empty when none is given).

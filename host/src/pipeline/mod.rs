@@ -106,6 +106,8 @@ impl Gateway {
         let catalog = config.catalog()?;
         let providers = Providers::from_config(&config, &catalog, &clock)?;
         let runtime = Runtime::new(&config.runtime, clock.clone())?;
+        let spend = Arc::new(SpendCounters::default());
+        runtime.set_spend_source(spend.clone());
         let p = &config.plugins;
         let metrics = Metrics::new();
         let mut set = PluginSet::default();
@@ -149,7 +151,7 @@ impl Gateway {
             providers,
             runtime,
             plugins: ArcSwap::from_pointee(set),
-            spend: Arc::new(SpendCounters::default()),
+            spend,
             tasks: task_guard::TaskGuard::new(config.tasks.clone()),
             clock,
             metrics,

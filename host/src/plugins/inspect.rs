@@ -16,6 +16,9 @@ pub fn refusal(name: &str, grants: &crate::config::Capabilities) -> Option<Strin
     if iface.starts_with("wasi:sockets/") {
         return Some("network access is never granted to a plugin".into());
     }
+    if iface == "tollgate:policy/spend" && !grants.spend {
+        return Some("spend figures are not granted; give the slot `capabilities.spend = true` if the plugin needs them".into());
+    }
     if iface.starts_with("wasi:filesystem/") && grants.data_dir.is_none() {
         return Some(
             "the filesystem is not granted; give the slot `capabilities.data_dir` (read-only, seen as /data) if the plugin needs data files".into(),
@@ -33,6 +36,10 @@ fn capability(name: &str) -> (&'static str, &'static str) {
             "granted: count-tokens, hash, now-ms (gateway clock), log (capped per call)",
         ),
         "tollgate:policy/types" => ("policy types", "granted (types only)"),
+        "tollgate:policy/spend" => (
+            "spend figures",
+            "refused unless the slot grants capabilities.spend: today's spend of the request's tenant, feature and user",
+        ),
         i if i.starts_with("wasi:filesystem/") => (
             "filesystem",
             "refused unless the slot grants capabilities.data_dir: then that directory, read-only, as /data",
@@ -130,6 +137,7 @@ impl Runtime {
             "imports": imports,
             "wasi_capabilities_imported": needs,
             "needs_data_dir": imports.iter().any(|i| i["capability"] == "filesystem"),
+            "needs_spend": imports.iter().any(|i| i["capability"] == "spend figures"),
             "loadable": links.is_none() && world.is_some(),
             "refused_because": links.or_else(|| world.is_none().then(|| {
                 "exports match no policy world (router, compressor, cache-policy, budget-rule)".to_string()
@@ -169,10 +177,18 @@ pub fn inspection_text(v: &Value) -> String {
         );
     }
     match v["refused_because"].as_str() {
-        None if v["needs_data_dir"] == true => {
+        None if v["needs_data_dir"] == true || v["needs_spend"] == true => {
+            let mut grants = Vec::new();
+            if v["needs_data_dir"] == true {
+                grants.push("capabilities.data_dir (it imports the filesystem)");
+            }
+            if v["needs_spend"] == true {
+                grants.push("capabilities.spend (it imports the spend figures)");
+            }
             let _ = writeln!(
                 out,
-                "verdict   loadable only into a slot that grants capabilities.data_dir (it imports the filesystem)"
+                "verdict   loadable only into a slot that grants {}",
+                grants.join(" and ")
             );
         }
         None => {

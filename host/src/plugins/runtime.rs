@@ -22,6 +22,8 @@ pub struct Runtime {
     stop: Arc<AtomicBool>,
     /// Where compiled artifacts are kept, and the engine-settings part of their key.
     cache: Option<(std::path::PathBuf, u64)>,
+    /// What the `spend` import reads, once the gateway has its counters.
+    spend: std::sync::OnceLock<Arc<dyn super::state::SpendSource>>,
 }
 
 impl Drop for Runtime {
@@ -90,6 +92,7 @@ impl Runtime {
             (dir, h.finish())
         });
         Ok(Arc::new(Self {
+            spend: std::sync::OnceLock::new(),
             cache,
             engine,
             linker,
@@ -98,6 +101,11 @@ impl Runtime {
             clock,
             stop,
         }))
+    }
+
+    /// Connects the `spend` import (for plugins granted it) to the gateway's counters.
+    pub fn set_spend_source(&self, src: Arc<dyn super::state::SpendSource>) {
+        let _ = self.spend.set(src);
     }
 
     /// Loads, checks and initialises a plugin for one slot: reads the file,
@@ -192,6 +200,7 @@ impl Runtime {
                 )
             }),
             data_dir: slot.capabilities.data_dir.clone(),
+            spend: slot.capabilities.spend,
             stats: PluginStats::default(),
         };
         // One real instantiation and `init` now, so a bad config is refused at
@@ -309,6 +318,8 @@ pub struct Plugin<K: Kind> {
     busy: Option<(Arc<tokio::sync::Semaphore>, u32)>,
     /// The granted data directory, mounted read-only as `/data`.
     data_dir: Option<std::path::PathBuf>,
+    /// Granted the `spend` import.
+    spend: bool,
     stats: PluginStats,
 }
 
@@ -359,6 +370,7 @@ impl<K: Kind> Plugin<K> {
                 "network": false,
                 "environment": false,
                 "host_imports": ["count-tokens", "hash", "now-ms", "log"],
+                "spend": self.spend,
             },
             "compiled": {
                 "from_cache": self.compiled.from_cache,
@@ -388,6 +400,10 @@ impl<K: Kind> Plugin<K> {
             plugin: self.name.to_string(),
             message,
         })?;
+        let mut state = state;
+        if self.spend {
+            state.spend = self.runtime.spend.get().cloned();
+        }
         let mut store = Store::new(&self.runtime.engine, state);
         store.limiter(|s| &mut s.limiter);
         store.epoch_deadline_trap();
@@ -466,6 +482,23 @@ impl<K: Kind> Plugin<K> {
         {
             idle.push(warm);
         }
+    }
+
+    /// [`Plugin::acquire`] for a call deciding on `req` (host imports that
+    /// answer about the request read it from the store).
+    pub(super) async fn acquire_for(
+        &self,
+        req: &super::types::RequestView,
+    ) -> Result<Warm<K>, PluginError> {
+        let mut w = self.acquire().await?;
+        if self.spend {
+            w.store.data_mut().scope = super::state::CallScope {
+                tenant: req.tenant.clone(),
+                feature: req.feature.clone(),
+                user: req.user.clone(),
+            };
+        }
+        Ok(w)
     }
 
     /// An instance armed for one call: warm if one is idle, else fresh.

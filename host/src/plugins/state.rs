@@ -7,7 +7,7 @@ use wasmtime::ResourceLimiter;
 use wasmtime::component::ResourceTable;
 use wasmtime_wasi::{WasiCtx, WasiCtxBuilder, WasiCtxView, WasiView};
 
-use super::bindings::v0_1_0::tollgate::policy::{host, types};
+use super::bindings::v0_1_0::tollgate::policy::{host, spend, types};
 use super::stderr::StderrTail;
 use crate::clock::Clock;
 
@@ -16,6 +16,32 @@ const MAX_LOG_BYTES: usize = 2048;
 /// Log lines one call may write; the rest are dropped and counted, so a
 /// plugin cannot flood the gateway's log.
 pub const MAX_LOG_LINES_PER_CALL: u32 = 16;
+
+/// Where the `spend` import reads from: the gateway's spend counters.
+pub trait SpendSource: Send + Sync {
+    /// USD spent today by (tenant, feature, user) of a request.
+    fn today(&self, tenant: &str, feature: &str, user: &str, now_ms: u64) -> [f64; 3];
+}
+
+impl SpendSource for crate::budget::SpendCounters {
+    fn today(&self, tenant: &str, feature: &str, user: &str, now_ms: u64) -> [f64; 3] {
+        let s = self.snapshot(&crate::budget::Scopes {
+            day: crate::clock::utc_day(now_ms),
+            tenant: tenant.to_string(),
+            feature: feature.to_string(),
+            user: user.to_string(),
+        });
+        [s.tenant, s.feature, s.user]
+    }
+}
+
+/// The request a call decides on, for host imports that answer about it.
+#[derive(Debug, Clone, Default)]
+pub struct CallScope {
+    pub tenant: String,
+    pub feature: String,
+    pub user: String,
+}
 
 pub struct StoreState {
     wasi: WasiCtx,
@@ -27,6 +53,10 @@ pub struct StoreState {
     pub(super) logs_dropped: u32,
     plugin: Arc<str>,
     clock: Arc<dyn Clock>,
+    /// Set only for plugins granted `capabilities.spend`.
+    pub(super) spend: Option<Arc<dyn SpendSource>>,
+    /// The request of the current call.
+    pub(super) scope: CallScope,
 }
 
 impl StoreState {
@@ -63,6 +93,8 @@ impl StoreState {
             logs_dropped: 0,
             plugin,
             clock,
+            spend: None,
+            scope: CallScope::default(),
         })
     }
 }
@@ -108,6 +140,23 @@ impl ResourceLimiter for MemoryLimiter {
 }
 
 impl types::Host for StoreState {}
+
+impl spend::Host for StoreState {
+    fn today_usd(&mut self, scope: spend::SpendScope) -> f64 {
+        // Without the grant the plugin was refused at load; answer nothing anyway.
+        let Some(src) = &self.spend else {
+            return 0.0;
+        };
+        let s = &self.scope;
+        let [tenant, feature, user] =
+            src.today(&s.tenant, &s.feature, &s.user, self.clock.now_ms());
+        match scope {
+            spend::SpendScope::Tenant => tenant,
+            spend::SpendScope::Feature => feature,
+            spend::SpendScope::User => user,
+        }
+    }
+}
 
 impl host::Host for StoreState {
     fn count_tokens(&mut self, text: String, model: String) -> u32 {

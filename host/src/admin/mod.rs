@@ -105,23 +105,36 @@ fn spend_query(query: Option<&str>) -> Result<report::Query, ApiError> {
 
 async fn spend(gw: Arc<Gateway>, query: Option<String>) -> Result<Bytes, ApiError> {
     let q = spend_query(query.as_deref())?;
-    let path = ledger_path(&gw)?;
     let catalog = gw.catalog.clone();
+    read_ledger(&gw, move |conn| {
+        let rep = report::run(conn, &catalog, &q).map_err(|e| e.to_string())?;
+        Ok(Bytes::from(rep.json()))
+    })
+    .await
+}
+
+/// Runs a read of the ledger off the async workers; 503 when the ledger is
+/// off, 500 when the read fails.
+async fn read_ledger(
+    gw: &Gateway,
+    read: impl FnOnce(&rusqlite::Connection) -> Result<Bytes, String> + Send + 'static,
+) -> Result<Bytes, ApiError> {
+    let path = ledger_path(gw)?;
     let internal = |m: String| {
         ApiError::new(
             StatusCode::INTERNAL_SERVER_ERROR,
             "api_error",
-            "report_failed",
+            "ledger_read_failed",
             m,
         )
     };
     tokio::task::spawn_blocking(move || {
-        let conn = crate::ledger::open_db(&path).map_err(|e| internal(e.to_string()))?;
-        let rep = report::run(&conn, &catalog, &q).map_err(|e| internal(e.to_string()))?;
-        Ok(Bytes::from(rep.json()))
+        let conn = crate::ledger::open_db(&path).map_err(|e| e.to_string())?;
+        read(&conn)
     })
     .await
     .map_err(|e| internal(e.to_string()))?
+    .map_err(internal)
 }
 
 /// Largest admin request body: a plugin upload, base64-encoded.
@@ -167,24 +180,13 @@ async fn plugin_call(
 /// rate and the cost difference it would have made.
 async fn shadow_report(gw: Arc<Gateway>, query: Option<String>) -> Result<Bytes, ApiError> {
     let q = spend_query(query.as_deref())?;
-    let path = ledger_path(&gw)?;
-    let internal = |m: String| {
-        ApiError::new(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            "api_error",
-            "report_failed",
-            m,
-        )
-    };
-    tokio::task::spawn_blocking(move || {
-        let conn = crate::ledger::open_db(&path).map_err(|e| internal(e.to_string()))?;
-        let lines = report::shadows(&conn, &q).map_err(|e| internal(e.to_string()))?;
+    read_ledger(&gw, move |conn| {
+        let lines = report::shadows(conn, &q).map_err(|e| e.to_string())?;
         Ok(Bytes::from(
             serde_json::json!({ "shadows": lines }).to_string(),
         ))
     })
     .await
-    .map_err(|e| internal(e.to_string()))?
 }
 
 /// The ledger file, or 503 when the ledger is off.
@@ -228,25 +230,13 @@ async fn changes(gw: Arc<Gateway>, query: Option<String>) -> Result<Bytes, ApiEr
             }
         }
     }
-    let path = ledger_path(&gw)?;
-    let internal = |m: String| {
-        ApiError::new(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            "api_error",
-            "ledger_read_failed",
-            m,
-        )
-    };
-    tokio::task::spawn_blocking(move || {
-        let conn = crate::ledger::open_db(&path).map_err(|e| internal(e.to_string()))?;
-        let list =
-            crate::ledger::plugin_changes(&conn, limit).map_err(|e| internal(e.to_string()))?;
+    read_ledger(&gw, move |conn| {
+        let list = crate::ledger::plugin_changes(conn, limit).map_err(|e| e.to_string())?;
         Ok(Bytes::from(
             serde_json::json!({ "changes": list }).to_string(),
         ))
     })
     .await
-    .map_err(|e| internal(e.to_string()))?
 }
 
 async fn route(gw: Arc<Gateway>, token: Arc<str>, req: Request<Incoming>) -> Response<Body> {

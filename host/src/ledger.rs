@@ -79,6 +79,14 @@ CREATE TABLE IF NOT EXISTS plugin_changes (
 CREATE INDEX IF NOT EXISTS feedback_task ON feedback (tenant, task_id);
 ";
 
+/// Columns added to `requests` since version 1, with their definitions.
+const ADDED_COLUMNS: [(&str, &str); 4] = [
+    ("cache_origin", "TEXT"),
+    ("calls", "TEXT NOT NULL DEFAULT '[]'"),
+    ("request_body", "TEXT"),
+    ("shadow", "TEXT NOT NULL DEFAULT '[]'"),
+];
+
 /// One plugin's part in a request.
 #[derive(Debug, Clone, Serialize, PartialEq)]
 pub struct Decision {
@@ -300,27 +308,16 @@ pub fn open_db(path: &Path) -> Result<Connection, LedgerError> {
     let version: i64 = conn
         .pragma_query_value(None, "user_version", |r| r.get(0))
         .map_err(&err)?;
-    if version < 2 {
-        // Version 1 files lack the cache origin and the per-call record.
-        let has = |col: &str| -> Result<bool, LedgerError> {
-            conn.prepare("SELECT 1 FROM pragma_table_info('requests') WHERE name = ?1")
-                .and_then(|mut st| st.exists([col]))
-                .map_err(&err)
-        };
-        if !has("cache_origin")? {
-            conn.execute_batch("ALTER TABLE requests ADD COLUMN cache_origin TEXT")
-                .map_err(&err)?;
-        }
-        if !has("calls")? {
-            conn.execute_batch("ALTER TABLE requests ADD COLUMN calls TEXT NOT NULL DEFAULT '[]'")
-                .map_err(&err)?;
-        }
-        if !has("shadow")? {
-            conn.execute_batch("ALTER TABLE requests ADD COLUMN shadow TEXT NOT NULL DEFAULT '[]'")
-                .map_err(&err)?;
-        }
-        if !has("request_body")? {
-            conn.execute_batch("ALTER TABLE requests ADD COLUMN request_body TEXT")
+    // Columns added after version 1: every file gets the ones it lacks,
+    // whatever its recorded version (a file is never left half migrated).
+    let has = |col: &str| -> Result<bool, LedgerError> {
+        conn.prepare("SELECT 1 FROM pragma_table_info('requests') WHERE name = ?1")
+            .and_then(|mut st| st.exists([col]))
+            .map_err(&err)
+    };
+    for (col, ddl) in ADDED_COLUMNS {
+        if !has(col)? {
+            conn.execute_batch(&format!("ALTER TABLE requests ADD COLUMN {col} {ddl}"))
                 .map_err(&err)?;
         }
     }
@@ -677,6 +674,33 @@ mod tests {
             .pragma_query_value(None, "user_version", |r| r.get(0))
             .unwrap();
         assert_eq!(v, SCHEMA_VERSION);
+    }
+
+    #[test]
+    fn a_file_marked_current_but_lacking_a_column_gets_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("v2.sqlite");
+        {
+            let c = Connection::open(&path).unwrap();
+            c.execute_batch(
+                &SCHEMA.replace(",\n    shadow            TEXT NOT NULL DEFAULT '[]'", ""),
+            )
+            .unwrap();
+            c.pragma_update(None, "user_version", SCHEMA_VERSION)
+                .unwrap();
+        }
+        let l = Ledger::open(&path, LedgerOptions::default()).unwrap();
+        l.record(row("r"));
+        l.flush();
+        let n: i64 = open_db(&path)
+            .unwrap()
+            .query_row(
+                "SELECT COUNT(*) FROM requests WHERE shadow = '[]'",
+                [],
+                |r| r.get(0),
+            )
+            .unwrap();
+        assert_eq!(n, 1);
     }
 
     #[test]

@@ -1406,6 +1406,40 @@ path = "{plugins}/default_cache_policy.wasm"
     assert_eq!(served, ["model", "cache", "model"]);
 }
 
+/// An admin API call made by "alice@ci": its status and JSON body.
+async fn admin_call(
+    admin: &str,
+    token: &str,
+    method: reqwest::Method,
+    path: String,
+    body: Option<Value>,
+) -> (u16, Value) {
+    let mut r = http()
+        .request(method, format!("{admin}{path}"))
+        .header("authorization", format!("Bearer {token}"))
+        .header("x-tollgate-actor", "alice@ci");
+    if let Some(b) = body {
+        r = r
+            .header("content-type", "application/json")
+            .body(b.to_string());
+    }
+    let resp = r.send().await.unwrap();
+    let status = resp.status().as_u16();
+    (
+        status,
+        serde_json::from_str(&resp.text().await.unwrap()).unwrap(),
+    )
+}
+
+/// An OpenAI-style refusal with this status and error code.
+fn assert_refused(status: u16, body: &Value, want_status: u16, code: &str) {
+    assert_eq!(
+        (status, body["error"]["code"].as_str()),
+        (want_status, Some(code)),
+        "{body}"
+    );
+}
+
 /// The tier router's trained config from the cost-saver policy set, as JSON.
 fn tier_router_config() -> Value {
     let text = std::fs::read_to_string(
@@ -1428,21 +1462,7 @@ async fn plugins_are_loaded_validated_swapped_rolled_back_and_recorded() {
     let gw = gateway_env(&cfg, &[("TOLLGATE_ADMIN_TOKEN", token)]);
     let admin = gw.admin_base();
     let call = |method: reqwest::Method, path: &str, body: Option<Value>| {
-        let mut r = http()
-            .request(method, format!("{admin}{path}"))
-            .header("authorization", format!("Bearer {token}"))
-            .header("x-tollgate-actor", "alice@ci");
-        if let Some(b) = body {
-            r = r
-                .header("content-type", "application/json")
-                .body(b.to_string());
-        }
-        async move {
-            let resp = r.send().await.unwrap();
-            let status = resp.status().as_u16();
-            let v: Value = serde_json::from_str(&resp.text().await.unwrap()).unwrap();
-            (status, v)
-        }
+        admin_call(&admin, token, method, path.to_string(), body)
     };
     let post = |path: &str, body: Value| call(reqwest::Method::POST, path, Some(body));
     let model_for = |q: &'static str| {
@@ -1464,11 +1484,7 @@ async fn plugins_are_loaded_validated_swapped_rolled_back_and_recorded() {
         "expect": {"model": "gpt-4o"}});
     let (s, e) = post("/v1/plugins/router/load", json!({"path": "tier_router.wasm", "config": tier_router_config(),
         "self_test": [{"name": "wrong on purpose", "request": reasoning_case["request"], "expect": {"model": "gpt-4o-mini"}}]})).await;
-    assert_eq!(
-        (s, e["error"]["code"].as_str()),
-        (422, Some("self_test_failed")),
-        "{e}"
-    );
+    assert_refused(s, &e, 422, "self_test_failed");
     assert!(
         e["error"]["message"]
             .as_str()
@@ -1481,51 +1497,31 @@ async fn plugins_are_loaded_validated_swapped_rolled_back_and_recorded() {
         json!({"path": "trim_compressor.wasm"}),
     )
     .await;
-    assert_eq!(
-        (s, e["error"]["code"].as_str()),
-        (422, Some("wrong_world")),
-        "{e}"
-    );
+    assert_refused(s, &e, 422, "wrong_world");
     let (s, e) = post(
         "/v1/plugins/router/load",
         json!({"path": "../plugins/rules_router.wasm"}),
     )
     .await;
-    assert_eq!(
-        (s, e["error"]["code"].as_str()),
-        (403, Some("path_outside_plugin_dir")),
-        "{e}"
-    );
+    assert_refused(s, &e, 403, "path_outside_plugin_dir");
     let (s, e) = post(
         "/v1/plugins/router/load",
         json!({"wasm_base64": "AGFzbQ=="}),
     )
     .await;
-    assert_eq!(
-        (s, e["error"]["code"].as_str()),
-        (422, Some("not_a_component")),
-        "{e}"
-    );
+    assert_refused(s, &e, 422, "not_a_component");
     let (s, e) = post(
         "/v1/plugins/budget_rule/load",
         json!({"path": "daily_budget.wasm"}),
     )
     .await;
-    assert_eq!(
-        (s, e["error"]["code"].as_str()),
-        (409, Some("digest_not_pinned")),
-        "{e}"
-    );
+    assert_refused(s, &e, 409, "digest_not_pinned");
     let (s, e) = post(
         "/v1/plugins/router/load",
         json!({"path": "tier_router.wasm", "config": {"threshold2": 2}}),
     )
     .await;
-    assert_eq!(
-        (s, e["error"]["code"].as_str()),
-        (422, Some("init_refused")),
-        "{e}"
-    );
+    assert_refused(s, &e, 422, "init_refused");
     assert_eq!(model_for(hard).await, "gpt-4o-mini");
 
     // A good version: loaded and tested, not yet active.
@@ -1583,12 +1579,9 @@ async fn plugins_are_loaded_validated_swapped_rolled_back_and_recorded() {
         "no router: the asked model"
     );
     let (s, e) = call(reqwest::Method::DELETE, "/v1/plugins/router", None).await;
-    assert_eq!((s, e["error"]["code"].as_str()), (404, Some("slot_empty")));
+    assert_refused(s, &e, 404, "slot_empty");
     let (s, e) = post("/v1/plugins/routr/load", json!({})).await;
-    assert_eq!(
-        (s, e["error"]["code"].as_str()),
-        (404, Some("unknown_slot"))
-    );
+    assert_refused(s, &e, 404, "unknown_slot");
 
     // Every change and refusal is on record, newest first.
     let (_, c) = call(reqwest::Method::GET, "/v1/plugins/changes?limit=100", None).await;
@@ -1707,22 +1700,7 @@ async fn a_shadow_router_is_compared_not_applied() {
     let gw = gateway_env(cfg, &[("TOLLGATE_ADMIN_TOKEN", token)]);
     let admin = gw.admin_base();
     let call = |method: reqwest::Method, path: &str, body: Option<Value>| {
-        let mut r = http()
-            .request(method, format!("{admin}{path}"))
-            .header("authorization", format!("Bearer {token}"));
-        if let Some(b) = body {
-            r = r
-                .header("content-type", "application/json")
-                .body(b.to_string());
-        }
-        async move {
-            let resp = r.send().await.unwrap();
-            let status = resp.status().as_u16();
-            (
-                status,
-                serde_json::from_str::<Value>(&resp.text().await.unwrap()).unwrap(),
-            )
-        }
+        admin_call(&admin, token, method, path.to_string(), body)
     };
     let (s, v) = call(
         reqwest::Method::POST,

@@ -324,9 +324,9 @@ async fn put(
     gw.plugins.store(Arc::new(next));
     versions.replaced(slot, before.clone());
     drop(versions);
-    let detail = match (&before, &plugin) {
-        (Some(b), _) => format!("replaced {} ({})", b.name(), &b.digest()[..12]),
-        (None, _) => "slot was empty".to_string(),
+    let detail = match &before {
+        Some(b) => format!("replaced {} ({})", b.name(), &b.digest()[..12]),
+        None => "slot was empty".to_string(),
     };
     change(gw, actor, action, slot, plugin.as_ref(), detail).await;
     Ok(json!({
@@ -343,22 +343,16 @@ pub async fn activate(
     actor: &str,
     raw: &[u8],
 ) -> Result<Value, ApiError> {
-    let o = crate::api::parse_object(raw)?;
-    let digest = version_id(&o)?;
-    let plugin = gw
-        .versions
-        .lock()
-        .await
-        .find(slot, digest)
-        .map(|s| s.plugin.clone())
-        .map_err(|m| refused(StatusCode::NOT_FOUND, "version_not_loaded", m))?;
+    let plugin = loaded_version(gw, slot, raw).await?;
     put(gw, slot, Some(plugin), actor, "activate").await
 }
 
-/// The loaded version a call names: `version`, or `sha256` when only one
-/// version of those bytes is loaded.
-fn version_id(o: &Map<String, Value>) -> Result<&str, ApiError> {
-    o.get("version")
+/// The loaded version a call's body names: `version`, or `sha256` when only
+/// one version of those bytes is loaded.
+async fn loaded_version(gw: &Gateway, slot: SlotId, raw: &[u8]) -> Result<AnySlot, ApiError> {
+    let o = crate::api::parse_object(raw)?;
+    let id = o
+        .get("version")
         .or_else(|| o.get("sha256"))
         .and_then(Value::as_str)
         .ok_or_else(|| {
@@ -367,7 +361,13 @@ fn version_id(o: &Map<String, Value>) -> Result<&str, ApiError> {
                 "give the `version` (or the `sha256`) of a loaded version",
             )
             .param("version")
-        })
+        })?;
+    gw.versions
+        .lock()
+        .await
+        .find(slot, id)
+        .map(|s| s.plugin.clone())
+        .map_err(|m| refused(StatusCode::NOT_FOUND, "version_not_loaded", m))
 }
 
 /// `POST /v1/plugins/{slot}/rollback`.
@@ -397,17 +397,7 @@ pub async fn shadow(
     raw: Option<&[u8]>,
 ) -> Result<Value, ApiError> {
     let plugin = match raw {
-        Some(raw) => {
-            let o = crate::api::parse_object(raw)?;
-            let digest = version_id(&o)?;
-            let found = gw
-                .versions
-                .lock()
-                .await
-                .find(slot, digest)
-                .map(|s| s.plugin.clone());
-            Some(found.map_err(|m| refused(StatusCode::NOT_FOUND, "version_not_loaded", m))?)
-        }
+        Some(raw) => Some(loaded_version(gw, slot, raw).await?),
         None => None,
     };
     let versions = gw.versions.lock().await;

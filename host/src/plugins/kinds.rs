@@ -90,7 +90,7 @@ impl Plugin<RouterKind> {
         req: &RequestView,
         candidates: &[ModelInfo],
     ) -> Result<RouteDecision, PluginError> {
-        let mut w = self.acquire_for(req).await?;
+        let mut w = self.acquire(req).await?;
         let r = w.bindings.call_route(&mut w.store, req, candidates).await;
         let d = self.release(w, r)?;
         let known = |m: &str| candidates.iter().any(|c| c.name == m);
@@ -116,7 +116,7 @@ impl Plugin<CompressorKind> {
     /// The compressor's rewrite, checked against the request it was given:
     /// kept messages in order and in range, and only text-only messages rewritten.
     pub async fn compress(&self, req: &RequestView) -> Result<Compression, PluginError> {
-        let mut w = self.acquire_for(req).await?;
+        let mut w = self.acquire(req).await?;
         let r = w.bindings.call_compress(&mut w.store, req).await;
         let c = self.release(w, r)?;
         if let Compression::Rewritten(rw) = &c {
@@ -146,7 +146,7 @@ impl Plugin<CompressorKind> {
 
 impl Plugin<CachePolicyKind> {
     pub async fn lookup(&self, req: &RequestView) -> Result<CacheDecision, PluginError> {
-        let mut w = self.acquire_for(req).await?;
+        let mut w = self.acquire(req).await?;
         let r = w.bindings.call_lookup(&mut w.store, req).await;
         let d = self.release(w, r)?;
         if let CacheDecision::Lookup(l) = &d
@@ -162,7 +162,7 @@ impl Plugin<CachePolicyKind> {
         req: &RequestView,
         response: &ResponseMeta,
     ) -> Result<bool, PluginError> {
-        let mut w = self.acquire_for(req).await?;
+        let mut w = self.acquire(req).await?;
         let r = w.bindings.call_admit(&mut w.store, req, response).await;
         self.release(w, r)
     }
@@ -174,7 +174,7 @@ impl Plugin<BudgetRuleKind> {
         req: &RequestView,
         spend: &SpendSnapshot,
     ) -> Result<Verdict, PluginError> {
-        let mut w = self.acquire_for(req).await?;
+        let mut w = self.acquire(req).await?;
         let r = w.bindings.call_check(&mut w.store, req, spend).await;
         self.release(w, r)
     }

@@ -390,7 +390,7 @@ impl<K: Kind> Plugin<K> {
     /// A new instance with `init` run on it.
     async fn fresh(&self) -> Result<Warm<K>, PluginError> {
         self.stats.instantiations.fetch_add(1, Ordering::Relaxed);
-        let state = StoreState::new(
+        let mut state = StoreState::new(
             self.name.clone(),
             self.runtime.clock.clone(),
             self.limits.memory_bytes,
@@ -400,7 +400,6 @@ impl<K: Kind> Plugin<K> {
             plugin: self.name.to_string(),
             message,
         })?;
-        let mut state = state;
         if self.spend {
             state.spend = self.runtime.spend.get().cloned();
         }
@@ -484,26 +483,13 @@ impl<K: Kind> Plugin<K> {
         }
     }
 
-    /// [`Plugin::acquire`] for a call deciding on `req` (host imports that
-    /// answer about the request read it from the store).
-    pub(super) async fn acquire_for(
+    /// An instance armed for one call deciding on `req`: warm if one is
+    /// idle, else fresh. Host imports that answer about the request (spend)
+    /// read it from the store. Pair with [`Plugin::release`].
+    pub(super) async fn acquire(
         &self,
         req: &super::types::RequestView,
     ) -> Result<Warm<K>, PluginError> {
-        let mut w = self.acquire().await?;
-        if self.spend {
-            w.store.data_mut().scope = super::state::CallScope {
-                tenant: req.tenant.clone(),
-                feature: req.feature.clone(),
-                user: req.user.clone(),
-            };
-        }
-        Ok(w)
-    }
-
-    /// An instance armed for one call: warm if one is idle, else fresh.
-    /// Pair with [`Plugin::release`].
-    pub(super) async fn acquire(&self) -> Result<Warm<K>, PluginError> {
         self.stats.calls.fetch_add(1, Ordering::Relaxed);
         let permit = match &self.busy {
             Some((sem, max)) => {
@@ -527,6 +513,13 @@ impl<K: Kind> Plugin<K> {
             None => self.fresh().await?,
         };
         self.arm(&mut warm.store, self.limits.deadline_ms, self.limits.fuel);
+        if self.spend {
+            warm.store.data_mut().scope = super::state::CallScope {
+                tenant: req.tenant.clone(),
+                feature: req.feature.clone(),
+                user: req.user.clone(),
+            };
+        }
         warm.started = Some(std::time::Instant::now());
         warm.permit = permit;
         Ok(warm)

@@ -89,8 +89,17 @@ impl Runtime {
             message: format!("{e:#}"),
         })?;
         let ty = component.component_type();
+        // An import refused even with every grant can never be loaded.
+        let every_grant = crate::config::Capabilities {
+            data_dir: Some(std::path::PathBuf::from("/data")),
+            spend: true,
+        };
+        let mut never = None;
         let mut imports = Vec::new();
         for (name, item) in ty.imports(&self.engine) {
+            if never.is_none() {
+                never = refusal(name, &every_grant).map(|m| format!("imports {name}: {m}"));
+            }
             let functions: Vec<String> = match item.ty {
                 ComponentItem::ComponentInstance(i) => i
                     .exports(&self.engine)
@@ -113,14 +122,8 @@ impl Runtime {
             .instantiate_pre(&component)
             .err()
             .map(|e| format!("{e:#}"));
-        // Sockets are never granted; the filesystem needs the slot's data_dir,
-        // which a reviewer reads from `needs_data_dir`.
-        let network = ty
-            .imports(&self.engine)
-            .map(|(n, _)| n)
-            .find(|n| n.starts_with("wasi:sockets/"))
-            .map(|n| format!("imports {n}: network access is never granted to a plugin"));
-        let links = links.or(network);
+        // Grants a slot can give are reported by `needs_data_dir` / `needs_spend`.
+        let links = links.or(never);
         let mut needs: Vec<&str> = imports
             .iter()
             .filter_map(|i| i["capability"].as_str())

@@ -218,6 +218,12 @@ pub struct PluginChange {
     pub detail: String,
 }
 
+/// SQL bounds on `ts_ms` for an optional `[since, until)` range in epoch ms.
+pub fn ts_range(since_ms: Option<u64>, until_ms: Option<u64>) -> (i64, i64) {
+    let clamp = |ms: u64| i64::try_from(ms).unwrap_or(i64::MAX);
+    (since_ms.map_or(0, clamp), until_ms.map_or(i64::MAX, clamp))
+}
+
 /// The latest plugin changes, newest first.
 pub fn plugin_changes(conn: &Connection, limit: u32) -> rusqlite::Result<Vec<PluginChange>> {
     let mut st = conn.prepare(

@@ -196,8 +196,7 @@ pub fn run(conn: &Connection, catalog: &Catalog, q: &Query) -> Result<Report, Re
          FROM requests
          WHERE ts_ms >= ?1 AND ts_ms < ?2 AND (?3 IS NULL OR tenant = ?3)",
     )?;
-    let since = q.since_ms.unwrap_or(0) as i64;
-    let until = q.until_ms.map_or(i64::MAX, |u| u as i64);
+    let (since, until) = crate::ledger::ts_range(q.since_ms, q.until_ms);
     let mut groups: HashMap<Vec<String>, Acc> = HashMap::new();
     let mut total = Acc::default();
     let mut rows = st.query(rusqlite::params![since, until, q.tenant])?;
@@ -578,8 +577,7 @@ pub fn shadows(conn: &Connection, q: &Query) -> Result<Vec<ShadowLine>, ReportEr
         "SELECT shadow, cost_usd FROM requests
          WHERE shadow != '[]' AND ts_ms >= ?1 AND ts_ms < ?2 AND (?3 IS NULL OR tenant = ?3)",
     )?;
-    let since = q.since_ms.unwrap_or(0).min(i64::MAX as u64) as i64;
-    let until = q.until_ms.unwrap_or(i64::MAX as u64).min(i64::MAX as u64) as i64;
+    let (since, until) = crate::ledger::ts_range(q.since_ms, q.until_ms);
     let mut acc: std::collections::BTreeMap<(String, String, String), ShadowLine> =
         std::collections::BTreeMap::new();
     let rows = st.query_map(rusqlite::params![since, until, q.tenant], |r| {

@@ -35,8 +35,7 @@ pub fn from_ledger(
              ORDER BY r.ts_ms, r.request_id",
         )
         .map_err(err)?;
-    let since = q.since_ms.unwrap_or(0).min(i64::MAX as u64) as i64;
-    let until = q.until_ms.unwrap_or(i64::MAX as u64).min(i64::MAX as u64) as i64;
+    let (since, until) = crate::ledger::ts_range(q.since_ms, q.until_ms);
     let rows = st
         .query_map(rusqlite::params![since, until, q.tenant], |r| {
             Ok((

@@ -11,6 +11,9 @@ use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 
+mod common;
+use common::{read_jsonl, tollgate_ok};
+
 fn plugin_dir() -> PathBuf {
     std::env::var_os("TOLLGATE_PLUGIN_DIR")
         .map(PathBuf::from)
@@ -1315,29 +1318,6 @@ async fn without_a_token_the_admin_api_does_not_start() {
     assert!(!gw.log_contains("admin API listening"));
 }
 
-/// Runs the binary to completion; it must succeed.
-fn tollgate_ok(args: &[&std::ffi::OsStr]) -> std::process::Output {
-    let out = Command::new(env!("CARGO_BIN_EXE_tollgate"))
-        .args(args)
-        .env_remove("RUST_LOG")
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "tollgate {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    out
-}
-
-fn read_jsonl(path: &std::path::Path) -> Vec<Value> {
-    std::fs::read_to_string(path)
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect()
-}
-
 #[tokio::test]
 async fn recorded_traffic_exports_to_a_trace_that_replays() {
     let cfg = r#"
@@ -1492,36 +1472,41 @@ async fn plugins_are_loaded_validated_swapped_rolled_back_and_recorded() {
             .contains("wrong on purpose"),
         "{e}"
     );
-    let (s, e) = post(
-        "/v1/plugins/router/load",
-        json!({"path": "trim_compressor.wasm"}),
-    )
-    .await;
-    assert_refused(s, &e, 422, "wrong_world");
-    let (s, e) = post(
-        "/v1/plugins/router/load",
-        json!({"path": "../plugins/rules_router.wasm"}),
-    )
-    .await;
-    assert_refused(s, &e, 403, "path_outside_plugin_dir");
-    let (s, e) = post(
-        "/v1/plugins/router/load",
-        json!({"wasm_base64": "AGFzbQ=="}),
-    )
-    .await;
-    assert_refused(s, &e, 422, "not_a_component");
-    let (s, e) = post(
-        "/v1/plugins/budget_rule/load",
-        json!({"path": "daily_budget.wasm"}),
-    )
-    .await;
-    assert_refused(s, &e, 409, "digest_not_pinned");
-    let (s, e) = post(
-        "/v1/plugins/router/load",
-        json!({"path": "tier_router.wasm", "config": {"threshold2": 2}}),
-    )
-    .await;
-    assert_refused(s, &e, 422, "init_refused");
+    for (path, body, status, code) in [
+        (
+            "/v1/plugins/router/load",
+            json!({"path": "trim_compressor.wasm"}),
+            422,
+            "wrong_world",
+        ),
+        (
+            "/v1/plugins/router/load",
+            json!({"path": "../plugins/rules_router.wasm"}),
+            403,
+            "path_outside_plugin_dir",
+        ),
+        (
+            "/v1/plugins/router/load",
+            json!({"wasm_base64": "AGFzbQ=="}),
+            422,
+            "not_a_component",
+        ),
+        (
+            "/v1/plugins/budget_rule/load",
+            json!({"path": "daily_budget.wasm"}),
+            409,
+            "digest_not_pinned",
+        ),
+        (
+            "/v1/plugins/router/load",
+            json!({"path": "tier_router.wasm", "config": {"threshold2": 2}}),
+            422,
+            "init_refused",
+        ),
+    ] {
+        let (s, e) = post(path, body).await;
+        assert_refused(s, &e, status, code);
+    }
     assert_eq!(model_for(hard).await, "gpt-4o-mini");
 
     // A good version: loaded and tested, not yet active.

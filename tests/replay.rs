@@ -5,9 +5,12 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::Command;
 
 use serde_json::{Value, json};
+
+mod common;
+use common::{read_jsonl, tollgate_ok};
 
 fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
@@ -19,21 +22,6 @@ fn fixture(name: &str) -> PathBuf {
 
 /// 2024-06-12T00:00:00Z, the day the trace's t_ms count from.
 const DAY_START_MS: u64 = 1_718_150_400_000;
-
-fn tollgate(args: &[&str]) -> Output {
-    let out = Command::new(env!("CARGO_BIN_EXE_tollgate"))
-        .args(args)
-        .env_remove("OPENAI_API_KEY")
-        .env_remove("RUST_LOG")
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "tollgate {args:?} failed:\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    out
-}
 
 fn score(trace: &Path, run: &Path) -> Value {
     let out = Command::new("python3")
@@ -51,14 +39,6 @@ fn score(trace: &Path, run: &Path) -> Value {
     serde_json::from_slice(&out.stdout).unwrap()
 }
 
-fn read_jsonl(path: &Path) -> Vec<Value> {
-    std::fs::read_to_string(path)
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect()
-}
-
 fn s(p: &Path) -> &str {
     p.to_str().unwrap()
 }
@@ -70,7 +50,7 @@ fn the_cost_saver_replay_is_scored_and_matches_its_ledger() {
     let run = dir.path().join("run.jsonl");
     let ledger = dir.path().join("run.sqlite");
     let config = root().join("examples/cost-saver/tollgate.toml");
-    let out = tollgate(&[
+    let out = tollgate_ok(&[
         "replay",
         "--trace",
         s(&trace),
@@ -195,7 +175,7 @@ fn cache_and_prompt_cache_expire_on_the_traces_clock() {
     .unwrap();
     let run = dir.path().join("run.jsonl");
     let started = std::time::Instant::now();
-    tollgate(&[
+    tollgate_ok(&[
         "replay",
         "--trace",
         s(&trace),
@@ -246,7 +226,7 @@ fn score_accepts_synthetic(trace: &Path, run: &Path) {
 fn compare_shows_two_policy_sets_side_by_side() {
     let dir = tempfile::tempdir().unwrap();
     let trace = fixture("replay-trace.jsonl");
-    let out = tollgate(&[
+    let out = tollgate_ok(&[
         "replay",
         "--trace",
         s(&trace),
@@ -310,7 +290,7 @@ fn speed_paces_the_replay_in_wall_time() {
     std::fs::write(&trace, [line("a", 0), line("b", 4_000)].join("\n")).unwrap();
     let run = dir.path().join("run.jsonl");
     let started = std::time::Instant::now();
-    tollgate(&[
+    tollgate_ok(&[
         "replay",
         "--trace",
         s(&trace),

@@ -1933,3 +1933,123 @@ async fn the_spend_import_needs_its_grant_and_reads_live_spend() {
         "another tenant's spend is its own"
     );
 }
+
+/// The embedding model `make model` installs.
+fn model_dir() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/models/all-MiniLM-L6-v2")
+}
+
+fn content(r: &Resp) -> String {
+    r.json()["choices"][0]["message"]["content"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string()
+}
+
+#[tokio::test]
+async fn the_embed_import_needs_its_grant_gives_real_similarities_and_is_bounded() {
+    // Without the grant the gateway refuses to start, naming the import.
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("t.toml");
+    let plugin = plugin_dir().join("embed_probe_fixture.wasm");
+    std::fs::write(&cfg, format!("[plugins.router]\npath = {:?}\n", plugin)).unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_tollgate"))
+        .args(["serve", "--listen", "127.0.0.1:0", "--config"])
+        .arg(&cfg)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("tollgate:policy/embed") && err.contains("capabilities.embed"),
+        "{err}"
+    );
+    // And a reviewer sees the need before deploying.
+    let inspected = tollgate_ok(&[
+        "plugin".as_ref(),
+        "inspect".as_ref(),
+        "--json".as_ref(),
+        plugin.as_os_str(),
+    ]);
+    let v: Value = serde_json::from_slice(&inspected.stdout).unwrap();
+    assert_eq!(v["needs_embed"], true, "{v}");
+    assert_eq!(v["loadable"], true, "{v}");
+
+    let config = |model: &str, timeout_ms: u32| {
+        format!(
+            "[embeddings]\nmodel_dir = {model:?}\n[plugins.router]\npath = \"{{plugins}}/embed_probe_fixture.wasm\"\ntimeout_ms = {timeout_ms}\ncapabilities = {{ embed = true }}\n"
+        )
+    };
+    let model = model_dir().display().to_string();
+    let gw = gateway(&config(&model, 2_000));
+    assert!(gw.log_contains("embedding model loaded"));
+    let similarity = |r: &Resp| -> f64 {
+        let c = content(r);
+        assert!(c.ends_with("dims=384"), "{c}");
+        c["similarity=".len()..]
+            .split(' ')
+            .next()
+            .unwrap()
+            .parse()
+            .unwrap()
+    };
+    let near = chat(
+        &gw.base,
+        &[],
+        ask("similar: How do I download my invoices? | Where can I get my recent invoices?"),
+    )
+    .await;
+    assert!(similarity(&near) > 0.6, "{}", content(&near));
+    let far = chat(
+        &gw.base,
+        &[],
+        ask("similar: How do I download my invoices? | Will it rain in Paris tomorrow?"),
+    )
+    .await;
+    assert!(similarity(&far) < 0.2, "{}", content(&far));
+    // At most 8 per plugin call; the next call starts afresh.
+    for _ in 0..2 {
+        let many = chat(&gw.base, &[], ask("embed 9")).await;
+        assert_eq!(
+            content(&many),
+            "ok=8 error=at most 8 embeddings per plugin call"
+        );
+    }
+    let plain = chat(&gw.base, &[], ask("hello")).await;
+    assert_eq!(plain.header("x-tollgate-model"), "gpt-4o-mini");
+    // 3 distinct questions + 8 probe texts computed; the repeats memoised.
+    let computed = metric(&gw.base, "tollgate_embeddings_total{outcome=\"computed\"}").await;
+    let memo = metric(&gw.base, "tollgate_embeddings_total{outcome=\"memo\"}").await;
+    assert_eq!((computed, memo), (11.0, 9.0));
+    assert!(metric(&gw.base, "tollgate_embedding_seconds_total").await > 0.0);
+    drop(gw);
+
+    // Embedding time counts against the plugin's deadline: 8 new texts
+    // cannot fit in 2 ms, so the call either hears "deadline" from the
+    // import or is stopped as a timeout (and the request goes on, fail-open).
+    let gw = gateway(&config(&model, 2));
+    let r = chat(&gw.base, &[], ask("embed 8")).await;
+    assert_eq!(r.status, 200, "{}", r.text);
+    let metrics = get_text(format!("{}/metrics", gw.base)).await;
+    let timed_out = metrics.lines().any(|l| {
+        l == "tollgate_plugin_failures_total{kind=\"router\",plugin=\"embed_probe_fixture\",reason=\"timeout\"} 1"
+    });
+    assert!(
+        content(&r).contains("deadline") || timed_out,
+        "{}\n{metrics}",
+        content(&r)
+    );
+    drop(gw);
+
+    // A configured model that is not there: the gateway serves, says why,
+    // and the plugin hears the reason.
+    let gw = gateway(&config("/nonexistent/minilm", 2_000));
+    assert!(gw.log_contains("embeddings off"));
+    let r = chat(&gw.base, &[], ask("similar: a | b")).await;
+    let c = content(&r);
+    assert!(
+        c.starts_with("error: the gateway has no embedding model")
+            && c.contains("/nonexistent/minilm/config.json"),
+        "{c}"
+    );
+}

@@ -459,6 +459,8 @@ async fn capabilities_are_denied_by_default_and_a_data_dir_is_read_only() {
     // With a data directory: that directory, read-only, and nothing else.
     let mut fs = slot("fs_probe_fixture.wasm", "read = \"words.txt\"");
     fs.capabilities.data_dir = Some(data.path().to_path_buf());
+    // Deadlines are not what this test is about; a busy machine must not fail it.
+    fs.timeout_ms = 1_000;
     let p: Plugin<RouterKind> = rt.load(&fs).await.unwrap();
     let RouteDecision::Respond(report) = p.route(&view("x"), &candidates()).await.unwrap() else {
         panic!("expected the probe report")

@@ -40,9 +40,12 @@ pub struct BenchArgs {
     /// Fuel per plugin call in the plugin measurement (0 turns fuel off).
     #[arg(long)]
     fuel: Option<u64>,
-    /// Run only one part: `plugins`, `http`, `ledger` or `load`.
+    /// Run only one part: `plugins`, `http`, `ledger`, `load` or `embed`.
     #[arg(long)]
     only: Option<String>,
+    /// The embedding model (`make model` installs it here).
+    #[arg(long, default_value = tollgate::embed::DEFAULT_MODEL_DIR)]
+    model_dir: PathBuf,
 }
 
 const ROUTER_CFG: &str = r#"
@@ -558,28 +561,79 @@ async fn bench_load(args: &BenchArgs) -> Result<Value> {
     Ok(Value::Object(out))
 }
 
+/// The native embedding model: load time, one forward pass by text length
+/// (median over distinct texts, so nothing is memoised), and a memoised
+/// repeat.
+fn bench_embed(dir: &std::path::Path) -> Result<Value> {
+    const TEXTS: usize = 30;
+    let t = Instant::now();
+    let m = tollgate::embed::Embedder::load(dir, 10_000)?;
+    let load_ms = t.elapsed().as_secs_f64() * 1000.0;
+    let sentence = "How do I download the invoices for my last three orders";
+    let mut out = serde_json::Map::new();
+    for (name, words) in [("words_10", 10), ("words_60", 60), ("words_200", 200)] {
+        let base: Vec<&str> = sentence.split(' ').cycle().take(words).collect();
+        let base = base.join(" ");
+        let mut ms = Vec::with_capacity(TEXTS);
+        for i in 0..TEXTS {
+            let text = format!("{i} {base}");
+            let t = Instant::now();
+            m.embed(&text)?;
+            ms.push(t.elapsed().as_secs_f64() * 1000.0);
+        }
+        ms.sort_by(f64::total_cmp);
+        out.insert(
+            name.into(),
+            json!({"median_ms": round2(ms[TEXTS / 2]), "p90_ms": round2(ms[TEXTS * 9 / 10])}),
+        );
+    }
+    let n = 100_000;
+    let t = Instant::now();
+    for _ in 0..n {
+        m.embed(sentence)?;
+    }
+    out.insert(
+        "memoised_ns".into(),
+        json!((t.elapsed().as_nanos() as f64 / n as f64).round()),
+    );
+    out.insert("load_ms".into(), json!(round1(load_ms)));
+    Ok(Value::Object(out))
+}
+
+fn round2(x: f64) -> f64 {
+    (x * 100.0).round() / 100.0
+}
+
 #[allow(clippy::print_stdout)] // the report is the output
 pub async fn run(args: BenchArgs) -> Result<()> {
     let started = Instant::now();
-    let only = args.only.as_deref();
-    let load = match only {
-        None | Some("load") => bench_load(&args).await?,
-        _ => Value::Null,
+    let want = |part: &str| args.only.as_deref().is_none_or(|o| o == part);
+    let load = match want("load") {
+        true => bench_load(&args).await?,
+        false => Value::Null,
     };
-    let plugins = match only {
-        Some("http") | Some("ledger") | Some("load") => Value::Null,
-        _ => bench_plugins(&args).await?,
+    let plugins = match want("plugins") {
+        true => bench_plugins(&args).await?,
+        false => Value::Null,
     };
-    let http = match only {
-        Some("plugins") | Some("ledger") | Some("load") => Value::Null,
-        _ => bench_http(&args).await?,
+    let http = match want("http") {
+        true => bench_http(&args).await?,
+        false => Value::Null,
     };
-    let ledger = match only {
-        Some("plugins") | Some("http") | Some("load") => Value::Null,
-        _ => tokio::task::spawn_blocking(bench_ledger_writer).await??,
+    let ledger = match want("ledger") {
+        true => tokio::task::spawn_blocking(bench_ledger_writer).await??,
+        false => Value::Null,
+    };
+    let embed = match want("embed") {
+        true => {
+            let dir = args.model_dir.clone();
+            tokio::task::spawn_blocking(move || bench_embed(&dir)).await??
+        }
+        false => Value::Null,
     };
     let out = json!({
         "cpus": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
+        "embeddings": embed,
         "plugin_load": load,
         "plugin_calls": plugins,
         "http_overhead": http,

@@ -42,6 +42,7 @@ pub struct Config {
     pub ledger: LedgerConfig,
     pub admin: AdminConfig,
     pub tasks: TasksConfig,
+    pub embeddings: EmbeddingsConfig,
     /// Where the file was read from (for messages); not a key.
     #[serde(skip)]
     pub origin: String,
@@ -167,6 +168,30 @@ pub struct PricingConfig {
     pub models: BTreeMap<String, ModelPrice>,
 }
 
+/// The native embedding model offered to plugins granted
+/// `capabilities.embed`.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct EmbeddingsConfig {
+    /// Directory holding all-MiniLM-L6-v2's `config.json`, `tokenizer.json`
+    /// and `model.safetensors` (`make model` installs them in
+    /// `target/models/all-MiniLM-L6-v2`). Unset: no embeddings. Set but
+    /// unreadable: the gateway starts, logs why, and `embed` calls fail
+    /// with that reason.
+    pub model_dir: Option<PathBuf>,
+    /// Embeddings remembered by text, so a text seen again costs no forward pass.
+    pub memo_entries: u64,
+}
+
+impl Default for EmbeddingsConfig {
+    fn default() -> Self {
+        Self {
+            model_dir: None,
+            memo_entries: 10_000,
+        }
+    }
+}
+
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct RuntimeConfig {
@@ -289,6 +314,10 @@ pub struct Capabilities {
     /// feature and user have spent today.
     #[serde(default)]
     pub spend: bool,
+    /// The `tollgate:policy/embed` import: sentence embeddings from the
+    /// gateway's model (`[embeddings]`).
+    #[serde(default)]
+    pub embed: bool,
 }
 
 fn default_timeout_ms() -> u64 {
@@ -454,6 +483,9 @@ impl Config {
             fix(d);
         }
         if let Some(d) = &mut self.runtime.cache_dir {
+            fix(d);
+        }
+        if let Some(d) = &mut self.embeddings.model_dir {
             fix(d);
         }
         let slots = self

@@ -9,6 +9,7 @@ pub mod budget;
 pub mod cache;
 pub mod clock;
 pub mod config;
+pub mod embed;
 pub mod ledger;
 pub mod metrics;
 pub mod pipeline;

@@ -57,6 +57,8 @@ pub struct Metrics {
     plugin_failures: IntGaugeVec,
     plugin_logs_dropped: IntGaugeVec,
     ledger_rows: IntGaugeVec,
+    embeddings: IntGaugeVec,
+    embedding_seconds: prometheus::Gauge,
     pub tokens_saved: IntCounter,
     tenants: Capped,
     features: Capped,
@@ -214,6 +216,21 @@ impl Metrics {
                 "Ledger rows by state.",
                 &["state"],
             ),
+            embeddings: gauge_vec(
+                &r,
+                "tollgate_embeddings_total",
+                "Embeddings asked of the native model by outcome (computed, memo, error).",
+                &["outcome"],
+            ),
+            embedding_seconds: {
+                let g = prometheus::Gauge::new(
+                    "tollgate_embedding_seconds_total",
+                    "Time spent computing embeddings.",
+                )
+                .unwrap_or_else(|_| unreachable_metric());
+                let _ = r.register(Box::new(g.clone()));
+                g
+            },
             tokens_saved,
             tenants: Capped::default(),
             features: Capped::default(),
@@ -272,6 +289,21 @@ impl Metrics {
                 .inc_by(c),
             None => self.unpriced.with_label_values(&[model]).inc(),
         }
+    }
+
+    /// Brings the embedding counters up to date before a scrape.
+    pub fn embeddings(&self, s: &crate::embed::EmbedStats) {
+        for (outcome, c) in [
+            ("computed", &s.computed),
+            ("memo", &s.memo_hits),
+            ("error", &s.errors),
+        ] {
+            self.embeddings
+                .with_label_values(&[outcome])
+                .set(c.load(Ordering::Relaxed) as i64);
+        }
+        self.embedding_seconds
+            .set(s.compute_us.load(Ordering::Relaxed) as f64 / 1e6);
     }
 
     /// Prometheus text exposition of every metric.

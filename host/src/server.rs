@@ -185,6 +185,9 @@ async fn route(gw: Arc<Gateway>, req: Request<Incoming>) -> Response<Body> {
             json_response(StatusCode::OK, Bytes::from_static(b"{\"status\":\"ok\"}"))
         }
         ("/metrics", &Method::GET) => {
+            if let Some(e) = gw.runtime.embedder() {
+                gw.metrics.embeddings(&e.stats);
+            }
             let text = gw
                 .metrics
                 .render(&gw.plugins.load(), gw.ledger.as_ref().map(|l| l.stats()));

@@ -177,6 +177,20 @@ pub mod spend {
     pub use crate::bindings::imports::tollgate::policy::spend::{SpendScope, today_usd};
 }
 
+/// Sentence embeddings computed natively by the gateway, for plugins whose
+/// slot grants `capabilities.embed = true` (a plugin that calls this without
+/// the grant is refused at load). Each new text costs a few milliseconds of
+/// the call's deadline; at most 8 per call.
+pub mod embed {
+    pub use crate::bindings::imports::tollgate::policy::embed::embed;
+
+    /// Cosine similarity of two embeddings from [`embed`] (unit length, so
+    /// their dot product): about 1 for the same meaning, near 0 for unrelated texts.
+    pub fn similarity(a: &[f32], b: &[f32]) -> f32 {
+        a.iter().zip(b).map(|(x, y)| x * y).sum()
+    }
+}
+
 /// Chooses the model for a request.
 pub trait Router: Sized + Send + 'static {
     /// Build the router from its configuration (JSON; empty when none is given).

@@ -276,7 +276,7 @@ async fn load_version(
         "timeout_ms": cfg.timeout_ms, "init_timeout_ms": cfg.init_timeout_ms,
         "memory_mib": cfg.memory_mib, "fuel": cfg.fuel, "reuse_instances": cfg.reuse_instances,
         "max_instances": cfg.max_instances, "data_dir": cfg.capabilities.data_dir,
-        "spend": cfg.capabilities.spend,
+        "spend": cfg.capabilities.spend, "embed": cfg.capabilities.embed,
     });
     let version = crate::plugins::sha256_hex(settings.to_string().as_bytes())[..16].to_string();
     gw.versions.lock().await.stage(

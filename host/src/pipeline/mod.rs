@@ -49,6 +49,31 @@ pub use identity::Identity;
 
 use account::Accounting;
 
+/// The embedding model, or why there is none; None when not configured.
+/// A missing or broken model is logged and leaves the gateway serving:
+/// plugins that embed get the reason as an error.
+async fn load_embedder(
+    cfg: &crate::config::EmbeddingsConfig,
+) -> Option<crate::plugins::EmbedSource> {
+    let dir = cfg.model_dir.clone()?;
+    let memo = cfg.memo_entries;
+    let started = Instant::now();
+    let loaded = tokio::task::spawn_blocking(move || crate::embed::Embedder::load(&dir, memo))
+        .await
+        .map_err(|e| e.to_string())
+        .and_then(|r| r.map_err(|e| e.to_string()));
+    Some(match loaded {
+        Ok(m) => {
+            tracing::info!(dir = %m.dir().display(), ms = started.elapsed().as_millis(), "embedding model loaded");
+            Ok(Arc::new(m))
+        }
+        Err(why) => {
+            tracing::error!("embeddings off: {why}");
+            Err(Arc::from(why))
+        }
+    })
+}
+
 /// Output tokens assumed for the worst case when a request sets no `max_tokens`.
 const DEFAULT_MAX_OUTPUT: u32 = 4096;
 
@@ -108,6 +133,9 @@ impl Gateway {
         let runtime = Runtime::new(&config.runtime, clock.clone())?;
         let spend = Arc::new(SpendCounters::default());
         runtime.set_spend_source(spend.clone());
+        if let Some(src) = load_embedder(&config.embeddings).await {
+            runtime.set_embed_source(src);
+        }
         let p = &config.plugins;
         let metrics = Metrics::new();
         let mut set = PluginSet::default();

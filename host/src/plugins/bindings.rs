@@ -8,6 +8,9 @@ pub mod v0_1_0 {
         path: "../wit/v0.1.0",
         world: "imports",
         additional_derives: [PartialEq],
+        // A forward pass of the embedding model takes milliseconds: it runs
+        // on the blocking pool while the plugin's fiber waits.
+        imports: { "tollgate:policy/embed.embed": async },
     });
 
     pub mod router {

@@ -19,6 +19,9 @@ pub fn refusal(name: &str, grants: &crate::config::Capabilities) -> Option<Strin
     if iface == "tollgate:policy/spend" && !grants.spend {
         return Some("spend figures are not granted; give the slot `capabilities.spend = true` if the plugin needs them".into());
     }
+    if iface == "tollgate:policy/embed" && !grants.embed {
+        return Some("embeddings are not granted; give the slot `capabilities.embed = true` if the plugin needs them".into());
+    }
     if iface.starts_with("wasi:filesystem/") && grants.data_dir.is_none() {
         return Some(
             "the filesystem is not granted; give the slot `capabilities.data_dir` (read-only, seen as /data) if the plugin needs data files".into(),
@@ -39,6 +42,10 @@ fn capability(name: &str) -> (&'static str, &'static str) {
         "tollgate:policy/spend" => (
             "spend figures",
             "refused unless the slot grants capabilities.spend: today's spend of the request's tenant, feature and user",
+        ),
+        "tollgate:policy/embed" => (
+            "embeddings",
+            "refused unless the slot grants capabilities.embed: sentence embeddings from the gateway's model, at most 8 per call, within the call's deadline",
         ),
         i if i.starts_with("wasi:filesystem/") => (
             "filesystem",
@@ -93,6 +100,7 @@ impl Runtime {
         let every_grant = crate::config::Capabilities {
             data_dir: Some(std::path::PathBuf::from("/data")),
             spend: true,
+            embed: true,
         };
         let mut never = None;
         let mut imports = Vec::new();
@@ -122,7 +130,7 @@ impl Runtime {
             .instantiate_pre(&component)
             .err()
             .map(|e| format!("{e:#}"));
-        // Grants a slot can give are reported by `needs_data_dir` / `needs_spend`.
+        // Grants a slot can give are reported by `needs_data_dir` / `needs_spend` / `needs_embed`.
         let links = links.or(never);
         let mut needs: Vec<&str> = imports
             .iter()
@@ -141,6 +149,7 @@ impl Runtime {
             "wasi_capabilities_imported": needs,
             "needs_data_dir": imports.iter().any(|i| i["capability"] == "filesystem"),
             "needs_spend": imports.iter().any(|i| i["capability"] == "spend figures"),
+            "needs_embed": imports.iter().any(|i| i["capability"] == "embeddings"),
             "loadable": links.is_none() && world.is_some(),
             "refused_because": links.or_else(|| world.is_none().then(|| {
                 "exports match no policy world (router, compressor, cache-policy, budget-rule)".to_string()
@@ -148,6 +157,19 @@ impl Runtime {
         }))
     }
 }
+
+/// Grants an inspected plugin may need, by the report's key.
+const GRANTS_NEEDED: [(&str, &str); 3] = [
+    (
+        "needs_data_dir",
+        "capabilities.data_dir (it imports the filesystem)",
+    ),
+    (
+        "needs_spend",
+        "capabilities.spend (it imports the spend figures)",
+    ),
+    ("needs_embed", "capabilities.embed (it imports embeddings)"),
+];
 
 /// The inspection as text for a terminal.
 pub fn inspection_text(v: &Value) -> String {
@@ -180,14 +202,12 @@ pub fn inspection_text(v: &Value) -> String {
         );
     }
     match v["refused_because"].as_str() {
-        None if v["needs_data_dir"] == true || v["needs_spend"] == true => {
-            let mut grants = Vec::new();
-            if v["needs_data_dir"] == true {
-                grants.push("capabilities.data_dir (it imports the filesystem)");
-            }
-            if v["needs_spend"] == true {
-                grants.push("capabilities.spend (it imports the spend figures)");
-            }
+        None if GRANTS_NEEDED.iter().any(|(k, _)| v[*k] == true) => {
+            let grants: Vec<&str> = GRANTS_NEEDED
+                .iter()
+                .filter(|(k, _)| v[*k] == true)
+                .map(|(_, g)| *g)
+                .collect();
             let _ = writeln!(
                 out,
                 "verdict   loadable only into a slot that grants {}",

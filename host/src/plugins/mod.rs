@@ -24,6 +24,7 @@ pub use bindings::types;
 pub use kinds::{BudgetRuleKind, CachePolicyKind, CompressorKind, Kind, RouterKind};
 pub use runtime::{Plugin, Runtime};
 pub use slots::{AnySlot, SlotId};
+pub use state::EmbedSource;
 
 use crate::config::FailMode;
 

@@ -24,6 +24,9 @@ pub struct Runtime {
     cache: Option<(std::path::PathBuf, u64)>,
     /// What the `spend` import reads, once the gateway has its counters.
     spend: std::sync::OnceLock<Arc<dyn super::state::SpendSource>>,
+    /// What the `embed` import answers with, once the gateway has looked
+    /// for its model.
+    embed: std::sync::OnceLock<super::state::EmbedSource>,
 }
 
 impl Drop for Runtime {
@@ -93,6 +96,7 @@ impl Runtime {
         });
         Ok(Arc::new(Self {
             spend: std::sync::OnceLock::new(),
+            embed: std::sync::OnceLock::new(),
             cache,
             engine,
             linker,
@@ -106,6 +110,17 @@ impl Runtime {
     /// Connects the `spend` import (for plugins granted it) to the gateway's counters.
     pub fn set_spend_source(&self, src: Arc<dyn super::state::SpendSource>) {
         let _ = self.spend.set(src);
+    }
+
+    /// The embedding model, when the gateway has one.
+    pub fn embedder(&self) -> Option<&Arc<crate::embed::Embedder>> {
+        self.embed.get().and_then(|r| r.as_ref().ok())
+    }
+
+    /// Connects the `embed` import (for plugins granted it) to the gateway's
+    /// embedding model, or to the reason it has none.
+    pub fn set_embed_source(&self, src: super::state::EmbedSource) {
+        let _ = self.embed.set(src);
     }
 
     /// Loads, checks and initialises a plugin for one slot: reads the file,
@@ -201,6 +216,7 @@ impl Runtime {
             }),
             data_dir: slot.capabilities.data_dir.clone(),
             spend: slot.capabilities.spend,
+            embed: slot.capabilities.embed,
             stats: PluginStats::default(),
         };
         // One real instantiation and `init` now, so a bad config is refused at
@@ -320,6 +336,8 @@ pub struct Plugin<K: Kind> {
     data_dir: Option<std::path::PathBuf>,
     /// Granted the `spend` import.
     spend: bool,
+    /// Granted the `embed` import.
+    embed: bool,
     stats: PluginStats,
 }
 
@@ -371,6 +389,7 @@ impl<K: Kind> Plugin<K> {
                 "environment": false,
                 "host_imports": ["count-tokens", "hash", "now-ms", "log"],
                 "spend": self.spend,
+                "embed": self.embed,
             },
             "compiled": {
                 "from_cache": self.compiled.from_cache,
@@ -402,6 +421,15 @@ impl<K: Kind> Plugin<K> {
         })?;
         if self.spend {
             state.spend = self.runtime.spend.get().cloned();
+        }
+        if self.embed {
+            state.embed = Some(
+                self.runtime
+                    .embed
+                    .get()
+                    .cloned()
+                    .unwrap_or_else(|| Err("embeddings are not configured".into())),
+            );
         }
         let mut store = Store::new(&self.runtime.engine, state);
         store.limiter(|s| &mut s.limiter);
@@ -462,6 +490,8 @@ impl<K: Kind> Plugin<K> {
         state.stderr.clear();
         state.logged = 0;
         state.logs_dropped = 0;
+        state.embeds = 0;
+        state.deadline = Some(std::time::Instant::now() + Duration::from_millis(deadline_ms));
     }
 
     fn take(&self) -> Option<Warm<K>> {

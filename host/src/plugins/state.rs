@@ -7,7 +7,7 @@ use wasmtime::ResourceLimiter;
 use wasmtime::component::ResourceTable;
 use wasmtime_wasi::{WasiCtx, WasiCtxBuilder, WasiCtxView, WasiView};
 
-use super::bindings::v0_1_0::tollgate::policy::{host, spend, types};
+use super::bindings::v0_1_0::tollgate::policy::{embed, host, spend, types};
 use super::stderr::StderrTail;
 use crate::clock::Clock;
 
@@ -16,6 +16,14 @@ const MAX_LOG_BYTES: usize = 2048;
 /// Log lines one call may write; the rest are dropped and counted, so a
 /// plugin cannot flood the gateway's log.
 pub const MAX_LOG_LINES_PER_CALL: u32 = 16;
+
+/// Embeddings one plugin call may ask for; more would let a plugin turn one
+/// request into unbounded model work.
+pub const MAX_EMBEDS_PER_CALL: u32 = 8;
+
+/// What the `embed` import answers with: the gateway's model, or why there
+/// is none (embeddings not configured, model files missing).
+pub type EmbedSource = Result<Arc<crate::embed::Embedder>, Arc<str>>;
 
 /// Where the `spend` import reads from: the gateway's spend counters.
 pub trait SpendSource: Send + Sync {
@@ -57,6 +65,12 @@ pub struct StoreState {
     pub(super) spend: Option<Arc<dyn SpendSource>>,
     /// The request of the current call.
     pub(super) scope: CallScope,
+    /// Set only for plugins granted `capabilities.embed`.
+    pub(super) embed: Option<EmbedSource>,
+    /// Embeddings asked for during the current call.
+    pub(super) embeds: u32,
+    /// When the current call's deadline passes; host work stops there too.
+    pub(super) deadline: Option<std::time::Instant>,
 }
 
 impl StoreState {
@@ -95,6 +109,9 @@ impl StoreState {
             clock,
             spend: None,
             scope: CallScope::default(),
+            embed: None,
+            embeds: 0,
+            deadline: None,
         })
     }
 }
@@ -154,6 +171,34 @@ impl spend::Host for StoreState {
             spend::SpendScope::Tenant => tenant,
             spend::SpendScope::Feature => feature,
             spend::SpendScope::User => user,
+        }
+    }
+}
+
+impl embed::Host for StoreState {
+    async fn embed(&mut self, text: String) -> Result<Vec<f32>, String> {
+        // Without the grant the plugin was refused at load; answer nothing anyway.
+        let model = match &self.embed {
+            None => return Err("embeddings are not granted to this plugin".into()),
+            Some(Err(why)) => return Err(format!("the gateway has no embedding model: {why}")),
+            Some(Ok(m)) => m.clone(),
+        };
+        if self.embeds >= MAX_EMBEDS_PER_CALL {
+            return Err(format!(
+                "at most {MAX_EMBEDS_PER_CALL} embeddings per plugin call"
+            ));
+        }
+        self.embeds += 1;
+        let left = self
+            .deadline
+            .map(|d| d.saturating_duration_since(std::time::Instant::now()))
+            .unwrap_or(std::time::Duration::from_secs(1));
+        if left.is_zero() {
+            return Err("the plugin call's deadline has passed".into());
+        }
+        match model.embed_async(text, left).await {
+            Ok(v) => Ok(v.to_vec()),
+            Err(e) => Err(e.to_string()),
         }
     }
 }

@@ -2053,3 +2053,160 @@ async fn the_embed_import_needs_its_grant_gives_real_similarities_and_is_bounded
         "{c}"
     );
 }
+
+/// Asks until `check` holds for a response (the file watcher settles in
+/// ~300 ms); panics after 10 s with the last response.
+async fn until_served(base: &str, check: impl Fn(&Resp) -> bool) -> Resp {
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let r = chat(base, &[], ask("hello there")).await;
+        if check(&r) {
+            return r;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "not applied: {} {:?}",
+            r.status,
+            r.headers
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test]
+async fn config_edits_apply_without_a_restart_and_bad_edits_are_refused() {
+    let token = "reload-token-0123456789";
+    let router = |default: &str| {
+        format!(
+            "[plugins.router]\npath = \"{}/rules_router.wasm\"\nconfig = {{ default = \"{default}\" }}\n",
+            plugin_dir().display()
+        )
+    };
+    let gw = gateway_env(&router("gpt-4o-mini"), &[("TOLLGATE_ADMIN_TOKEN", token)]);
+    let file = gw._dir.path().join("tollgate.toml");
+    let admin = gw.admin_base();
+    let r = chat(&gw.base, &[], ask("hello there")).await;
+    assert_eq!(r.header("x-tollgate-model"), "gpt-4o-mini");
+    let cost_before: f64 = r.header("x-tollgate-cost-usd").parse().unwrap();
+
+    // A plugin slot and a price change, picked up from the file.
+    let priced = format!(
+        "{}[pricing.models.\"gpt-4.1-mini\"]\ntier = 2\ninput = 40.0\noutput = 160.0\n",
+        router("gpt-4.1-mini")
+    );
+    std::fs::write(&file, &priced).unwrap();
+    let r = until_served(&gw.base, |r| r.header("x-tollgate-model") == "gpt-4.1-mini").await;
+    let cost: f64 = r.header("x-tollgate-cost-usd").parse().unwrap();
+    // 100x gpt-4.1-mini's catalog price, dearer than gpt-4o-mini's answer.
+    assert!(cost > cost_before * 100.0, "{cost} vs {cost_before}");
+
+    // Bad edits: broken TOML, an unknown key, a plugin that cannot load.
+    // Each is refused with the reason; the running config keeps serving.
+    let missing = "[plugins.router]\npath = \"/nonexistent/router.wasm\"\n";
+    for (bad, says) in [
+        ("[server\nlisten = 1", "tollgate.toml"),
+        ("[pricing]\ncolour = \"red\"\n", "colour"),
+        (missing, "/nonexistent/router.wasm"),
+    ] {
+        std::fs::write(&file, bad).unwrap();
+        let (status, body) = admin_call(
+            &admin,
+            token,
+            reqwest::Method::POST,
+            "/v1/config/reload".into(),
+            None,
+        )
+        .await;
+        assert_refused(status, &body, 400, "config_refused");
+        let msg = body["error"]["message"].as_str().unwrap();
+        assert!(
+            msg.contains(says) && msg.contains("running config stays"),
+            "{msg}"
+        );
+        let r = chat(&gw.base, &[], ask("hello there")).await;
+        assert_eq!(r.status, 200);
+        assert_eq!(r.header("x-tollgate-model"), "gpt-4.1-mini", "{bad}");
+    }
+    assert!(gw.log_contains("config reload refused, the running config stays"));
+    assert!(
+        metric(
+            &gw.base,
+            "tollgate_config_reloads_total{result=\"refused\"}"
+        )
+        .await
+            >= 3.0
+    );
+
+    // Through the admin API: the router removed, a listener change reported
+    // as needing a restart (the running listener stays).
+    // (The file watcher may apply it first; then this call finds nothing new.)
+    std::fs::write(&file, "[server]\nlisten = \"127.0.0.1:1\"\n").unwrap();
+    let (status, body) = admin_call(
+        &admin,
+        token,
+        reqwest::Method::POST,
+        "/v1/config/reload".into(),
+        None,
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    let r = chat(&gw.base, &[], ask("hello there")).await;
+    assert_eq!(
+        r.header("x-tollgate-model"),
+        "gpt-4o",
+        "no router: the asked model"
+    );
+
+    // Every reload is in the change log, with what it did.
+    let conn = tollgate::ledger::open_db(&gw._dir.path().join("tollgate-ledger.sqlite")).unwrap();
+    let changes = tollgate::ledger::plugin_changes(&conn, 50).unwrap();
+    assert!(
+        changes.iter().any(|c| c.action == "config_reload"
+            && c.detail.contains("pricing")
+            && c.detail.contains("plugins [router]")
+            && c.detail.contains("restart needed for [server.listen]")),
+        "{changes:?}"
+    );
+    let refused = changes
+        .iter()
+        .filter(|c| c.action == "config_refused")
+        .count();
+    assert!(refused >= 3, "{changes:?}");
+    assert!(
+        changes
+            .iter()
+            .any(|c| c.action == "config_refused" && c.actor == "alice@ci"),
+        "{changes:?}"
+    );
+}
+
+#[tokio::test]
+async fn sighup_reloads_when_the_file_is_not_watched() {
+    let gw = gateway("[server]\nwatch_config = false\n");
+    let file = gw._dir.path().join("tollgate.toml");
+    std::fs::write(
+        &file,
+        format!(
+            "[server]\nwatch_config = false\n[plugins.router]\npath = \"{}/rules_router.wasm\"\nconfig = {{ default = \"gpt-4o-mini\" }}\n",
+            plugin_dir().display()
+        ),
+    )
+    .unwrap();
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    let r = chat(&gw.base, &[], ask("hello there")).await;
+    assert_eq!(
+        r.header("x-tollgate-model"),
+        "gpt-4o",
+        "not watched: unchanged"
+    );
+    let pid = gw.child.id().to_string();
+    assert!(
+        Command::new("kill")
+            .args(["-HUP", &pid])
+            .status()
+            .unwrap()
+            .success()
+    );
+    until_served(&gw.base, |r| r.header("x-tollgate-model") == "gpt-4o-mini").await;
+    assert!(gw.log_contains("config reloaded"));
+}

@@ -28,7 +28,7 @@ pub enum ConfigError {
     Pricing { path: String, source: PricingError },
 }
 
-#[derive(Debug, Clone, Deserialize, Default)]
+#[derive(Debug, Clone, Deserialize, Default, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct Config {
     pub server: ServerConfig,
@@ -48,13 +48,16 @@ pub struct Config {
     pub origin: String,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct ServerConfig {
     pub listen: String,
     pub max_body_bytes: usize,
     /// How long a shutdown waits for requests in flight.
     pub drain_timeout_ms: u64,
+    /// Apply edits of the config file without a restart (SIGHUP and the
+    /// admin API's `POST /v1/config/reload` work either way).
+    pub watch_config: bool,
 }
 
 impl Default for ServerConfig {
@@ -63,11 +66,12 @@ impl Default for ServerConfig {
             listen: "127.0.0.1:8080".into(),
             max_body_bytes: 10 * 1024 * 1024,
             drain_timeout_ms: 30_000,
+            watch_config: true,
         }
     }
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct IdentityConfig {
     pub default_tenant: String,
@@ -85,7 +89,7 @@ impl Default for IdentityConfig {
     }
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, PartialEq)]
 #[serde(tag = "kind", rename_all = "lowercase", deny_unknown_fields)]
 pub enum ProviderConfig {
     /// The built-in deterministic simulator.
@@ -94,7 +98,7 @@ pub enum ProviderConfig {
     Openai(OpenAiConfig),
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct SimConfig {
     /// Time to the first token.
@@ -119,7 +123,7 @@ impl Default for SimConfig {
     }
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct OpenAiConfig {
     pub base_url: String,
@@ -150,7 +154,7 @@ impl Default for OpenAiConfig {
     }
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct ModelRoute {
     pub provider: String,
@@ -159,7 +163,7 @@ pub struct ModelRoute {
     pub upstream_model: Option<String>,
 }
 
-#[derive(Debug, Clone, Deserialize, Default)]
+#[derive(Debug, Clone, Deserialize, Default, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct PricingConfig {
     /// A catalog file replacing the built-in one.
@@ -192,7 +196,7 @@ impl Default for EmbeddingsConfig {
     }
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct RuntimeConfig {
     /// Resolution of plugin deadlines.
@@ -221,7 +225,7 @@ impl Default for RuntimeConfig {
     }
 }
 
-#[derive(Debug, Clone, Deserialize, Default)]
+#[derive(Debug, Clone, Deserialize, Default, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct PluginsConfig {
     pub router: Option<PluginSlotConfig>,
@@ -260,7 +264,7 @@ pub enum FailMode {
     Closed,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct PluginSlotConfig {
     pub path: PathBuf,
@@ -336,7 +340,7 @@ fn default_true() -> bool {
     true
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct CacheConfig {
     /// Upper bound of cached answer bytes in memory.
@@ -354,7 +358,7 @@ impl Default for CacheConfig {
     }
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct LedgerConfig {
     /// Record one row per request. Turning it off loses the cost record.
@@ -385,7 +389,7 @@ impl Default for LedgerConfig {
 
 /// Runaway-task stops, checked natively before any plugin runs. A task is
 /// the `x-tollgate-task` header within a tenant.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct TasksConfig {
     /// Calls one task may make; 0 = no limit.
@@ -408,7 +412,7 @@ impl Default for TasksConfig {
     }
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct AdminConfig {
     /// The admin API's own address; keep it off the application network.

@@ -16,6 +16,7 @@ pub mod pipeline;
 pub mod plugins;
 pub mod pricing;
 pub mod providers;
+pub mod reload;
 pub mod replay;
 pub mod report;
 pub mod server;

@@ -339,6 +339,7 @@ pub fn load_config(path: Option<&std::path::Path>) -> Result<Config> {
 
 async fn serve(args: ServeArgs) -> Result<()> {
     let mut config = load_config(args.config.as_deref())?;
+    let file_config = config.clone();
     if let Some(l) = args.listen {
         config.server.listen = l;
     }
@@ -349,6 +350,19 @@ async fn serve(args: ServeArgs) -> Result<()> {
         .context("cannot start the gateway")?;
     let admin_token = tollgate::admin::load_token(&gw.config.admin)?;
     let _watcher = tollgate::admin::watch::spawn(gw.clone())?;
+    let _config_watcher = match &args.config {
+        Some(path) => {
+            let r = tollgate::reload::Reloader::new(&gw, path.clone(), file_config);
+            let _ = gw.reloader.set(r.clone());
+            tokio::spawn(reload_on_sighup(r.clone()));
+            if gw.config.server.watch_config {
+                Some(r.watch()?)
+            } else {
+                None
+            }
+        }
+        None => None,
+    };
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     tokio::spawn(async move {
         shutdown_signal().await;
@@ -380,7 +394,7 @@ async fn serve(args: ServeArgs) -> Result<()> {
     tracing::info!(
         "tollgate listening on http://{} (models: {})",
         listener.local_addr()?,
-        gw.providers.model_names().join(", ")
+        gw.live.load().providers.model_names().join(", ")
     );
     server::serve(
         listener,
@@ -399,6 +413,16 @@ async fn serve(args: ServeArgs) -> Result<()> {
     }
     tracing::info!("stopped");
     Ok(())
+}
+
+/// `kill -HUP` reloads the config file (the outcome is logged).
+async fn reload_on_sighup(r: Arc<tollgate::reload::Reloader>) {
+    let Ok(mut hup) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) else {
+        return;
+    };
+    while hup.recv().await.is_some() {
+        let _ = r.reload("sighup").await;
+    }
 }
 
 async fn sim(listen: String, latency_ms: u64, ms_per_token: u64) -> Result<()> {

@@ -58,6 +58,7 @@ pub struct Metrics {
     plugin_logs_dropped: IntGaugeVec,
     ledger_rows: IntGaugeVec,
     embeddings: IntGaugeVec,
+    config_reloads: IntCounterVec,
     embedding_seconds: prometheus::Gauge,
     pub tokens_saved: IntCounter,
     tenants: Capped,
@@ -216,6 +217,12 @@ impl Metrics {
                 "Ledger rows by state.",
                 &["state"],
             ),
+            config_reloads: counter_vec(
+                &r,
+                "tollgate_config_reloads_total",
+                "Config reloads by result (applied, refused).",
+                &["result"],
+            ),
             embeddings: gauge_vec(
                 &r,
                 "tollgate_embeddings_total",
@@ -289,6 +296,11 @@ impl Metrics {
                 .inc_by(c),
             None => self.unpriced.with_label_values(&[model]).inc(),
         }
+    }
+
+    pub fn config_reload(&self, applied: bool) {
+        let result = if applied { "applied" } else { "refused" };
+        self.config_reloads.with_label_values(&[result]).inc();
     }
 
     /// Brings the embedding counters up to date before a scrape.

@@ -135,8 +135,9 @@ async fn route(gw: Arc<Gateway>, req: Request<Incoming>) -> Response<Body> {
     let method = req.method().clone();
     match (path.as_str(), &method) {
         ("/v1/chat/completions" | "/chat/completions", &Method::POST) => {
-            let max = gw.config.server.max_body_bytes;
-            let identity = Identity::from_headers(req.headers(), &gw.config.identity);
+            let live = gw.live.load();
+            let max = live.config.server.max_body_bytes;
+            let identity = Identity::from_headers(req.headers(), &live.config.identity);
             let (_parts, body) = match read_body(req, max).await {
                 Ok(x) => x,
                 Err(e) => return into_response(gw.reject(identity.as_ref().ok(), &e)),
@@ -152,7 +153,7 @@ async fn route(gw: Arc<Gateway>, req: Request<Incoming>) -> Response<Body> {
                 Ok(x) => x,
                 Err(e) => return error_response(&e),
             };
-            let result = Identity::from_headers(&parts.headers, &gw.config.identity)
+            let result = Identity::from_headers(&parts.headers, &gw.live.load().config.identity)
                 .and_then(|id| gw.feedback(&id, &body));
             match result {
                 Ok(()) => json_response(
@@ -163,13 +164,12 @@ async fn route(gw: Arc<Gateway>, req: Request<Incoming>) -> Response<Body> {
             }
         }
         ("/v1/models" | "/models", &Method::GET) => {
-            let data: Vec<Value> = gw
-                .providers
+            let providers = gw.live.load().providers.clone();
+            let data: Vec<Value> = providers
                 .model_names()
                 .into_iter()
                 .map(|m| {
-                    let owner = gw
-                        .providers
+                    let owner = providers
                         .get(m)
                         .map(|t| t.provider_name.clone())
                         .unwrap_or_default();
@@ -188,9 +188,10 @@ async fn route(gw: Arc<Gateway>, req: Request<Incoming>) -> Response<Body> {
             if let Some(e) = gw.runtime.embedder() {
                 gw.metrics.embeddings(&e.stats);
             }
-            let text = gw
-                .metrics
-                .render(&gw.plugins.load(), gw.ledger.as_ref().map(|l| l.stats()));
+            let text = gw.metrics.render(
+                &gw.live.load().plugins,
+                gw.ledger.as_ref().map(|l| l.stats()),
+            );
             let mut r = Response::new(full(text));
             r.headers_mut().insert(
                 header::CONTENT_TYPE,

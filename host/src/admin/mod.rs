@@ -9,8 +9,12 @@
 //!   capabilities, failure mode and counters, the versions loaded beside
 //!   them and the slots' digest pins;
 //! * loading, activating, rolling back and removing plugins: [`plugins`].
+//! * `POST /v1/config/reload`: re-reads the config file now
+//!   ([`crate::reload`]); the answer says what was applied and what needs a
+//!   restart, or why the edit was refused.
 
 mod plugins;
+pub(crate) use plugins::record as record_change;
 pub mod watch;
 
 use std::future::Future;
@@ -103,9 +107,33 @@ fn spend_query(query: Option<&str>) -> Result<report::Query, ApiError> {
     Ok(q)
 }
 
+/// Re-reads the config file now; refused edits answer 400 with the reason
+/// and leave the running config as it was.
+async fn reload_config(gw: &Arc<Gateway>, headers: &http::HeaderMap) -> Result<Bytes, ApiError> {
+    let Some(r) = gw.reloader.get() else {
+        return Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "invalid_request_error",
+            "no_config_file",
+            "the gateway was started without a config file; there is nothing to reload",
+        ));
+    };
+    match r.reload(&plugins::actor(headers)).await {
+        Ok(report) => Ok(Bytes::from(
+            serde_json::to_string(&report).unwrap_or_default(),
+        )),
+        Err(e) => Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "invalid_request_error",
+            "config_refused",
+            format!("{e}; the running config stays"),
+        )),
+    }
+}
+
 async fn spend(gw: Arc<Gateway>, query: Option<String>) -> Result<Bytes, ApiError> {
     let q = spend_query(query.as_deref())?;
-    let catalog = gw.catalog.clone();
+    let catalog = gw.live.load().catalog.clone();
     read_ledger(&gw, move |conn| {
         let rep = report::run(conn, &catalog, &q).map_err(|e| e.to_string())?;
         Ok(Bytes::from(rep.json()))
@@ -264,7 +292,7 @@ async fn route(gw: Arc<Gateway>, token: Arc<str>, req: Request<Incoming>) -> Res
     }
     match (path.as_str(), req.method()) {
         ("/v1/plugins", &Method::GET) => {
-            let mut v = gw.plugins.load().describe();
+            let mut v = gw.live.load().plugins.describe();
             let versions = gw.versions.lock().await.describe();
             if let (Some(o), serde_json::Value::Object(extra)) = (v.as_object_mut(), versions) {
                 o.extend(extra);
@@ -283,6 +311,10 @@ async fn route(gw: Arc<Gateway>, token: Arc<str>, req: Request<Incoming>) -> Res
                 Err(e) => error_response(&e),
             }
         }
+        ("/v1/config/reload", &Method::POST) => match reload_config(&gw, req.headers()).await {
+            Ok(body) => json_response(StatusCode::OK, body),
+            Err(e) => error_response(&e),
+        },
         ("/v1/spend", &Method::GET) => match spend(gw, req.uri().query().map(str::to_string)).await
         {
             Ok(body) => json_response(StatusCode::OK, body),

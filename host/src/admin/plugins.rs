@@ -57,7 +57,7 @@ pub fn actor(headers: &http::HeaderMap) -> String {
 
 /// Logs a change and waits until the ledger has it on disk (off the async
 /// workers: the ledger's flush blocks).
-async fn record(gw: &Gateway, c: PluginChange) {
+pub(crate) async fn record(gw: &Gateway, c: PluginChange) {
     tracing::info!(
         actor = %c.actor, action = %c.action, slot = %c.slot,
         plugin = c.plugin.as_deref().unwrap_or("-"), sha256 = c.sha256.as_deref().unwrap_or("-"),
@@ -317,12 +317,13 @@ async fn put(
     action: &str,
 ) -> Result<Value, ApiError> {
     let mut versions = gw.versions.lock().await;
-    let current = gw.plugins.load_full();
-    let before = current.get(slot);
-    let next = current
+    let live = gw.live.load_full();
+    let before = live.plugins.get(slot);
+    let next = live
+        .plugins
         .with(slot, plugin.clone())
         .map_err(|m| refused(StatusCode::CONFLICT, "slot_mismatch", m))?;
-    gw.plugins.store(Arc::new(next));
+    gw.live.store(Arc::new(live.with_plugins(next)));
     versions.replaced(slot, before.clone());
     drop(versions);
     let detail = match &before {
@@ -402,8 +403,8 @@ pub async fn shadow(
         None => None,
     };
     let versions = gw.versions.lock().await;
-    let current = gw.plugins.load_full();
-    let before = current.shadow_of(slot);
+    let live = gw.live.load_full();
+    let before = live.plugins.shadow_of(slot);
     if plugin.is_none() && before.is_none() {
         return Err(refused(
             StatusCode::NOT_FOUND,
@@ -411,10 +412,11 @@ pub async fn shadow(
             format!("slot {slot} has no shadow"),
         ));
     }
-    let next = current
+    let next = live
+        .plugins
         .with_shadow(slot, plugin.clone())
         .map_err(|m| refused(StatusCode::CONFLICT, "slot_mismatch", m))?;
-    gw.plugins.store(Arc::new(next));
+    gw.live.store(Arc::new(live.with_plugins(next)));
     drop(versions);
     let (action, shown) = match &plugin {
         Some(p) => ("shadow", Some(p)),
@@ -437,7 +439,7 @@ pub async fn shadow(
 
 /// `DELETE /v1/plugins/{slot}`.
 pub async fn remove(gw: &Arc<Gateway>, slot: SlotId, actor: &str) -> Result<Value, ApiError> {
-    if gw.plugins.load().get(slot).is_none() {
+    if gw.live.load().plugins.get(slot).is_none() {
         return Err(refused(
             StatusCode::NOT_FOUND,
             "slot_empty",
@@ -479,7 +481,7 @@ async fn self_test(gw: &Gateway, plugin: &AnySlot, cases: &[Value]) -> Result<us
         let got = match plugin {
             AnySlot::Router(s) => s
                 .plugin
-                .route(&v, &gw.candidates(None))
+                .route(&v, &gw.live.load().candidates(None))
                 .await
                 .map(|d| route_json(&d)),
             AnySlot::Compressor(s) => s.plugin.compress(&v).await.map(|d| compression_json(&d)),

@@ -11,15 +11,14 @@ use crate::api::{self, WireCompletion};
 use crate::budget::Reservation;
 use crate::cache::{AnswerStore, CacheKey, CachedAnswer};
 use crate::ledger::{CallRecord, Row};
-use crate::plugins::PluginSet;
 use crate::plugins::types::{RequestView, ResponseMeta};
 use crate::pricing::Usage;
 use crate::tokens;
 
 pub struct Accounting {
     pub gateway: Arc<Gateway>,
-    /// The plugin set the request started with (a swap mid-request does not change it).
-    pub plugins: Arc<PluginSet>,
+    /// The snapshot the request started with (a swap mid-request does not change it).
+    pub live: Arc<super::Live>,
     pub view: RequestView,
     pub model: String,
     pub cache_plan: Option<(CacheKey, Duration)>,
@@ -71,7 +70,7 @@ impl Accounting {
         body: Option<Bytes>,
     ) -> Option<f64> {
         let gw = self.gateway.clone();
-        let cost = gw.catalog.cost(&self.model, &usage);
+        let cost = self.live.catalog.cost(&self.model, &usage);
         if cost.is_none() {
             gw.warn_unpriced(&self.model);
         }
@@ -93,7 +92,8 @@ impl Accounting {
                 .observe(self.upstream_started.elapsed().as_secs_f64());
         }
         let mut admitted = false;
-        if let (Some((key, ttl)), Some(slot)) = (self.cache_plan.take(), &self.plugins.cache_policy)
+        if let (Some((key, ttl)), Some(slot)) =
+            (self.cache_plan.take(), &self.live.plugins.cache_policy)
             && !estimated
         {
             let meta = ResponseMeta {
@@ -147,7 +147,10 @@ impl Accounting {
         let mut row = std::mem::take(&mut self.row);
         // What a router shadow's model would have cost for the same usage.
         for s in row.shadow.iter_mut().filter(|s| s.slot == "router") {
-            s.cost_usd = s.model.as_deref().and_then(|m| gw.catalog.cost(m, &usage));
+            s.cost_usd = s
+                .model
+                .as_deref()
+                .and_then(|m| self.live.catalog.cost(m, &usage));
         }
         row.calls.push(CallRecord {
             model: self.model.clone(),

@@ -102,14 +102,79 @@ pub enum GatewayError {
     Ledger(#[from] ledger::LedgerError),
 }
 
+/// What a request reads from start to finish: the config, prices, routes
+/// and plugins. Replaced as a whole (a config reload, a plugin swap), never
+/// mutated, so a request in flight finishes on the snapshot it started with.
+pub struct Live {
+    pub config: Arc<Config>,
+    pub catalog: Arc<Catalog>,
+    pub providers: Arc<Providers>,
+    pub plugins: Arc<PluginSet>,
+}
+
+impl Live {
+    /// The same snapshot with another plugin set.
+    pub fn with_plugins(&self, plugins: PluginSet) -> Self {
+        Self {
+            config: self.config.clone(),
+            catalog: self.catalog.clone(),
+            providers: self.providers.clone(),
+            plugins: Arc::new(plugins),
+        }
+    }
+
+    /// Worst-case cost of the request on `model` (0 when the model has no price).
+    fn worst_case(&self, model: &str, view: &RequestView) -> f64 {
+        self.catalog
+            .worst_case(
+                model,
+                view.prompt_tokens,
+                view.max_tokens.unwrap_or(DEFAULT_MAX_OUTPUT),
+            )
+            .unwrap_or(0.0)
+    }
+
+    /// The dearest worst case along a fallback ladder: any rung may answer.
+    fn worst_case_of_ladder(&self, ladder: &[String], view: &RequestView) -> f64 {
+        ladder
+            .iter()
+            .map(|m| self.worst_case(m, view))
+            .fold(0.0, f64::max)
+    }
+
+    /// Served models with prices, limited to the ceiling's tier after a downgrade.
+    pub fn candidates(&self, ceiling: Option<&str>) -> Vec<ModelInfo> {
+        let max_tier = ceiling.and_then(|m| self.catalog.get(m)).map(|p| p.tier);
+        self.providers
+            .model_names()
+            .into_iter()
+            .filter_map(|name| {
+                let target = self.providers.get(name)?;
+                let price = self.catalog.get(name);
+                let tier = price.map_or(0, |p| p.tier);
+                if max_tier.is_some_and(|max| tier > max) {
+                    return None;
+                }
+                Some(ModelInfo {
+                    name: name.to_string(),
+                    provider: target.provider_name.clone(),
+                    tier,
+                    input_per_mtok: price.map_or(f64::NAN, |p| p.input),
+                    cached_input_per_mtok: price.map_or(f64::NAN, |p| p.cached_input()),
+                    output_per_mtok: price.map_or(f64::NAN, |p| p.output),
+                })
+            })
+            .collect()
+    }
+}
+
 /// Everything a request needs, shared by all requests.
 pub struct Gateway {
+    /// The config the gateway started with: listeners, ledger, runtime and
+    /// other settings a reload cannot change. Requests read [`Gateway::live`].
     pub config: Config,
-    pub catalog: Catalog,
-    pub providers: Providers,
+    pub live: ArcSwap<Live>,
     pub runtime: Arc<Runtime>,
-    /// The active plugin set; replaced as a whole, never mutated.
-    pub plugins: ArcSwap<PluginSet>,
     pub cache: MemoryStore,
     pub spend: Arc<SpendCounters>,
     pub clock: Arc<dyn Clock>,
@@ -119,6 +184,9 @@ pub struct Gateway {
     pub tasks: task_guard::TaskGuard,
     /// Plugin versions loaded through the admin API, and what rollbacks restore.
     pub versions: tokio::sync::Mutex<crate::plugins::manager::Versions>,
+    /// Reloads the config file on request (SIGHUP, the admin API); set when
+    /// the gateway serves from a file.
+    pub reloader: std::sync::OnceLock<Arc<crate::reload::Reloader>>,
     /// Models already warned about for having no price.
     unpriced_warned: std::sync::Mutex<std::collections::HashSet<String>>,
 }
@@ -174,11 +242,15 @@ impl Gateway {
             versions: tokio::sync::Mutex::new(versions),
             ledger,
             unpriced_warned: Default::default(),
+            reloader: Default::default(),
             cache: MemoryStore::new(config.cache.max_bytes, clock.clone()),
-            catalog,
-            providers,
             runtime,
-            plugins: ArcSwap::from_pointee(set),
+            live: ArcSwap::from_pointee(Live {
+                config: Arc::new(config.clone()),
+                catalog: Arc::new(catalog),
+                providers: Arc::new(providers),
+                plugins: Arc::new(set),
+            }),
             spend,
             tasks: task_guard::TaskGuard::new(config.tasks.clone()),
             clock,
@@ -354,7 +426,7 @@ impl Gateway {
     /// read it: unreadable body, bad identity headers.
     pub fn reject(&self, headers_identity: Option<&Identity>, e: &ApiError) -> Reply {
         let request_id = new_request_id();
-        let fallback = Identity::defaults(&self.config.identity);
+        let fallback = Identity::defaults(&self.live.load().config.identity);
         let row = self.new_row(&request_id, headers_identity.unwrap_or(&fallback));
         self.metrics.request(e.status.as_u16(), 0.0);
         self.record_error(row, e, Instant::now());
@@ -398,6 +470,10 @@ impl Gateway {
     ) -> Result<Reply, ApiError> {
         let started = Instant::now();
 
+        // Everything below reads this one snapshot.
+        let live = self.live.load_full();
+        let plugins = live.plugins.clone();
+
         // 1. Parse and validate.
         let mut req = ChatRequest::parse(raw)?;
         rec.model_asked = req.model.clone();
@@ -405,12 +481,12 @@ impl Gateway {
         if self.ledger.is_some() {
             let canonical = serde_json::to_string(&req.body).unwrap_or_default();
             rec.request_hash = ledger::request_hash(&canonical);
-            if self.config.ledger.record_bodies {
+            if live.config.ledger.record_bodies {
                 rec.request_body = Some(canonical);
             }
         }
-        if self.providers.get(&req.model).is_none() {
-            return Err(model_not_found(&req.model, &self.providers));
+        if live.providers.get(&req.model).is_none() {
+            return Err(model_not_found(&req.model, &live.providers));
         }
         if let Err(e) = self
             .tasks
@@ -419,7 +495,6 @@ impl Gateway {
             self.metrics.budget(e.code);
             return Err(e);
         }
-        let plugins = self.plugins.load_full();
         let mut view = view::build(rid, &id, &req);
         rec.chars_before = view::prompt_chars(&view) as u64;
         let scopes = Scopes {
@@ -438,7 +513,7 @@ impl Gateway {
                 tenant_today_usd: snap.tenant,
                 feature_today_usd: snap.feature,
                 user_today_usd: snap.user,
-                estimated_cost_usd: self.worst_case(&req.model, &view),
+                estimated_cost_usd: live.worst_case(&req.model, &view),
             };
             let verdict = contain(slot, slot.plugin.check(&view, &spend).await, rec)?;
             if let Some(v) = &verdict {
@@ -457,7 +532,7 @@ impl Gateway {
                     ));
                 }
                 Some(Verdict::Downgrade(model)) => {
-                    if self.providers.get(&model).is_some() {
+                    if live.providers.get(&model).is_some() {
                         self.metrics.budget("downgrade");
                         ceiling = Some(model);
                     } else {
@@ -515,7 +590,7 @@ impl Gateway {
                         self.record_answered(rec, started);
                         return Ok(self.reply_cached(rid, &req, &hit));
                     }
-                    let ttl = l.ttl_seconds.min(self.config.cache.max_ttl_seconds);
+                    let ttl = l.ttl_seconds.min(live.config.cache.max_ttl_seconds);
                     cache_plan = Some((key, Duration::from_secs(u64::from(ttl))));
                     cache_outcome = "miss";
                 }
@@ -533,7 +608,7 @@ impl Gateway {
         let default_model = ceiling.clone().unwrap_or_else(|| req.model.clone());
         let mut ladder = vec![default_model.clone()];
         let candidates = if plugins.router.is_some() || plugins.shadow.router.is_some() {
-            self.candidates(ceiling.as_deref())
+            live.candidates(ceiling.as_deref())
         } else {
             Vec::new()
         };
@@ -579,7 +654,7 @@ impl Gateway {
         // 6. Reserve the worst case and call upstream along the ladder.
         let reservation = self
             .spend
-            .reserve(&scopes, self.worst_case_of_ladder(&ladder, &view));
+            .reserve(&scopes, live.worst_case_of_ladder(&ladder, &view));
         let mut body = req.body.clone();
         if req.stream {
             // Always ask for usage, so streamed calls are billed exactly.
@@ -592,7 +667,7 @@ impl Gateway {
         }
         let upstream_started = Instant::now();
         let (model, provider_name, reply) = self
-            .call_ladder(&ladder, body, req.stream, &id, &mut rec.calls)
+            .call_ladder(&live, &ladder, body, req.stream, &id, &mut rec.calls)
             .await?;
         rec.model_served = Some(model.clone());
         rec.provider = Some(provider_name);
@@ -600,7 +675,7 @@ impl Gateway {
         // 7. Account and respond.
         let acct = Accounting {
             gateway: self.clone(),
-            plugins: plugins.clone(),
+            live: live.clone(),
             view,
             model: model.clone(),
             cache_plan,
@@ -639,6 +714,7 @@ impl Gateway {
     /// added once its usage is known).
     async fn call_ladder(
         &self,
+        live: &Live,
         ladder: &[String],
         body: serde_json::Map<String, Value>,
         stream: bool,
@@ -647,7 +723,7 @@ impl Gateway {
     ) -> Result<(String, String, UpstreamReply), ApiError> {
         let mut last: Option<ProviderError> = None;
         for model in ladder {
-            let Some(target) = self.providers.get(model) else {
+            let Some(target) = live.providers.get(model) else {
                 continue;
             };
             let mut body = body.clone();
@@ -696,50 +772,6 @@ impl Gateway {
                 "no model of the route is served",
             ),
         })
-    }
-
-    /// Worst-case cost of the request on `model` (0 when the model has no price).
-    fn worst_case(&self, model: &str, view: &RequestView) -> f64 {
-        self.catalog
-            .worst_case(
-                model,
-                view.prompt_tokens,
-                view.max_tokens.unwrap_or(DEFAULT_MAX_OUTPUT),
-            )
-            .unwrap_or(0.0)
-    }
-
-    /// The dearest worst case along a fallback ladder: any rung may answer.
-    fn worst_case_of_ladder(&self, ladder: &[String], view: &RequestView) -> f64 {
-        ladder
-            .iter()
-            .map(|m| self.worst_case(m, view))
-            .fold(0.0, f64::max)
-    }
-
-    /// Served models with prices, limited to the ceiling's tier after a downgrade.
-    pub fn candidates(&self, ceiling: Option<&str>) -> Vec<ModelInfo> {
-        let max_tier = ceiling.and_then(|m| self.catalog.get(m)).map(|p| p.tier);
-        self.providers
-            .model_names()
-            .into_iter()
-            .filter_map(|name| {
-                let target = self.providers.get(name)?;
-                let price = self.catalog.get(name);
-                let tier = price.map_or(0, |p| p.tier);
-                if max_tier.is_some_and(|max| tier > max) {
-                    return None;
-                }
-                Some(ModelInfo {
-                    name: name.to_string(),
-                    provider: target.provider_name.clone(),
-                    tier,
-                    input_per_mtok: price.map_or(f64::NAN, |p| p.input),
-                    cached_input_per_mtok: price.map_or(f64::NAN, |p| p.cached_input()),
-                    output_per_mtok: price.map_or(f64::NAN, |p| p.output),
-                })
-            })
-            .collect()
     }
 
     fn reply_cached(&self, rid: &str, req: &ChatRequest, hit: &CachedAnswer) -> Reply {
@@ -849,7 +881,7 @@ pub fn attach_metrics<K: Kind>(plugin: &crate::plugins::Plugin<K>, metrics: &Met
     );
 }
 
-async fn load_slot<K: Kind>(
+pub(crate) async fn load_slot<K: Kind>(
     rt: &Arc<Runtime>,
     cfg: &crate::config::PluginSlotConfig,
     metrics: &Metrics,

@@ -17,7 +17,8 @@ use crate::api::ApiError;
 use crate::config::TasksConfig;
 
 pub struct TaskGuard {
-    cfg: TasksConfig,
+    /// Replaced by a config reload; counts survive it.
+    cfg: arc_swap::ArcSwap<TasksConfig>,
     /// (tenant, task) -> (calls, last call on the gateway clock)
     calls: moka::sync::Cache<(String, String), (u32, u64)>,
 }
@@ -25,9 +26,13 @@ pub struct TaskGuard {
 impl TaskGuard {
     pub fn new(cfg: TasksConfig) -> Self {
         Self {
-            cfg,
+            cfg: arc_swap::ArcSwap::from_pointee(cfg),
             calls: moka::sync::Cache::builder().max_capacity(1_000_000).build(),
         }
+    }
+
+    pub fn set_config(&self, cfg: TasksConfig) {
+        self.cfg.store(std::sync::Arc::new(cfg));
     }
 
     /// Refuses the request if its task is looping or over its call cap;
@@ -39,7 +44,7 @@ impl TaskGuard {
         body: &Map<String, Value>,
         now_ms: u64,
     ) -> Result<(), ApiError> {
-        let limit = self.cfg.max_identical_tool_calls;
+        let limit = self.cfg.load().max_identical_tool_calls;
         if limit > 0 {
             let (repeats, name) = most_repeated_tool_call(body);
             if repeats >= limit {
@@ -51,11 +56,12 @@ impl TaskGuard {
                 ));
             }
         }
-        let max = self.cfg.max_calls;
+        let cfg = self.cfg.load();
+        let max = cfg.max_calls;
         if max == 0 || task.is_empty() {
             return Ok(());
         }
-        let idle_ms = self.cfg.idle_reset_seconds.saturating_mul(1000);
+        let idle_ms = cfg.idle_reset_seconds.saturating_mul(1000);
         let key = (tenant.to_string(), task.to_string());
         let entry = self.calls.entry(key).and_compute_with(|old| {
             let calls = match old.map(|e| e.into_value()) {

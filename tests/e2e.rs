@@ -2210,3 +2210,126 @@ async fn sighup_reloads_when_the_file_is_not_watched() {
     until_served(&gw.base, |r| r.header("x-tollgate-model") == "gpt-4o-mini").await;
     assert!(gw.log_contains("config reloaded"));
 }
+
+/// Issue acceptance: steady open-loop load (200 requests per second for
+/// 60 s; `TOLLGATE_SWAP_SECONDS` shortens it) while the router is swapped
+/// 100 times between two versions through the admin API. No request may
+/// fail, and answers must come from both versions. Prints the admin swap
+/// latency (run with `--nocapture` to see it).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hundred_swaps_under_steady_load_fail_no_request() {
+    const RPS: u64 = 200;
+    const SWAPS: u32 = 100;
+    let seconds: u64 = std::env::var("TOLLGATE_SWAP_SECONDS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(60);
+    let token = "swap-load-token-0123456789";
+    let cfg = "[admin]\nlisten = \"127.0.0.1:0\"\nplugin_dir = \"{plugins}\"\n\
+               [plugins.router]\npath = \"{plugins}/rules_router.wasm\"\nconfig = { default = \"gpt-4o-mini\" }\n";
+    let gw = gateway_env(cfg, &[("TOLLGATE_ADMIN_TOKEN", token)]);
+    let admin = gw.admin_base();
+    let post = |path: &'static str, body: Value| {
+        admin_call(
+            &admin,
+            token,
+            reqwest::Method::POST,
+            path.to_string(),
+            Some(body),
+        )
+    };
+    let mut versions = Vec::new();
+    for model in ["gpt-4o-mini", "gpt-4.1-mini"] {
+        let (s, v) = post(
+            "/v1/plugins/router/load",
+            json!({"path": "rules_router.wasm", "config": {"default": model}}),
+        )
+        .await;
+        assert_eq!(s, 200, "{v}");
+        versions.push(v["version"].as_str().unwrap().to_string());
+    }
+
+    let client = http();
+    let url = format!("{}/v1/chat/completions", gw.base);
+    let body = ask("What are your opening hours?").to_string();
+    let load = tokio::spawn(async move {
+        let mut tick = tokio::time::interval(Duration::from_micros(1_000_000 / RPS));
+        let end = std::time::Instant::now() + Duration::from_secs(seconds);
+        let mut calls = Vec::new();
+        while std::time::Instant::now() < end {
+            tick.tick().await;
+            let req = client
+                .post(&url)
+                .header("content-type", "application/json")
+                .body(body.clone());
+            calls.push(tokio::spawn(async move {
+                match req.send().await {
+                    Ok(r) => {
+                        let model = r
+                            .headers()
+                            .get("x-tollgate-model")
+                            .and_then(|v| v.to_str().ok())
+                            .unwrap_or("")
+                            .to_string();
+                        let status = r.status().as_u16();
+                        let _ = r.bytes().await;
+                        (status, model)
+                    }
+                    Err(e) => (0, e.to_string()),
+                }
+            }));
+        }
+        let mut out = Vec::with_capacity(calls.len());
+        for c in calls {
+            out.push(c.await.unwrap());
+        }
+        out
+    });
+
+    let gap = Duration::from_millis(seconds * 1000 / u64::from(SWAPS));
+    let mut swap_ms = Vec::new();
+    let mut swap_us = Vec::new();
+    for i in 0..SWAPS {
+        tokio::time::sleep(gap).await;
+        let version = &versions[(i % 2) as usize];
+        let t = std::time::Instant::now();
+        let (s, v) = post("/v1/plugins/router/activate", json!({"version": version})).await;
+        swap_ms.push(t.elapsed().as_secs_f64() * 1000.0);
+        assert_eq!(s, 200, "{v}");
+        swap_us.push(v["swap_us"].as_f64().unwrap());
+    }
+    let results = load.await.unwrap();
+
+    let failed: Vec<_> = results.iter().filter(|(s, _)| *s != 200).collect();
+    let by_model = |m: &str| results.iter().filter(|(_, got)| got == m).count();
+    let (mini, newer) = (by_model("gpt-4o-mini"), by_model("gpt-4.1-mini"));
+    let pct = |v: &mut Vec<f64>, p: f64| {
+        v.sort_by(f64::total_cmp);
+        v[((v.len() - 1) as f64 * p) as usize]
+    };
+    eprintln!(
+        "swap under load: {} requests in {seconds} s, {} failed; gpt-4o-mini {mini}, gpt-4.1-mini {newer}; \
+         {SWAPS} swaps: in the gateway p50 {:.1} µs, max {:.1} µs; admin round trip (incl. the durable change record) \
+         p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms",
+        results.len(),
+        failed.len(),
+        pct(&mut swap_us, 0.5),
+        pct(&mut swap_us, 1.0),
+        pct(&mut swap_ms, 0.5),
+        pct(&mut swap_ms, 0.99),
+        pct(&mut swap_ms, 1.0),
+    );
+    assert!(
+        failed.is_empty(),
+        "{} failed: {:?}",
+        failed.len(),
+        &failed[..failed.len().min(5)]
+    );
+    assert!(
+        results.len() as u64 >= RPS * seconds * 95 / 100,
+        "the load was not steady: {} requests",
+        results.len()
+    );
+    assert!(mini > 0 && newer > 0, "both versions answer");
+    assert_eq!(mini + newer, results.len());
+}

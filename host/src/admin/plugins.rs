@@ -317,6 +317,9 @@ async fn put(
     action: &str,
 ) -> Result<Value, ApiError> {
     let mut versions = gw.versions.lock().await;
+    // The swap itself, from the lock to the store (the change record
+    // written after it is not part of it).
+    let swap = std::time::Instant::now();
     let live = gw.live.load_full();
     let before = live.plugins.get(slot);
     let next = live
@@ -324,6 +327,7 @@ async fn put(
         .with(slot, plugin.clone())
         .map_err(|m| refused(StatusCode::CONFLICT, "slot_mismatch", m))?;
     gw.live.store(Arc::new(live.with_plugins(next)));
+    let swap_us = swap.elapsed().as_secs_f64() * 1e6;
     versions.replaced(slot, before.clone());
     drop(versions);
     let detail = match &before {
@@ -335,6 +339,7 @@ async fn put(
         "slot": slot.to_string(),
         "active": plugin.as_ref().map(|p| json!({"name": p.name(), "sha256": p.digest()})),
         "replaced": before.as_ref().map(|p| json!({"name": p.name(), "sha256": p.digest()})),
+        "swap_us": (swap_us * 10.0).round() / 10.0,
     }))
 }
 

@@ -337,3 +337,30 @@ async fn load<K: Kind>(
     tracing::info!(%slot, plugin = s.plugin.name(), sha256 = s.plugin.digest(), "config: plugin loaded");
     Ok(Some(s))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Config {
+        Config::parse(text, "t.toml", Path::new("/cfg")).unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    #[test]
+    fn settings_bound_at_start_are_told_apart_from_live_ones() {
+        let old = parse("[server]\nlisten = \"127.0.0.1:8080\"\n");
+        let new = parse(
+            "[server]\nlisten = \"0.0.0.0:80\"\nmax_body_bytes = 5\n\
+             [ledger]\nrecord_bodies = true\n[cache]\nmax_bytes = 7\nmax_ttl_seconds = 60\n\
+             [embeddings]\nmodel_dir = \"m\"\n",
+        );
+        assert_eq!(
+            restart_only_changes(&old, &new),
+            ["server.listen", "embeddings", "cache.max_bytes"]
+        );
+        // record_bodies alone is live, the ledger file is not.
+        let moved = parse("[ledger]\npath = \"elsewhere.sqlite\"\n");
+        assert_eq!(restart_only_changes(&old, &moved), ["ledger"]);
+        assert!(restart_only_changes(&old, &old).is_empty());
+    }
+}

@@ -179,8 +179,8 @@ pub mod spend {
 
 /// Sentence embeddings computed natively by the gateway, for plugins whose
 /// slot grants `capabilities.embed = true` (a plugin that calls this without
-/// the grant is refused at load). Each new text costs a few milliseconds of
-/// the call's deadline; at most 8 per call.
+/// the grant is refused at load). Each new text costs a forward pass (about
+/// 15 ms for a short question) of the call's deadline; at most 8 per call.
 pub mod embed {
     pub use crate::bindings::imports::tollgate::policy::embed::embed;
 

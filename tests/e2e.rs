@@ -1884,20 +1884,25 @@ async fn the_watched_plugin_directory_deploys_good_files_and_refuses_bad_ones() 
     );
 }
 
-#[tokio::test]
-async fn the_spend_import_needs_its_grant_and_reads_live_spend() {
-    // Without the grant the gateway refuses to start, naming the import.
+/// Starts the gateway with `config`, which must stop the start: its stderr.
+fn start_refused(config: &str) -> String {
     let dir = tempfile::tempdir().unwrap();
     let cfg = dir.path().join("t.toml");
-    let plugin = plugin_dir().join("spend_probe_fixture.wasm");
-    std::fs::write(&cfg, format!("[plugins.router]\npath = {:?}\n", plugin)).unwrap();
+    std::fs::write(&cfg, config).unwrap();
     let out = Command::new(env!("CARGO_BIN_EXE_tollgate"))
         .args(["serve", "--listen", "127.0.0.1:0", "--config"])
         .arg(&cfg)
         .output()
         .unwrap();
     assert!(!out.status.success());
-    let err = String::from_utf8_lossy(&out.stderr);
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+#[tokio::test]
+async fn the_spend_import_needs_its_grant_and_reads_live_spend() {
+    // Without the grant the gateway refuses to start, naming the import.
+    let plugin = plugin_dir().join("spend_probe_fixture.wasm");
+    let err = start_refused(&format!("[plugins.router]\npath = {:?}\n", plugin));
     assert!(
         err.contains("tollgate:policy/spend") && err.contains("capabilities.spend"),
         "{err}"
@@ -1949,17 +1954,8 @@ fn content(r: &Resp) -> String {
 #[tokio::test]
 async fn the_embed_import_needs_its_grant_gives_real_similarities_and_is_bounded() {
     // Without the grant the gateway refuses to start, naming the import.
-    let dir = tempfile::tempdir().unwrap();
-    let cfg = dir.path().join("t.toml");
     let plugin = plugin_dir().join("embed_probe_fixture.wasm");
-    std::fs::write(&cfg, format!("[plugins.router]\npath = {:?}\n", plugin)).unwrap();
-    let out = Command::new(env!("CARGO_BIN_EXE_tollgate"))
-        .args(["serve", "--listen", "127.0.0.1:0", "--config"])
-        .arg(&cfg)
-        .output()
-        .unwrap();
-    assert!(!out.status.success());
-    let err = String::from_utf8_lossy(&out.stderr);
+    let err = start_refused(&format!("[plugins.router]\npath = {:?}\n", plugin));
     assert!(
         err.contains("tollgate:policy/embed") && err.contains("capabilities.embed"),
         "{err}"

@@ -188,31 +188,26 @@ async fn apply(gw: &Arc<Gateway>, old: &Config, new: &Config) -> Result<ReloadRe
     let _versions = gw.versions.lock().await;
     let live = gw.live.load_full();
 
-    let mut applied = |name: &str, changed: bool| {
-        if changed {
-            report.applied.push(name.to_string());
-        }
-        changed
-    };
-    let pricing = applied("pricing", new.pricing != old.pricing);
-    let routes = applied(
-        "providers/models",
-        new.providers != old.providers || new.models != old.models,
-    );
-    applied("identity", new.identity != old.identity);
-    applied("tasks", new.tasks != old.tasks);
-    applied(
-        "cache.max_ttl_seconds",
-        new.cache.max_ttl_seconds != old.cache.max_ttl_seconds,
-    );
-    applied(
-        "server.max_body_bytes",
-        new.server.max_body_bytes != old.server.max_body_bytes,
-    );
-    applied(
-        "ledger.record_bodies",
-        new.ledger.record_bodies != old.ledger.record_bodies,
-    );
+    let pricing = new.pricing != old.pricing;
+    let routes = new.providers != old.providers || new.models != old.models;
+    report.applied = changed(&[
+        ("pricing", pricing),
+        ("providers/models", routes),
+        ("identity", new.identity != old.identity),
+        ("tasks", new.tasks != old.tasks),
+        (
+            "cache.max_ttl_seconds",
+            new.cache.max_ttl_seconds != old.cache.max_ttl_seconds,
+        ),
+        (
+            "server.max_body_bytes",
+            new.server.max_body_bytes != old.server.max_body_bytes,
+        ),
+        (
+            "ledger.record_bodies",
+            new.ledger.record_bodies != old.ledger.record_bodies,
+        ),
+    ]);
 
     let catalog = if pricing {
         Arc::new(new.catalog()?)
@@ -253,32 +248,36 @@ async fn apply(gw: &Arc<Gateway>, old: &Config, new: &Config) -> Result<ReloadRe
 
 /// Sections an edit changed that only a restart applies.
 fn restart_only_changes(old: &Config, new: &Config) -> Vec<String> {
-    let mut out = Vec::new();
-    let mut check = |name: &str, changed: bool| {
-        if changed {
-            out.push(name.to_string());
-        }
-    };
-    check("server.listen", new.server.listen != old.server.listen);
-    check(
-        "server.watch_config",
-        new.server.watch_config != old.server.watch_config,
-    );
-    check(
-        "server.drain_timeout_ms",
-        new.server.drain_timeout_ms != old.server.drain_timeout_ms,
-    );
-    check("admin", new.admin != old.admin);
-    check("runtime", new.runtime != old.runtime);
-    check("embeddings", new.embeddings != old.embeddings);
-    check(
-        "cache.max_bytes",
-        new.cache.max_bytes != old.cache.max_bytes,
-    );
     let mut ledger = new.ledger.clone();
     ledger.record_bodies = old.ledger.record_bodies;
-    check("ledger", ledger != old.ledger);
-    out
+    changed(&[
+        ("server.listen", new.server.listen != old.server.listen),
+        (
+            "server.watch_config",
+            new.server.watch_config != old.server.watch_config,
+        ),
+        (
+            "server.drain_timeout_ms",
+            new.server.drain_timeout_ms != old.server.drain_timeout_ms,
+        ),
+        ("admin", new.admin != old.admin),
+        ("runtime", new.runtime != old.runtime),
+        ("embeddings", new.embeddings != old.embeddings),
+        (
+            "cache.max_bytes",
+            new.cache.max_bytes != old.cache.max_bytes,
+        ),
+        ("ledger", ledger != old.ledger),
+    ])
+}
+
+/// The names whose flag is set.
+fn changed(sections: &[(&str, bool)]) -> Vec<String> {
+    sections
+        .iter()
+        .filter(|(_, c)| *c)
+        .map(|(n, _)| n.to_string())
+        .collect()
 }
 
 /// The plugin set with every slot whose section changed loaded anew (or

@@ -2329,3 +2329,187 @@ async fn a_hundred_swaps_under_steady_load_fail_no_request() {
     assert!(mini > 0 && newer > 0, "both versions answer");
     assert_eq!(mini + newer, results.len());
 }
+
+/// Issue 7 acceptance: 200 concurrent requests against a $1 tenant budget.
+/// Worst-case reservations are taken atomically, so the tenant never spends
+/// more than the cap (plus at most one request), the refused requests get a
+/// 429 naming the budget, and the ledger, the counters and the answers agree.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_requests_cannot_overspend_a_hard_budget() {
+    let token = "budget-token-0123456789";
+    let mut gw = gateway_env(
+        "[[budgets]]\nname = \"acme-daily\"\nscope = \"tenant\"\nwindow = \"day\"\nlimit_usd = 1.0\n",
+        &[("TOLLGATE_ADMIN_TOKEN", token)],
+    );
+    let admin = gw.admin_base();
+    let client = http();
+    let url = format!("{}/v1/chat/completions", gw.base);
+    let mut calls = Vec::new();
+    for i in 0..200 {
+        let req = client
+            .post(&url)
+            .header("content-type", "application/json")
+            .header("x-tollgate-tenant", "acme")
+            .header("x-tollgate-sim-output-tokens", "2000")
+            .body(
+                json!({"model": "gpt-4o", "max_tokens": 2000,
+                       "messages": [{"role": "user", "content": format!("Write report {i}")}]})
+                .to_string(),
+            );
+        calls.push(tokio::spawn(async move {
+            let r = req.send().await.unwrap();
+            let status = r.status().as_u16();
+            let cost: f64 = r
+                .headers()
+                .get("x-tollgate-cost-usd")
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(0.0);
+            (status, cost, r.text().await.unwrap())
+        }));
+    }
+    let mut answered = Vec::new();
+    let mut refused = 0;
+    for c in calls {
+        let (status, cost, text) = c.await.unwrap();
+        match status {
+            200 => answered.push(cost),
+            429 => {
+                refused += 1;
+                let v: Value = serde_json::from_str(&text).unwrap();
+                assert_eq!(v["error"]["code"], "budget_exceeded", "{v}");
+                assert_eq!(v["error"]["type"], "insufficient_quota", "{v}");
+                let msg = v["error"]["message"].as_str().unwrap();
+                assert!(
+                    msg.contains("acme-daily")
+                        && msg.contains("tenant acme")
+                        && msg.contains("day"),
+                    "{msg}"
+                );
+            }
+            other => panic!("unexpected status {other}: {text}"),
+        }
+    }
+    let spent: f64 = answered.iter().sum();
+    let one = answered.iter().cloned().fold(0.0, f64::max);
+    eprintln!(
+        "budget under concurrency: {} answered, {refused} refused, spent {spent:.6} USD of a 1 USD cap",
+        answered.len()
+    );
+    assert!(refused > 0 && !answered.is_empty());
+    assert!(spent <= 1.0 + one, "spent {spent} over the cap");
+    // Worst case = real cost here, so the cap is filled, not just respected.
+    assert!(spent > 1.0 - 2.0 * one, "spent {spent}");
+
+    let (s, v) = admin_call(
+        &admin,
+        token,
+        reqwest::Method::GET,
+        "/v1/budgets?tenant=acme".into(),
+        None,
+    )
+    .await;
+    assert_eq!(s, 200, "{v}");
+    let held = v["budgets"][0]["held_usd"].as_f64().unwrap();
+    assert!(
+        (held - spent).abs() < 1e-6,
+        "counters {held} vs answers {spent}"
+    );
+
+    assert!(gw.sigterm_and_wait().success());
+    let db = gw.ledger();
+    let (rows, ledger_spent): (i64, f64) = db
+        .query_row(
+            "SELECT COUNT(*), COALESCE(SUM(cost_usd), 0) FROM requests WHERE tenant = 'acme' AND status = 200",
+            [],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )
+        .unwrap();
+    assert_eq!(rows as usize, answered.len());
+    assert!(
+        (ledger_spent - spent).abs() < 1e-6,
+        "ledger {ledger_spent} vs {spent}"
+    );
+    assert_eq!(
+        count_rows(&db, "WHERE error_code = 'budget_exceeded'"),
+        refused
+    );
+}
+
+#[tokio::test]
+async fn budgets_downgrade_change_at_run_time_and_are_checked() {
+    let token = "budget-token-0123456789";
+    let gw = gateway_env(
+        "[[budgets]]\nname = \"task-cap\"\nscope = \"task\"\nwindow = \"task\"\nlimit_usd = 0.05\n\
+         on_exceed = \"downgrade\"\ndowngrade_to = \"gpt-4o-mini\"\n",
+        &[("TOLLGATE_ADMIN_TOKEN", token)],
+    );
+    let admin = gw.admin_base();
+    let ask_big = |task: &'static str| {
+        let base = gw.base.clone();
+        async move {
+            let body = json!({"model": "gpt-4o", "max_tokens": 2000,
+                "messages": [{"role": "user", "content": "Write the quarterly report"}]});
+            let h = [
+                ("x-tollgate-task", task),
+                ("x-tollgate-sim-output-tokens", "2000"),
+            ];
+            chat(&base, &h, body).await
+        }
+    };
+    // Two gpt-4o calls fit in $0.05 (~$0.02 each); the third is downgraded.
+    let models: Vec<String> = {
+        let mut m = Vec::new();
+        for _ in 0..4 {
+            m.push(
+                ask_big("agent-1")
+                    .await
+                    .header("x-tollgate-model")
+                    .to_string(),
+            );
+        }
+        m
+    };
+    assert_eq!(models, ["gpt-4o", "gpt-4o", "gpt-4o-mini", "gpt-4o-mini"]);
+    // Another task has its own budget.
+    assert_eq!(
+        ask_big("agent-2").await.header("x-tollgate-model"),
+        "gpt-4o"
+    );
+
+    // Replaced at run time: a hard $0.01 per task, no downgrade.
+    let put = |body: Value| {
+        admin_call(
+            &admin,
+            token,
+            reqwest::Method::PUT,
+            "/v1/budgets".into(),
+            Some(body),
+        )
+    };
+    let (s, v) =
+        put(json!({"budgets": [{"scope": "tenant", "window": "task", "limit_usd": 1}]})).await;
+    assert_refused(s, &v, 400, "invalid_budgets");
+    assert!(
+        v["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("budgets[0]"),
+        "{v}"
+    );
+    let (s, v) = put(
+        json!({"budgets": [{"name": "tiny", "scope": "task", "window": "day", "limit_usd": 0.01}]}),
+    )
+    .await;
+    assert_eq!(s, 200, "{v}");
+    let r = ask_big("agent-3").await;
+    assert_eq!(r.status, 429, "{}", r.text);
+    assert!(r.error_message().contains("tiny"), "{}", r.text);
+    // A request whose worst case fits still goes through (without
+    // max_tokens, the worst case assumes 4,096 output tokens: $0.04).
+    let h = [("x-tollgate-task", "agent-3")];
+    let mut small = ask("hi");
+    small["max_tokens"] = json!(50);
+    assert_eq!(chat(&gw.base, &h, small).await.status, 200);
+    assert_eq!(chat(&gw.base, &h, ask("hi")).await.status, 429);
+}

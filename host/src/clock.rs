@@ -55,6 +55,11 @@ pub fn utc_day(ms: u64) -> String {
     format!("{y:04}-{m:02}-{d:02}")
 }
 
+/// The UTC hour of `ms` as `YYYY-MM-DDTHH`.
+pub fn utc_hour(ms: u64) -> String {
+    format!("{}T{:02}", utc_day(ms), (ms / 3_600_000) % 24)
+}
+
 /// Milliseconds at the end (exclusive) of a `YYYY-MM-DD` UTC day.
 pub fn parse_day_end(s: &str) -> Option<u64> {
     parse_day(s).map(|ms| ms + DAY_MS)

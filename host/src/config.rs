@@ -43,6 +43,8 @@ pub struct Config {
     pub admin: AdminConfig,
     pub tasks: TasksConfig,
     pub embeddings: EmbeddingsConfig,
+    /// Hard spend limits (`[[budgets]]`), enforced with reservations.
+    pub budgets: Vec<crate::budget::BudgetConfig>,
     /// Where the file was read from (for messages); not a key.
     #[serde(skip)]
     pub origin: String,
@@ -536,6 +538,8 @@ impl Config {
     }
 
     fn validate(&self) -> Result<(), ConfigError> {
+        crate::budget::check_budgets(&self.budgets)
+            .map_err(|(i, m)| self.invalid(format!("budgets[{i}]"), m))?;
         if self.admin.watch && self.admin.plugin_dir.is_none() {
             return Err(self.invalid(
                 "admin.watch",

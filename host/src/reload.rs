@@ -195,6 +195,7 @@ async fn apply(gw: &Arc<Gateway>, old: &Config, new: &Config) -> Result<ReloadRe
         ("providers/models", routes),
         ("identity", new.identity != old.identity),
         ("tasks", new.tasks != old.tasks),
+        ("budgets", new.budgets != old.budgets),
         (
             "cache.max_ttl_seconds",
             new.cache.max_ttl_seconds != old.cache.max_ttl_seconds,
@@ -230,6 +231,10 @@ async fn apply(gw: &Arc<Gateway>, old: &Config, new: &Config) -> Result<ReloadRe
     config.runtime = live.config.runtime.clone();
     config.embeddings = live.config.embeddings.clone();
     config.cache.max_bytes = live.config.cache.max_bytes;
+    // Budgets set through the admin API stay until the file's budgets change.
+    if new.budgets == old.budgets {
+        config.budgets = live.config.budgets.clone();
+    }
     let record_bodies = config.ledger.record_bodies;
     config.ledger = live.config.ledger.clone();
     config.ledger.record_bodies = record_bodies;

@@ -9,10 +9,12 @@
 //!   capabilities, failure mode and counters, the versions loaded beside
 //!   them and the slots' digest pins;
 //! * loading, activating, rolling back and removing plugins: [`plugins`].
+//! * `GET /v1/budgets`, `PUT /v1/budgets`: hard budgets at run time ([`budgets`]);
 //! * `POST /v1/config/reload`: re-reads the config file now
 //!   ([`crate::reload`]); the answer says what was applied and what needs a
 //!   restart, or why the edit was refused.
 
+mod budgets;
 mod plugins;
 pub(crate) use plugins::record as record_change;
 pub mod watch;
@@ -308,6 +310,19 @@ async fn route(gw: Arc<Gateway>, token: Arc<str>, req: Request<Incoming>) -> Res
         ("/v1/plugins/changes", &Method::GET) => {
             match changes(gw, req.uri().query().map(str::to_string)).await {
                 Ok(body) => json_response(StatusCode::OK, body),
+                Err(e) => error_response(&e),
+            }
+        }
+        ("/v1/budgets", &Method::GET) => {
+            json_response(StatusCode::OK, budgets::list(&gw, req.uri().query()))
+        }
+        ("/v1/budgets", &Method::PUT) => {
+            let who = plugins::actor(req.headers());
+            match crate::server::read_body(req, MAX_ADMIN_BODY).await {
+                Ok((_, raw)) => match budgets::replace(&gw, &who, &raw).await {
+                    Ok(body) => json_response(StatusCode::OK, body),
+                    Err(e) => error_response(&e),
+                },
                 Err(e) => error_response(&e),
             }
         }

@@ -113,6 +113,16 @@ pub struct Live {
 }
 
 impl Live {
+    /// The same snapshot with another config (same prices, routes, plugins).
+    pub fn with_config(&self, config: Config) -> Self {
+        Self {
+            config: Arc::new(config),
+            catalog: self.catalog.clone(),
+            providers: self.providers.clone(),
+            plugins: self.plugins.clone(),
+        }
+    }
+
     /// The same snapshot with another plugin set.
     pub fn with_plugins(&self, plugins: PluginSet) -> Self {
         Self {
@@ -651,10 +661,9 @@ impl Gateway {
             }
         }
 
-        // 6. Reserve the worst case and call upstream along the ladder.
-        let reservation = self
-            .spend
-            .reserve(&scopes, live.worst_case_of_ladder(&ladder, &view));
+        // 6. Reserve the worst case against every budget (or downgrade, or
+        // refuse) and call upstream along the ladder.
+        let reservation = self.reserve(&live, &scopes, &id, &mut ladder, &view, rec)?;
         let mut body = req.body.clone();
         if req.stream {
             // Always ask for usage, so streamed calls are billed exactly.
@@ -706,6 +715,68 @@ impl Gateway {
                 body: ReplyBody::Sse(stream::relay(upstream, acct, req.include_usage)),
             }),
         }
+    }
+
+    /// Reserves the ladder's worst-case cost against the daily counters and
+    /// every budget that applies, in one atomic step. A budget that would go
+    /// over its limit refuses the request (429 naming it), unless it says
+    /// to downgrade and its model's worst case fits.
+    fn reserve(
+        &self,
+        live: &Live,
+        scopes: &Scopes,
+        id: &Identity,
+        ladder: &mut Vec<String>,
+        view: &RequestView,
+        rec: &mut Row,
+    ) -> Result<crate::budget::Reservation, ApiError> {
+        let who = crate::budget::Who {
+            tenant: id.tenant.clone(),
+            feature: id.feature.clone(),
+            user: id.user.clone(),
+            task: id.task.clone(),
+        };
+        let budgets = &live.config.budgets;
+        let now = self.clock.now_ms();
+        let try_ladder = |ladder: &[String]| {
+            self.spend.try_reserve(
+                scopes,
+                &who,
+                budgets,
+                now,
+                live.worst_case_of_ladder(ladder, view),
+            )
+        };
+        let exceeded = match try_ladder(ladder) {
+            Ok(r) => return Ok(r),
+            Err(e) => e,
+        };
+        let downgrade = exceeded
+            .budget
+            .downgrade_to
+            .clone()
+            .filter(|_| exceeded.budget.on_exceed == crate::budget::OnExceed::Downgrade)
+            .filter(|m| live.providers.get(m).is_some() && ladder.as_slice() != [m.clone()]);
+        if let Some(model) = downgrade
+            && let Ok(r) = try_ladder(std::slice::from_ref(&model))
+        {
+            self.metrics.budget("downgrade");
+            rec.decisions.push(Decision {
+                kind: "budget",
+                plugin: "host".into(),
+                digest: String::new(),
+                decision: format!("downgrade to {model}: {}", exceeded.message()),
+            });
+            *ladder = vec![model];
+            return Ok(r);
+        }
+        self.metrics.budget("budget_exceeded");
+        Err(ApiError::new(
+            StatusCode::TOO_MANY_REQUESTS,
+            "insufficient_quota",
+            "budget_exceeded",
+            exceeded.message(),
+        ))
     }
 
     /// Calls each model of the ladder in turn until one answers; errors a

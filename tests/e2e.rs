@@ -2513,3 +2513,135 @@ async fn budgets_downgrade_change_at_run_time_and_are_checked() {
     assert_eq!(chat(&gw.base, &h, small).await.status, 200);
     assert_eq!(chat(&gw.base, &h, ask("hi")).await.status, 429);
 }
+
+#[tokio::test]
+async fn kill_switches_stop_traffic_at_once_survive_a_restart_and_lift() {
+    let token = "kill-token-0123456789";
+    let envs = [("TOLLGATE_ADMIN_TOKEN", token)];
+    let mut gw = gateway_env("", &envs);
+    let admin = gw.admin_base();
+    let call = |admin: String, method: reqwest::Method, path: &str, body: Option<Value>| {
+        let path = path.to_string();
+        async move { admin_call(&admin, token, method, path, body).await }
+    };
+    let acme = [("x-tollgate-tenant", "acme")];
+    let bluefin = [("x-tollgate-tenant", "bluefin")];
+    assert_eq!(chat(&gw.base, &acme, ask("hi")).await.status, 200);
+
+    // A tenant switch: the very next request is refused.
+    let t = std::time::Instant::now();
+    let (s, sw) = call(
+        admin.clone(),
+        reqwest::Method::POST,
+        "/v1/kill",
+        Some(json!({"tenant": "acme", "reason": "runaway agent"})),
+    )
+    .await;
+    assert_eq!(s, 200, "{sw}");
+    let r = chat(&gw.base, &acme, ask("hi")).await;
+    let took = t.elapsed();
+    assert_eq!(r.status, 403, "{}", r.text);
+    assert_eq!(r.error_code(), "killed");
+    let id = sw["id"].as_str().unwrap().to_string();
+    assert!(r.error_message().contains(&id) && r.error_message().contains("runaway agent"));
+    assert!(took < Duration::from_secs(1), "{took:?}");
+    eprintln!("kill switch: set and first refusal within {took:?}");
+    assert_eq!(
+        chat(&gw.base, &bluefin, ask("hi")).await.status,
+        200,
+        "other tenants go on"
+    );
+
+    // A model switch takes the model out of routes; a prompt-version switch
+    // stops that prompt.
+    let (s, _) = call(
+        admin.clone(),
+        reqwest::Method::POST,
+        "/v1/kill",
+        Some(json!({"model": "gpt-4o"})),
+    )
+    .await;
+    assert_eq!(s, 200);
+    assert_eq!(
+        chat(&gw.base, &bluefin, ask("hi")).await.error_code(),
+        "killed"
+    );
+    let mut mini = ask("hi");
+    mini["model"] = json!("gpt-4o-mini");
+    assert_eq!(chat(&gw.base, &bluefin, mini.clone()).await.status, 200);
+    let (s, _) = call(
+        admin.clone(),
+        reqwest::Method::POST,
+        "/v1/kill",
+        Some(json!({"prompt_version": "support-v7"})),
+    )
+    .await;
+    assert_eq!(s, 200);
+    let v7 = [
+        ("x-tollgate-tenant", "bluefin"),
+        ("x-tollgate-prompt-version", "support-v7"),
+    ];
+    assert_eq!(
+        chat(&gw.base, &v7, mini.clone()).await.error_code(),
+        "killed"
+    );
+    let (s, e) = call(
+        admin.clone(),
+        reqwest::Method::POST,
+        "/v1/kill",
+        Some(json!({"reason": "no scope"})),
+    )
+    .await;
+    assert_refused(s, &e, 400, "invalid_kill_switch");
+    assert_eq!(metric(&gw.base, "tollgate_killed_total").await, 3.0);
+
+    // A restart restores the active switches from the change log.
+    assert!(gw.sigterm_and_wait().success());
+    let dir = std::mem::replace(&mut gw._dir, tempfile::tempdir().unwrap());
+    drop(gw);
+    let cfg = dir.path().join("tollgate.toml").display().to_string();
+    let gw = spawn(
+        &["serve", "--config", &cfg, "--listen", "127.0.0.1:0"],
+        dir,
+        "tollgate listening on http://",
+        &envs,
+    );
+    assert!(gw.log_contains("kill switches restored"));
+    assert_eq!(
+        chat(&gw.base, &acme, mini.clone()).await.error_code(),
+        "killed"
+    );
+    let admin = gw.admin_base();
+    let (_, listed) = call(admin.clone(), reqwest::Method::GET, "/v1/kill", None).await;
+    assert_eq!(listed["active"].as_array().unwrap().len(), 3, "{listed}");
+
+    // Lifted: traffic flows again; an unknown id is a 404.
+    let (s, _) = call(
+        admin.clone(),
+        reqwest::Method::DELETE,
+        &format!("/v1/kill/{id}"),
+        None,
+    )
+    .await;
+    assert_eq!(s, 200);
+    assert_eq!(chat(&gw.base, &acme, mini).await.status, 200);
+    let (s, e) = call(
+        admin.clone(),
+        reqwest::Method::DELETE,
+        &format!("/v1/kill/{id}"),
+        None,
+    )
+    .await;
+    assert_refused(s, &e, 404, "no_kill_switch");
+
+    // The ledger shows the refusals (rows are committed within 100 ms) and
+    // the prompt versions.
+    let db = gw.ledger();
+    let t = std::time::Instant::now();
+    while count_rows(&db, "WHERE error_code = 'killed'") < 4 && t.elapsed() < Duration::from_secs(5)
+    {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(count_rows(&db, "WHERE error_code = 'killed'"), 4);
+    assert_eq!(count_rows(&db, "WHERE prompt_version = 'support-v7'"), 1);
+}

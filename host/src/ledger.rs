@@ -51,7 +51,8 @@ CREATE TABLE IF NOT EXISTS requests (
     cache_origin      TEXT,
     calls             TEXT NOT NULL DEFAULT '[]',
     request_body      TEXT,
-    shadow            TEXT NOT NULL DEFAULT '[]'
+    shadow            TEXT NOT NULL DEFAULT '[]',
+    prompt_version    TEXT
 );
 CREATE INDEX IF NOT EXISTS requests_ts ON requests (ts_ms);
 CREATE INDEX IF NOT EXISTS requests_tenant_ts ON requests (tenant, ts_ms);
@@ -80,11 +81,12 @@ CREATE INDEX IF NOT EXISTS feedback_task ON feedback (tenant, task_id);
 ";
 
 /// Columns added to `requests` since version 1, with their definitions.
-const ADDED_COLUMNS: [(&str, &str); 4] = [
+const ADDED_COLUMNS: [(&str, &str); 5] = [
     ("cache_origin", "TEXT"),
     ("calls", "TEXT NOT NULL DEFAULT '[]'"),
     ("request_body", "TEXT"),
     ("shadow", "TEXT NOT NULL DEFAULT '[]'"),
+    ("prompt_version", "TEXT"),
 ];
 
 /// One plugin's part in a request.
@@ -175,6 +177,9 @@ pub struct Row {
     pub request_body: Option<String>,
     /// Decisions of shadow plugins.
     pub shadow: Vec<ShadowRecord>,
+    /// `x-tollgate-prompt-version`, or a hash of the system messages (what
+    /// a kill switch by prompt version matches).
+    pub prompt_version: Option<String>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -244,6 +249,14 @@ pub fn plugin_changes(conn: &Connection, limit: u32) -> rusqlite::Result<Vec<Plu
     rows.collect()
 }
 
+/// (action, detail) of every change recorded for `slot`, oldest first.
+pub fn changes_of(conn: &Connection, slot: &str) -> rusqlite::Result<Vec<(String, String)>> {
+    let mut st =
+        conn.prepare("SELECT action, detail FROM plugin_changes WHERE slot = ?1 ORDER BY id")?;
+    let rows = st.query_map([slot], |r| Ok((r.get(0)?, r.get(1)?)))?;
+    rows.collect()
+}
+
 enum Msg {
     Row(Box<Row>),
     Feedback(Feedback),
@@ -285,7 +298,7 @@ impl Default for LedgerOptions {
     }
 }
 
-fn sqlite_err(path: &Path) -> impl Fn(rusqlite::Error) -> LedgerError + '_ {
+pub(crate) fn sqlite_err(path: &Path) -> impl Fn(rusqlite::Error) -> LedgerError + '_ {
     move |source| LedgerError::Sqlite {
         path: path.display().to_string(),
         source,
@@ -378,9 +391,10 @@ fn insert_batch(
             "INSERT OR REPLACE INTO requests (request_id, request_hash, ts_ms, tenant, user, feature, task, step,
              model_asked, model_served, provider, decisions, cache, stream, prompt_tokens, cached_tokens,
              cache_write_tokens, completion_tokens, tokens_saved, chars_before, chars_after, latency_ms,
-             upstream_ms, status, error_code, cost_usd, estimated, unpriced, cache_origin, calls, request_body, shadow)
+             upstream_ms, status, error_code, cost_usd, estimated, unpriced, cache_origin, calls, request_body, shadow,
+             prompt_version)
              VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19,
-                     ?20, ?21, ?22, ?23, ?24, ?25, ?26, ?27, ?28, ?29, ?30, ?31, ?32)",
+                     ?20, ?21, ?22, ?23, ?24, ?25, ?26, ?27, ?28, ?29, ?30, ?31, ?32, ?33)",
         )?;
         for r in rows {
             let decisions = serde_json::to_string(&r.decisions).unwrap_or_else(|_| "[]".into());
@@ -419,6 +433,7 @@ fn insert_batch(
                 calls,
                 r.request_body,
                 shadow,
+                r.prompt_version,
             ])?;
         }
     }
@@ -642,7 +657,8 @@ mod tests {
                 .replace(",\n    cache_origin      TEXT", "")
                 .replace(",\n    calls             TEXT NOT NULL DEFAULT '[]'", "")
                 .replace(",\n    request_body      TEXT", "")
-                .replace(",\n    shadow            TEXT NOT NULL DEFAULT '[]'", "");
+                .replace(",\n    shadow            TEXT NOT NULL DEFAULT '[]'", "")
+                .replace(",\n    prompt_version    TEXT", "");
             assert!(!v1.contains("calls"));
             c.execute_batch(&v1).unwrap();
             c.pragma_update(None, "user_version", 1).unwrap();

@@ -10,6 +10,7 @@ pub mod cache;
 pub mod clock;
 pub mod config;
 pub mod embed;
+pub mod kill;
 pub mod ledger;
 pub mod metrics;
 pub mod pipeline;

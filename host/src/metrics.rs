@@ -59,6 +59,7 @@ pub struct Metrics {
     ledger_rows: IntGaugeVec,
     embeddings: IntGaugeVec,
     config_reloads: IntCounterVec,
+    killed: IntCounter,
     embedding_seconds: prometheus::Gauge,
     pub tokens_saved: IntCounter,
     tenants: Capped,
@@ -217,6 +218,15 @@ impl Metrics {
                 "Ledger rows by state.",
                 &["state"],
             ),
+            killed: {
+                let c = IntCounter::new(
+                    "tollgate_killed_total",
+                    "Requests stopped by a kill switch.",
+                )
+                .unwrap_or_else(|_| unreachable_metric());
+                let _ = r.register(Box::new(c.clone()));
+                c
+            },
             config_reloads: counter_vec(
                 &r,
                 "tollgate_config_reloads_total",
@@ -296,6 +306,10 @@ impl Metrics {
                 .inc_by(c),
             None => self.unpriced.with_label_values(&[model]).inc(),
         }
+    }
+
+    pub fn killed(&self) {
+        self.killed.inc();
     }
 
     pub fn config_reload(&self, applied: bool) {

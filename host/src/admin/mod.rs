@@ -10,11 +10,13 @@
 //!   them and the slots' digest pins;
 //! * loading, activating, rolling back and removing plugins: [`plugins`].
 //! * `GET /v1/budgets`, `PUT /v1/budgets`: hard budgets at run time ([`budgets`]);
+//! * `GET|POST /v1/kill`, `DELETE /v1/kill/{id}`: kill switches ([`kill`]);
 //! * `POST /v1/config/reload`: re-reads the config file now
 //!   ([`crate::reload`]); the answer says what was applied and what needs a
 //!   restart, or why the edit was refused.
 
 mod budgets;
+mod kill;
 mod plugins;
 pub(crate) use plugins::record as record_change;
 pub mod watch;
@@ -292,7 +294,27 @@ async fn route(gw: Arc<Gateway>, token: Arc<str>, req: Request<Incoming>) -> Res
             Err(e) => error_response(&e),
         };
     }
+    if let Some(id) = path.strip_prefix("/v1/kill/")
+        && req.method() == Method::DELETE
+    {
+        let who = plugins::actor(req.headers());
+        return match kill::lift(&gw, &who, id).await {
+            Ok(body) => json_response(StatusCode::OK, body),
+            Err(e) => error_response(&e),
+        };
+    }
     match (path.as_str(), req.method()) {
+        ("/v1/kill", &Method::GET) => json_response(StatusCode::OK, kill::list(&gw)),
+        ("/v1/kill", &Method::POST) => {
+            let who = plugins::actor(req.headers());
+            match crate::server::read_body(req, MAX_ADMIN_BODY).await {
+                Ok((_, raw)) => match kill::set(&gw, &who, &raw).await {
+                    Ok(body) => json_response(StatusCode::OK, body),
+                    Err(e) => error_response(&e),
+                },
+                Err(e) => error_response(&e),
+            }
+        }
         ("/v1/plugins", &Method::GET) => {
             let mut v = gw.live.load().plugins.describe();
             let versions = gw.versions.lock().await.describe();

@@ -20,6 +20,9 @@ pub struct Identity {
     /// Simulator controls; they reach the simulator only, never a plugin.
     pub sim_output_tokens: Option<u32>,
     pub sim_fault: Option<String>,
+    /// `x-tollgate-prompt-version`: names the prompt for kill switches and
+    /// the ledger (else a hash of the system messages is used).
+    pub prompt_version: Option<String>,
 }
 
 fn value(headers: &HeaderMap, name: &str) -> Result<Option<String>, ApiError> {
@@ -96,6 +99,7 @@ impl Identity {
             tags,
             sim_output_tokens,
             sim_fault: value(headers, "x-tollgate-sim-fault")?,
+            prompt_version: value(headers, "x-tollgate-prompt-version")?,
         })
     }
 }

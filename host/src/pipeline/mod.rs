@@ -192,6 +192,7 @@ pub struct Gateway {
     /// The cost ledger; None when `ledger.enabled = false`.
     pub ledger: Option<Ledger>,
     pub tasks: task_guard::TaskGuard,
+    pub kills: crate::kill::KillSwitches,
     /// Plugin versions loaded through the admin API, and what rollbacks restore.
     pub versions: tokio::sync::Mutex<crate::plugins::manager::Versions>,
     /// Reloads the config file on request (SIGHUP, the admin API); set when
@@ -247,6 +248,21 @@ impl Gateway {
             tracing::warn!("ledger disabled: requests leave no cost record");
             None
         };
+        let kills = crate::kill::KillSwitches::default();
+        if let Some(l) = &ledger {
+            let rows = ledger::open_db(l.path()).and_then(|c| {
+                ledger::changes_of(&c, crate::kill::CHANGE_SLOT)
+                    .map_err(ledger::sqlite_err(l.path()))
+            })?;
+            let active = crate::kill::replay(&rows);
+            if !active.is_empty() {
+                tracing::warn!(
+                    count = active.len(),
+                    "kill switches restored from the change log"
+                );
+            }
+            kills.restore(active);
+        }
         let versions = crate::plugins::manager::Versions::new(pins(&config));
         Ok(Arc::new(Self {
             versions: tokio::sync::Mutex::new(versions),
@@ -263,6 +279,7 @@ impl Gateway {
             }),
             spend,
             tasks: task_guard::TaskGuard::new(config.tasks.clone()),
+            kills,
             clock,
             metrics,
             config,
@@ -498,6 +515,14 @@ impl Gateway {
         if live.providers.get(&req.model).is_none() {
             return Err(model_not_found(&req.model, &live.providers));
         }
+        let prompt_version = crate::kill::prompt_version(id.prompt_version.as_deref(), &req.body);
+        if !prompt_version.is_empty() {
+            rec.prompt_version = Some(prompt_version.clone());
+        }
+        if let Some(e) = self.kills.stops(&id.tenant, &id.feature, &prompt_version) {
+            self.metrics.killed();
+            return Err(e);
+        }
         if let Err(e) = self
             .tasks
             .check(&id.tenant, &id.task, &req.body, self.clock.now_ms())
@@ -663,6 +688,9 @@ impl Gateway {
 
         // 6. Reserve the worst case against every budget (or downgrade, or
         // refuse) and call upstream along the ladder.
+        self.kills
+            .filter_ladder(&mut ladder, &id.tenant, &id.feature, &prompt_version)
+            .inspect_err(|_| self.metrics.killed())?;
         let reservation = self.reserve(&live, &scopes, &id, &mut ladder, &view, rec)?;
         let mut body = req.body.clone();
         if req.stream {

@@ -2645,3 +2645,104 @@ async fn kill_switches_stop_traffic_at_once_survive_a_restart_and_lift() {
     assert_eq!(count_rows(&db, "WHERE error_code = 'killed'"), 4);
     assert_eq!(count_rows(&db, "WHERE prompt_version = 'support-v7'"), 1);
 }
+
+/// A local webhook receiver: the JSON bodies POSTed to it.
+async fn webhook_receiver() -> (String, Arc<Mutex<Vec<Value>>>) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}/hook", listener.local_addr().unwrap());
+    let got = Arc::new(Mutex::new(Vec::new()));
+    let sink = got.clone();
+    tokio::spawn(async move {
+        while let Ok((mut sock, _)) = listener.accept().await {
+            let sink = sink.clone();
+            tokio::spawn(async move {
+                let mut buf = Vec::new();
+                let mut chunk = [0u8; 4096];
+                loop {
+                    let n = sock.read(&mut chunk).await.unwrap_or(0);
+                    if n == 0 {
+                        return;
+                    }
+                    buf.extend_from_slice(&chunk[..n]);
+                    let text = String::from_utf8_lossy(&buf).to_string();
+                    let Some(end) = text.find("\r\n\r\n") else {
+                        continue;
+                    };
+                    let len: usize = text[..end]
+                        .lines()
+                        .find_map(|l| {
+                            l.to_ascii_lowercase()
+                                .strip_prefix("content-length:")
+                                .map(|v| v.trim().parse().unwrap())
+                        })
+                        .unwrap_or(0);
+                    if buf.len() < end + 4 + len {
+                        continue;
+                    }
+                    let body = &buf[end + 4..end + 4 + len];
+                    sink.lock()
+                        .unwrap()
+                        .push(serde_json::from_slice(body).unwrap());
+                    let _ = sock
+                        .write_all(
+                            b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\nconnection: close\r\n\r\n",
+                        )
+                        .await;
+                    return;
+                }
+            });
+        }
+    });
+    (url, got)
+}
+
+#[tokio::test]
+async fn budget_alerts_fire_once_per_threshold_to_a_webhook() {
+    let (url, got) = webhook_receiver().await;
+    let gw = gateway(&format!(
+        "[alerts]\nwebhook_url = \"{url}\"\n\
+         [[budgets]]\nname = \"acme-daily\"\nscope = \"tenant\"\nwindow = \"day\"\nlimit_usd = 0.1\n"
+    ));
+    let h = [
+        ("x-tollgate-tenant", "acme"),
+        ("x-tollgate-sim-output-tokens", "2000"),
+    ];
+    let body = json!({"model": "gpt-4o", "max_tokens": 2000,
+        "messages": [{"role": "user", "content": "Write the report"}]});
+    // ~$0.02 each: 20%, 40%, 60% (alert 50%), 80% (alert 80%), then refused
+    // (alert 100%); refusals after that alert nothing new.
+    let mut statuses = Vec::new();
+    for _ in 0..8 {
+        statuses.push(chat(&gw.base, &h, body.clone()).await.status);
+    }
+    assert_eq!(statuses, [200, 200, 200, 200, 429, 429, 429, 429]);
+    let t = std::time::Instant::now();
+    while got.lock().unwrap().len() < 3 && t.elapsed() < Duration::from_secs(5) {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let events = got.lock().unwrap().clone();
+    let thresholds: Vec<f64> = events
+        .iter()
+        .map(|e| e["threshold"].as_f64().unwrap())
+        .collect();
+    assert_eq!(thresholds, [0.5, 0.8, 1.0], "{events:?}");
+    let e = &events[1];
+    assert_eq!(e["type"], "budget_alert");
+    assert_eq!(e["budget"], "acme-daily");
+    assert_eq!(e["entity"], "tenant acme");
+    assert_eq!(
+        (e["scope"].as_str(), e["window"].as_str()),
+        (Some("tenant"), Some("day"))
+    );
+    assert!(
+        e["ratio"].as_f64().unwrap() >= 0.8
+            && e["request_id"].as_str().unwrap().starts_with("req_")
+    );
+    assert!(gw.log_contains("budget alert: 80% of the limit reached"));
+    assert_eq!(
+        metric(&gw.base, "tollgate_budget_alerts_total{threshold=\"0.8\"}").await,
+        1.0
+    );
+}

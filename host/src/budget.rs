@@ -216,10 +216,11 @@ pub struct Hold {
 /// Where spend is counted. Reservations must be checked and taken in one
 /// atomic step across all their counters.
 pub trait SpendStore: Send + Sync {
-    /// Adds `amount` as reserved to every counter, unless that would take
-    /// one with a limit over it: then nothing changes and the index of the
-    /// first such counter is returned with what it holds (settled + reserved).
-    fn try_reserve(&self, holds: &[Hold], amount: u64) -> Result<(), (usize, u64)>;
+    /// Adds `amount` as reserved to every counter and returns what each
+    /// then holds — unless that would take one with a limit over it: then
+    /// nothing changes and the index of the first such counter is returned
+    /// with what it holds (settled + reserved).
+    fn try_reserve(&self, holds: &[Hold], amount: u64) -> Result<Vec<u64>, (usize, u64)>;
     /// Replaces a reservation of `reserved` by the real cost `actual`.
     fn settle(&self, keys: &[String], reserved: u64, actual: u64);
     /// Settled + reserved, nano-USD.
@@ -239,7 +240,7 @@ pub struct MemoryStore {
 }
 
 impl SpendStore for MemoryStore {
-    fn try_reserve(&self, holds: &[Hold], amount: u64) -> Result<(), (usize, u64)> {
+    fn try_reserve(&self, holds: &[Hold], amount: u64) -> Result<Vec<u64>, (usize, u64)> {
         let Ok(mut cells) = self.cells.lock() else {
             return Err((0, 0));
         };
@@ -249,10 +250,14 @@ impl SpendStore for MemoryStore {
                 return Err((i, held));
             }
         }
-        for h in holds {
-            cells.entry(h.key.clone()).or_default().reserved += amount;
-        }
-        Ok(())
+        Ok(holds
+            .iter()
+            .map(|h| {
+                let c = cells.entry(h.key.clone()).or_default();
+                c.reserved += amount;
+                c.settled + c.reserved
+            })
+            .collect())
     }
 
     fn settle(&self, keys: &[String], reserved: u64, actual: u64) {
@@ -305,6 +310,8 @@ pub struct Snapshot {
 #[derive(Debug, Clone, PartialEq)]
 pub struct Exceeded {
     pub budget: Box<BudgetConfig>,
+    /// The budget's counter for this entity and window.
+    pub key: String,
     /// Who it counts, e.g. "tenant acme".
     pub entity: String,
     /// USD held in its window, reservations of calls in flight included.
@@ -314,6 +321,17 @@ pub struct Exceeded {
 }
 
 impl Exceeded {
+    /// A refusal is the budget at 100%, for alerts.
+    pub fn level(&self) -> crate::alerts::Level {
+        crate::alerts::Level {
+            budget: (*self.budget).clone(),
+            key: self.key.clone(),
+            entity: self.entity.clone(),
+            held_usd: self.spent_usd,
+            ratio: 1.0,
+        }
+    }
+
     pub fn message(&self) -> String {
         format!(
             "budget {:?} ({} per {}, {} USD): {} has {:.6} USD spent or in flight; this request could cost up to {:.6} USD",
@@ -378,10 +396,53 @@ impl SpendCounters {
             })
             .collect();
         holds.extend(scopes.keys().map(|key| Hold { key, limit: None }));
-        if let Err((i, held)) = self.store.try_reserve(&holds, amount) {
-            let b = applying.get(i).copied().cloned();
-            return Err(match b {
+        let helds = match self.store.try_reserve(&holds, amount) {
+            Ok(h) => h,
+            Err((i, held)) => return Err(self.exceeded(&applying, &holds, i, held, who, usd)),
+        };
+        let levels = applying
+            .iter()
+            .zip(&holds)
+            .zip(&helds)
+            .map(|((b, h), &held)| {
+                let limit = to_nanos(b.limit_usd);
+                crate::alerts::Level {
+                    budget: (*b).clone(),
+                    key: h.key.clone(),
+                    entity: b.entity(who),
+                    held_usd: to_usd(held),
+                    ratio: if limit == 0 {
+                        1.0
+                    } else {
+                        held as f64 / limit as f64
+                    },
+                }
+            })
+            .collect();
+        Ok(Reservation {
+            store: self.store.clone(),
+            keys: holds.into_iter().map(|h| h.key).collect(),
+            amount,
+            done: false,
+            levels,
+        })
+    }
+
+    fn exceeded(
+        &self,
+        applying: &[&BudgetConfig],
+        holds: &[Hold],
+        i: usize,
+        held: u64,
+        who: &Who,
+        usd: f64,
+    ) -> Exceeded {
+        let b = applying.get(i).copied().cloned();
+        let key = holds.get(i).map(|h| h.key.clone()).unwrap_or_default();
+        {
+            match b {
                 Some(budget) => Exceeded {
+                    key,
                     entity: budget.entity(who),
                     budget: Box::new(budget),
                     spent_usd: to_usd(held),
@@ -389,6 +450,7 @@ impl SpendCounters {
                 },
                 // Only a poisoned lock lands here.
                 None => Exceeded {
+                    key,
                     budget: Box::new(BudgetConfig {
                         name: Some("spend counters unavailable".into()),
                         scope: BudgetScope::Tenant,
@@ -404,14 +466,8 @@ impl SpendCounters {
                     spent_usd: 0.0,
                     request_usd: usd,
                 },
-            });
+            }
         }
-        Ok(Reservation {
-            store: self.store.clone(),
-            keys: holds.into_iter().map(|h| h.key).collect(),
-            amount,
-            done: false,
-        })
     }
 
     /// Holds `usd` against the daily scopes only (no budget applies).
@@ -425,6 +481,7 @@ impl SpendCounters {
                 keys: Vec::new(),
                 amount: 0,
                 done: true,
+                levels: Vec::new(),
             },
         }
     }
@@ -437,6 +494,8 @@ pub struct Reservation {
     keys: Vec<String>,
     amount: u64,
     done: bool,
+    /// Each budget's level once this was reserved, for alerts.
+    pub levels: Vec<crate::alerts::Level>,
 }
 
 impl Reservation {

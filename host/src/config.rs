@@ -45,6 +45,8 @@ pub struct Config {
     pub embeddings: EmbeddingsConfig,
     /// Hard spend limits (`[[budgets]]`), enforced with reservations.
     pub budgets: Vec<crate::budget::BudgetConfig>,
+    /// Budget alerts at 50/80/100% (webhook and log).
+    pub alerts: crate::alerts::AlertsConfig,
     /// Where the file was read from (for messages); not a key.
     #[serde(skip)]
     pub origin: String,

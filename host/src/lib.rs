@@ -4,6 +4,7 @@
 //! Follow one request by reading [`pipeline`] top to bottom.
 
 pub mod admin;
+pub mod alerts;
 pub mod api;
 pub mod budget;
 pub mod cache;

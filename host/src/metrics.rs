@@ -60,6 +60,7 @@ pub struct Metrics {
     embeddings: IntGaugeVec,
     config_reloads: IntCounterVec,
     killed: IntCounter,
+    pub budget_alerts: IntCounterVec,
     embedding_seconds: prometheus::Gauge,
     pub tokens_saved: IntCounter,
     tenants: Capped,
@@ -227,6 +228,12 @@ impl Metrics {
                 let _ = r.register(Box::new(c.clone()));
                 c
             },
+            budget_alerts: counter_vec(
+                &r,
+                "tollgate_budget_alerts_total",
+                "Budget alerts raised, by threshold.",
+                &["threshold"],
+            ),
             config_reloads: counter_vec(
                 &r,
                 "tollgate_config_reloads_total",

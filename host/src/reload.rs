@@ -230,6 +230,7 @@ async fn apply(gw: &Arc<Gateway>, old: &Config, new: &Config) -> Result<ReloadRe
     config.admin = live.config.admin.clone();
     config.runtime = live.config.runtime.clone();
     config.embeddings = live.config.embeddings.clone();
+    config.alerts = live.config.alerts.clone();
     config.cache.max_bytes = live.config.cache.max_bytes;
     // Budgets set through the admin API stay until the file's budgets change.
     if new.budgets == old.budgets {
@@ -268,6 +269,7 @@ fn restart_only_changes(old: &Config, new: &Config) -> Vec<String> {
         ("admin", new.admin != old.admin),
         ("runtime", new.runtime != old.runtime),
         ("embeddings", new.embeddings != old.embeddings),
+        ("alerts", new.alerts != old.alerts),
         (
             "cache.max_bytes",
             new.cache.max_bytes != old.cache.max_bytes,

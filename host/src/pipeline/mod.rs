@@ -193,6 +193,7 @@ pub struct Gateway {
     pub ledger: Option<Ledger>,
     pub tasks: task_guard::TaskGuard,
     pub kills: crate::kill::KillSwitches,
+    pub alerts: Arc<crate::alerts::Alerts>,
     /// Plugin versions loaded through the admin API, and what rollbacks restore.
     pub versions: tokio::sync::Mutex<crate::plugins::manager::Versions>,
     /// Reloads the config file on request (SIGHUP, the admin API); set when
@@ -280,6 +281,10 @@ impl Gateway {
             spend,
             tasks: task_guard::TaskGuard::new(config.tasks.clone()),
             kills,
+            alerts: Arc::new(crate::alerts::Alerts::new(
+                config.alerts.clone(),
+                metrics.budget_alerts.clone(),
+            )),
             clock,
             metrics,
             config,
@@ -775,10 +780,18 @@ impl Gateway {
                 live.worst_case_of_ladder(ladder, view),
             )
         };
+        let rec_id = rec.request_id.clone();
+        let observed = |r: crate::budget::Reservation| {
+            for l in &r.levels {
+                self.alerts.observe(l, &rec_id, now);
+            }
+            r
+        };
         let exceeded = match try_ladder(ladder) {
-            Ok(r) => return Ok(r),
+            Ok(r) => return Ok(observed(r)),
             Err(e) => e,
         };
+        self.alerts.observe(&exceeded.level(), &rec_id, now);
         let downgrade = exceeded
             .budget
             .downgrade_to
@@ -796,7 +809,7 @@ impl Gateway {
                 decision: format!("downgrade to {model}: {}", exceeded.message()),
             });
             *ladder = vec![model];
-            return Ok(r);
+            return Ok(observed(r));
         }
         self.metrics.budget("budget_exceeded");
         Err(ApiError::new(

@@ -554,10 +554,12 @@ async fn bad_input_gets_openai_style_errors() {
 }
 
 #[tokio::test]
-async fn upstream_failures_map_to_502_504_and_fallback_ladders_recover() {
+async fn upstream_failures_are_a_clear_503_and_fallback_ladders_recover() {
     let sim = sim_server();
     let cfg = format!(
         r#"
+[resilience]
+max_retries = 0
 [providers.up]
 kind = "openai"
 base_url = "{}/v1"
@@ -603,7 +605,16 @@ config = {{ default = "keep", rules = [{{ keywords = ["ladder"], fallback = ["gp
         ask("plain question"),
     )
     .await;
-    assert_eq!((r.status, r.error_code().as_str()), (502, "upstream_error"));
+    assert_eq!(
+        (r.status, r.error_code().as_str()),
+        (503, "upstream_unavailable")
+    );
+    assert!(
+        r.error_message()
+            .contains("gpt-4o: upstream returned HTTP 500"),
+        "{}",
+        r.text
+    );
     assert!(r.error_message().contains("simulated"));
     let r = chat(
         &gw.base,
@@ -611,7 +622,8 @@ config = {{ default = "keep", rules = [{{ keywords = ["ladder"], fallback = ["gp
         ask("plain question"),
     )
     .await;
-    assert_eq!(r.status, 429);
+    assert_eq!(r.status, 503);
+    assert!(r.error_message().contains("HTTP 429"), "{}", r.text);
     let t = Instant::now();
     let r = chat(
         &gw.base,
@@ -621,7 +633,12 @@ config = {{ default = "keep", rules = [{{ keywords = ["ladder"], fallback = ["gp
     .await;
     assert_eq!(
         (r.status, r.error_code().as_str()),
-        (504, "upstream_timeout")
+        (503, "upstream_unavailable")
+    );
+    assert!(
+        r.error_message().contains("did not answer within"),
+        "{}",
+        r.text
     );
     assert!(t.elapsed() < Duration::from_secs(5));
     let mut dead = ask("plain question");
@@ -629,7 +646,12 @@ config = {{ default = "keep", rules = [{{ keywords = ["ladder"], fallback = ["gp
     let r = chat(&gw.base, &[], dead).await;
     assert_eq!(
         (r.status, r.error_code().as_str()),
-        (502, "upstream_unreachable")
+        (503, "upstream_unavailable")
+    );
+    assert!(
+        r.error_message().contains("cannot reach upstream"),
+        "{}",
+        r.text
     );
 
     // The first model of the ladder fails; the second answers.
@@ -2745,4 +2767,133 @@ async fn budget_alerts_fire_once_per_threshold_to_a_webhook() {
         metric(&gw.base, "tollgate_budget_alerts_total{threshold=\"0.8\"}").await,
         1.0
     );
+}
+
+#[tokio::test]
+async fn retries_back_off_breakers_open_and_the_last_resort_is_clear() {
+    let mut gw = gateway(
+        "[resilience]\nmax_retries = 2\nbackoff_base_ms = 60\nbreaker_failures = 3\nbreaker_open_ms = 1000\n\
+         [tasks]\nmax_retries = 1\n\
+         [plugins.router]\npath = \"{plugins}/rules_router.wasm\"\n\
+         config = { default = \"keep\", rules = [{ keywords = [\"ladder\"], fallback = [\"gpt-4o\", \"gpt-4o-mini\"] }] }\n",
+    );
+    // Two failures, then an answer: backoff 30-60 ms, then 60-120 ms.
+    let t = Instant::now();
+    let r = chat(&gw.base, &[("x-tollgate-sim-fault", "500x2")], ask("q1")).await;
+    assert_eq!(r.status, 200, "{}", r.text);
+    assert!(
+        t.elapsed() >= Duration::from_millis(90),
+        "{:?}",
+        t.elapsed()
+    );
+    // Retry-After is honoured (1 s), not the shorter backoff.
+    let t = Instant::now();
+    let r = chat(&gw.base, &[("x-tollgate-sim-fault", "429x1")], ask("q2")).await;
+    assert_eq!(r.status, 200, "{}", r.text);
+    assert!(t.elapsed() >= Duration::from_secs(1), "{:?}", t.elapsed());
+    // A task may retry once in all: the second failure is final.
+    let h = [
+        ("x-tollgate-sim-fault", "500x2"),
+        ("x-tollgate-task", "agent-7"),
+    ];
+    let r = chat(&gw.base, &h, ask("q3")).await;
+    assert_eq!(
+        (r.status, r.error_code().as_str()),
+        (503, "upstream_unavailable"),
+        "{}",
+        r.text
+    );
+    assert!(r.error_message().contains("(2 attempts)"), "{}", r.text);
+
+    // Three failures of gpt-4o open its breaker: the ladder goes straight to
+    // gpt-4o-mini without calling gpt-4o, and a plain gpt-4o request is a 503.
+    for i in 0..3 {
+        let r = chat(
+            &gw.base,
+            &[("x-tollgate-sim-fault", "500@gpt-4o")],
+            ask(&format!("b{i}")),
+        )
+        .await;
+        assert_eq!(r.status, 503);
+    }
+    assert_eq!(
+        metric(
+            &gw.base,
+            "tollgate_circuit_breaker_open{model=\"gpt-4o\",provider=\"sim\"}"
+        )
+        .await,
+        1.0
+    );
+    let r = chat(&gw.base, &[], ask("use the ladder")).await;
+    assert_eq!(r.header("x-tollgate-model"), "gpt-4o-mini", "{}", r.text);
+    let r = chat(&gw.base, &[], ask("plain")).await;
+    assert!(r.error_message().contains("circuit open"), "{}", r.text);
+    // Half-open after 1 s: one probe, it succeeds, the breaker closes.
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let r = chat(&gw.base, &[], ask("plain again")).await;
+    assert_eq!(
+        (r.status, r.header("x-tollgate-model")),
+        (200, "gpt-4o"),
+        "{}",
+        r.text
+    );
+    assert_eq!(
+        metric(
+            &gw.base,
+            "tollgate_circuit_breaker_open{model=\"gpt-4o\",provider=\"sim\"}"
+        )
+        .await,
+        0.0
+    );
+
+    // A stream dropped halfway is billed for what was produced.
+    let mut s = ask("stream and drop");
+    s["stream"] = json!(true);
+    let r = chat(
+        &gw.base,
+        &[
+            ("x-tollgate-sim-fault", "drop"),
+            ("x-tollgate-sim-output-tokens", "40"),
+        ],
+        s,
+    )
+    .await;
+    assert!(r.text.contains("upstream_stream_broken"), "{}", r.text);
+    assert!(gw.sigterm_and_wait().success());
+    let db = gw.ledger();
+    let (calls, cost): (String, f64) = db
+        .query_row(
+            "SELECT calls, cost_usd FROM requests WHERE status = 200 ORDER BY ts_ms LIMIT 1",
+            [],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )
+        .unwrap();
+    let calls: Vec<Value> = serde_json::from_str(&calls).unwrap();
+    assert_eq!(calls.len(), 3, "every attempt is recorded: {calls:?}");
+    assert_eq!(
+        (calls[0]["status"].as_u64(), calls[0]["cost_usd"].as_f64()),
+        (Some(500), Some(0.0))
+    );
+    assert!(cost > 0.0);
+    let (estimated, dropped_cost): (bool, f64) = db
+        .query_row(
+            "SELECT estimated, cost_usd FROM requests WHERE error_code = 'upstream_stream_broken'",
+            [],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )
+        .unwrap();
+    assert!(estimated && dropped_cost > 0.0);
+}
+
+#[tokio::test]
+async fn a_route_with_a_fallback_answer_answers_when_every_model_fails() {
+    let gw = gateway(
+        "[resilience]\nmax_retries = 1\nbackoff_base_ms = 1\nfallback_answer = \"We are busy; please try again in a minute.\"\n",
+    );
+    let r = chat(&gw.base, &[("x-tollgate-sim-fault", "503")], ask("hello")).await;
+    assert_eq!(r.status, 200, "{}", r.text);
+    assert_eq!(content(&r), "We are busy; please try again in a minute.");
+    assert_eq!(r.header("x-tollgate-model"), "fallback-answer");
+    assert_eq!(r.header("x-tollgate-fallback"), "answer");
+    assert_eq!(r.header("x-tollgate-cost-usd"), "0.000000000");
 }

@@ -47,6 +47,8 @@ pub struct Config {
     pub budgets: Vec<crate::budget::BudgetConfig>,
     /// Budget alerts at 50/80/100% (webhook and log).
     pub alerts: crate::alerts::AlertsConfig,
+    /// Retries, circuit breakers and the last resort of a failed route.
+    pub resilience: crate::pipeline::resilience::ResilienceConfig,
     /// Where the file was read from (for messages); not a key.
     #[serde(skip)]
     pub origin: String,
@@ -114,11 +116,27 @@ pub struct SimConfig {
     /// A cached prompt prefix idle longer than this (gateway clock) is evicted,
     /// as providers do after 5-10 minutes without use.
     pub prompt_cache_ttl_ms: u64,
+    /// Fraction of calls failing with HTTP 500.
+    pub error_rate: f64,
+    /// Fraction of calls failing with HTTP 429 and `Retry-After: retry_after_s`.
+    pub rate_limit_rate: f64,
+    pub retry_after_s: u64,
+    /// Fraction of calls answered `slow_ms` late.
+    pub slow_rate: f64,
+    pub slow_ms: u64,
+    /// Fraction of calls whose connection drops (a stream halfway through).
+    pub drop_rate: f64,
 }
 
 impl Default for SimConfig {
     fn default() -> Self {
         Self {
+            error_rate: 0.0,
+            rate_limit_rate: 0.0,
+            retry_after_s: 1,
+            slow_rate: 0.0,
+            slow_ms: 0,
+            drop_rate: 0.0,
             latency_ms: 0,
             ms_per_token: 0,
             default_output_tokens: 16,
@@ -404,11 +422,15 @@ pub struct TasksConfig {
     /// function, same arguments) this many times: an agent in a loop.
     /// 0 = off.
     pub max_identical_tool_calls: u32,
+    /// Upstream retries one task may use in total (a flaky provider must
+    /// not multiply an agent's calls); 0 = no limit.
+    pub max_retries: u32,
 }
 
 impl Default for TasksConfig {
     fn default() -> Self {
         Self {
+            max_retries: 20,
             max_calls: 0,
             idle_reset_seconds: 3600,
             max_identical_tool_calls: 3,

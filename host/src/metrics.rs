@@ -60,6 +60,8 @@ pub struct Metrics {
     embeddings: IntGaugeVec,
     config_reloads: IntCounterVec,
     killed: IntCounter,
+    pub retries: IntCounter,
+    breaker_state: IntGaugeVec,
     pub budget_alerts: IntCounterVec,
     embedding_seconds: prometheus::Gauge,
     pub tokens_saved: IntCounter,
@@ -219,6 +221,21 @@ impl Metrics {
                 "Ledger rows by state.",
                 &["state"],
             ),
+            retries: {
+                let c = IntCounter::new(
+                    "tollgate_upstream_retries_total",
+                    "Upstream calls retried after a retryable error.",
+                )
+                .unwrap_or_else(|_| unreachable_metric());
+                let _ = r.register(Box::new(c.clone()));
+                c
+            },
+            breaker_state: gauge_vec(
+                &r,
+                "tollgate_circuit_breaker_open",
+                "1 while a provider+model's breaker is open or half-open.",
+                &["provider", "model"],
+            ),
             killed: {
                 let c = IntCounter::new(
                     "tollgate_killed_total",
@@ -313,6 +330,13 @@ impl Metrics {
                 .inc_by(c),
             None => self.unpriced.with_label_values(&[model]).inc(),
         }
+    }
+
+    pub fn breaker(&self, labels: &[&str; 2], state: crate::pipeline::resilience::BreakerState) {
+        let open = state != crate::pipeline::resilience::BreakerState::Closed;
+        self.breaker_state
+            .with_label_values(labels)
+            .set(i64::from(open));
     }
 
     pub fn killed(&self) {

@@ -321,6 +321,12 @@ pub fn sim_handler(
                 body: parsed.body,
                 sim_output_tokens: id.sim_output_tokens,
                 sim_fault: id.sim_fault,
+                attempt: parts
+                    .headers
+                    .get("x-tollgate-sim-attempt")
+                    .and_then(|v| v.to_str().ok())
+                    .and_then(|v| v.parse().ok())
+                    .unwrap_or(1),
             };
             match sim.chat(call).await {
                 Ok(UpstreamReply::Complete(b)) => json_response(StatusCode::OK, b),

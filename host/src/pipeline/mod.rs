@@ -17,6 +17,7 @@
 
 mod account;
 pub mod identity;
+pub mod resilience;
 mod shadow;
 mod stream;
 mod task_guard;
@@ -193,6 +194,8 @@ pub struct Gateway {
     pub ledger: Option<Ledger>,
     pub tasks: task_guard::TaskGuard,
     pub kills: crate::kill::KillSwitches,
+    /// One circuit breaker per provider+model.
+    pub breakers: resilience::Breakers,
     pub alerts: Arc<crate::alerts::Alerts>,
     /// Plugin versions loaded through the admin API, and what rollbacks restore.
     pub versions: tokio::sync::Mutex<crate::plugins::manager::Versions>,
@@ -281,6 +284,7 @@ impl Gateway {
             spend,
             tasks: task_guard::TaskGuard::new(config.tasks.clone()),
             kills,
+            breakers: Default::default(),
             alerts: Arc::new(crate::alerts::Alerts::new(
                 config.alerts.clone(),
                 metrics.budget_alerts.clone(),
@@ -708,9 +712,35 @@ impl Gateway {
             body.insert("stream_options".into(), Value::Object(opts));
         }
         let upstream_started = Instant::now();
-        let (model, provider_name, reply) = self
+        let answered = self
             .call_ladder(&live, &ladder, body, req.stream, &id, &mut rec.calls)
-            .await?;
+            .await;
+        let (model, provider_name, reply) =
+            match (answered, &live.config.resilience.fallback_answer) {
+                (Ok(a), _) => a,
+                // Every rung failed: the route's deterministic answer, if it has one.
+                (Err(e), Some(text)) if e.code == "upstream_unavailable" => {
+                    tracing::warn!(
+                        request_id = rid,
+                        "answering with the fallback answer: {}",
+                        e.message
+                    );
+                    drop(reservation);
+                    rec.model_served = Some("fallback-answer".into());
+                    rec.cost_usd = Some(0.0);
+                    rec.error_code = Some("upstream_unavailable".into());
+                    self.record_answered(rec, started);
+                    let mut reply = self.reply_fixed(rid, &req, &view, text);
+                    for (name, value) in reply.headers.iter_mut() {
+                        if *name == "x-tollgate-model" {
+                            *value = "fallback-answer".into();
+                        }
+                    }
+                    reply.headers.push(("x-tollgate-fallback", "answer".into()));
+                    return Ok(reply);
+                }
+                (Err(e), _) => return Err(e),
+            };
         rec.model_served = Some(model.clone());
         rec.provider = Some(provider_name);
 
@@ -833,57 +863,107 @@ impl Gateway {
         id: &Identity,
         calls: &mut Vec<ledger::CallRecord>,
     ) -> Result<(String, String, UpstreamReply), ApiError> {
-        let mut last: Option<ProviderError> = None;
+        let policy = &live.config.resilience;
+        let mut failed: Vec<String> = Vec::new();
         for model in ladder {
             let Some(target) = live.providers.get(model) else {
                 continue;
             };
+            let key = format!("{}/{model}", target.provider_name);
+            let labels = [target.provider_name.as_str(), model.as_str()];
+            if !self.breakers.allow(&key, policy, self.clock.now_ms()) {
+                calls.push(ledger::CallRecord {
+                    model: model.clone(),
+                    provider: target.provider_name.clone(),
+                    error: Some("circuit open: not called".into()),
+                    cost_usd: Some(0.0),
+                    ..ledger::CallRecord::default()
+                });
+                failed.push(format!("{model}: circuit open"));
+                continue;
+            }
             let mut body = body.clone();
             body.insert("model".into(), Value::String(target.upstream_model.clone()));
-            let call = UpstreamCall {
+            let mut call = UpstreamCall {
                 body,
                 stream,
                 sim_output_tokens: id.sim_output_tokens,
                 sim_fault: id.sim_fault.clone(),
+                attempt: 0,
             };
-            let labels = [target.provider_name.as_str(), model.as_str()];
-            self.metrics.upstream_calls.with_label_values(&labels).inc();
-            match target.provider.chat(call).await {
-                Ok(reply) => return Ok((model.clone(), target.provider_name.clone(), reply)),
-                Err(e) => {
-                    self.metrics
-                        .upstream_errors
-                        .with_label_values(&labels)
-                        .inc();
-                    tracing::warn!(model = %model, provider = %target.provider_name, "upstream failed: {e}");
-                    calls.push(ledger::CallRecord {
-                        model: model.clone(),
-                        provider: target.provider_name.clone(),
-                        status: match &e {
-                            ProviderError::Status { status, .. } => *status,
-                            _ => 0,
-                        },
-                        error: Some(e.to_string()),
-                        cost_usd: Some(0.0),
-                        ..ledger::CallRecord::default()
+            for n in 0..=policy.max_retries {
+                call.attempt = n + 1;
+                self.metrics.upstream_calls.with_label_values(&labels).inc();
+                let result = target.provider.chat(call.clone()).await;
+                let ok = result.is_ok();
+                if let Some(state) = self.breakers.record(&key, ok, policy, self.clock.now_ms()) {
+                    tracing::warn!(provider = %target.provider_name, model = %model, "circuit breaker {state:?}");
+                    self.metrics.breaker(&labels, state);
+                }
+                let e = match result {
+                    Ok(reply) => {
+                        return Ok((model.clone(), target.provider_name.clone(), reply));
+                    }
+                    Err(e) => e,
+                };
+                self.metrics
+                    .upstream_errors
+                    .with_label_values(&labels)
+                    .inc();
+                tracing::warn!(model = %model, provider = %target.provider_name, attempt = n + 1, "upstream failed: {e}");
+                calls.push(ledger::CallRecord {
+                    model: model.clone(),
+                    provider: target.provider_name.clone(),
+                    status: match &e {
+                        ProviderError::Status { status, .. } => *status,
+                        _ => 0,
+                    },
+                    error: Some(e.to_string()),
+                    cost_usd: Some(0.0),
+                    ..ledger::CallRecord::default()
+                });
+                if !e.is_retryable() {
+                    // The request itself is wrong: another try or model won't fix it.
+                    return Err(upstream_error(&e));
+                }
+                let retry_after = match &e {
+                    ProviderError::Status { retry_after_s, .. } => *retry_after_s,
+                    _ => None,
+                };
+                let wait = (n < policy.max_retries)
+                    .then(|| policy.backoff(n, retry_after, resilience::jitter()))
+                    .flatten()
+                    .filter(|_| self.breakers.allow(&key, policy, self.clock.now_ms()))
+                    .filter(|_| {
+                        self.tasks
+                            .take_retry(&id.tenant, &id.task, self.clock.now_ms())
                     });
-                    let retry = e.is_retryable();
-                    last = Some(e);
-                    if !retry {
+                match wait {
+                    Some(w) => {
+                        self.metrics.retries.inc();
+                        tokio::time::sleep(w).await;
+                    }
+                    None => {
+                        failed.push(format!("{model}: {e} ({} attempts)", n + 1));
                         break;
                     }
                 }
             }
         }
-        Err(match last {
-            Some(e) => upstream_error(&e),
-            None => ApiError::new(
+        if failed.is_empty() {
+            return Err(ApiError::new(
                 StatusCode::BAD_GATEWAY,
                 "api_error",
                 "no_upstream",
                 "no model of the route is served",
-            ),
-        })
+            ));
+        }
+        Err(ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "api_error",
+            "upstream_unavailable",
+            format!("no model of the route answered: {}", failed.join("; ")),
+        ))
     }
 
     fn reply_cached(&self, rid: &str, req: &ChatRequest, hit: &CachedAnswer) -> Reply {

@@ -21,6 +21,8 @@ pub struct TaskGuard {
     cfg: arc_swap::ArcSwap<TasksConfig>,
     /// (tenant, task) -> (calls, last call on the gateway clock)
     calls: moka::sync::Cache<(String, String), (u32, u64)>,
+    /// (tenant, task) -> (retries, last retry on the gateway clock)
+    retries: moka::sync::Cache<(String, String), (u32, u64)>,
 }
 
 impl TaskGuard {
@@ -28,7 +30,18 @@ impl TaskGuard {
         Self {
             cfg: arc_swap::ArcSwap::from_pointee(cfg),
             calls: moka::sync::Cache::builder().max_capacity(1_000_000).build(),
+            retries: moka::sync::Cache::builder().max_capacity(1_000_000).build(),
         }
+    }
+
+    /// Whether the task may retry an upstream call once more (and counts
+    /// it). Requests outside a task are bounded per request only.
+    pub fn take_retry(&self, tenant: &str, task: &str, now_ms: u64) -> bool {
+        let cfg = self.cfg.load();
+        if cfg.max_retries == 0 || task.is_empty() {
+            return true;
+        }
+        count(&self.retries, tenant, task, now_ms, cfg.idle_reset_seconds) <= cfg.max_retries
     }
 
     pub fn set_config(&self, cfg: TasksConfig) {
@@ -61,16 +74,7 @@ impl TaskGuard {
         if max == 0 || task.is_empty() {
             return Ok(());
         }
-        let idle_ms = cfg.idle_reset_seconds.saturating_mul(1000);
-        let key = (tenant.to_string(), task.to_string());
-        let entry = self.calls.entry(key).and_compute_with(|old| {
-            let calls = match old.map(|e| e.into_value()) {
-                Some((n, last)) if now_ms.saturating_sub(last) <= idle_ms => n,
-                _ => 0,
-            };
-            moka::ops::compute::Op::Put((calls.saturating_add(1), now_ms))
-        });
-        let calls = entry.into_entry().map_or(0, |e| e.into_value().0);
+        let calls = count(&self.calls, tenant, task, now_ms, cfg.idle_reset_seconds);
         if calls > max {
             return Err(ApiError::new(
                 StatusCode::TOO_MANY_REQUESTS,
@@ -81,6 +85,27 @@ impl TaskGuard {
         }
         Ok(())
     }
+}
+
+/// Adds one to a task's counter (restarted after the task was idle) and
+/// returns it.
+fn count(
+    cache: &moka::sync::Cache<(String, String), (u32, u64)>,
+    tenant: &str,
+    task: &str,
+    now_ms: u64,
+    idle_reset_seconds: u64,
+) -> u32 {
+    let idle_ms = idle_reset_seconds.saturating_mul(1000);
+    let key = (tenant.to_string(), task.to_string());
+    let entry = cache.entry(key).and_compute_with(|old| {
+        let n = match old.map(|e| e.into_value()) {
+            Some((n, last)) if now_ms.saturating_sub(last) <= idle_ms => n,
+            _ => 0,
+        };
+        moka::ops::compute::Op::Put((n.saturating_add(1), now_ms))
+    });
+    entry.into_entry().map_or(0, |e| e.into_value().0)
 }
 
 /// How often the most repeated tool call of the history occurs, and its name.
@@ -160,7 +185,13 @@ mod tests {
             max_calls: 2,
             idle_reset_seconds: 60,
             max_identical_tool_calls: 0,
+            max_retries: 3,
         });
+        // Retries: 3 per task, counted apart from calls; no task, no cap.
+        assert!((0..3).all(|i| g.take_retry("t", "r", i)));
+        assert!(!g.take_retry("t", "r", 4));
+        assert!(g.take_retry("t", "", 5));
+        assert!(g.take_retry("t", "r", 4 + 61_000), "idle: counting again");
         let b = agent(0);
         assert!(g.check("t", "k", &b, 0).is_ok());
         assert!(g.check("t", "k", &b, 1_000).is_ok());

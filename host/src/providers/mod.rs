@@ -28,8 +28,10 @@ pub struct UpstreamCall {
     pub stream: bool,
     /// Expected completion length, for the simulator only.
     pub sim_output_tokens: Option<u32>,
-    /// A fault to inject (`429`, `500`, `timeout`), for the simulator only.
+    /// A fault to inject (see the simulator), for the simulator only.
     pub sim_fault: Option<String>,
+    /// 1 for the first try at this model, 2 for its first retry, ...
+    pub attempt: u32,
 }
 
 pub type ByteStream = Pin<Box<dyn Stream<Item = Result<Bytes, ProviderError>> + Send>>;

@@ -66,7 +66,9 @@ impl super::Provider for OpenAiProvider {
                 req = req.header("x-tollgate-sim-output-tokens", n.to_string());
             }
             if let Some(f) = &call.sim_fault {
-                req = req.header("x-tollgate-sim-fault", f.as_str());
+                req = req
+                    .header("x-tollgate-sim-fault", f.as_str())
+                    .header("x-tollgate-sim-attempt", call.attempt.to_string());
             }
         }
         // For streams the deadline covers the response head; the body may

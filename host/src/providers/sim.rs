@@ -13,8 +13,14 @@
 //!   128) were sent to the same model before, and not idle longer than
 //!   `prompt_cache_ttl_ms` on the gateway's clock, reports them as cached;
 //! * latency: `latency_ms` before the first token, `ms_per_token` after;
-//! * faults on request: `x-tollgate-sim-fault: 429 | 500 | timeout`, or
-//!   `500@gpt-4o` to fail one model only; `no-usage` answers without usage.
+//! * faults on request, `x-tollgate-sim-fault: KIND[xN][@MODEL]` with KIND
+//!   `429` (with `Retry-After: 1`), `500`, `503`, `timeout`, `drop` (a stream
+//!   cut halfway, or a reset connection), `slow:MS` (answer MS later) or
+//!   `no-usage`; `xN` limits it to the first N attempts at a model (then it
+//!   recovers: retries can be tested), `@MODEL` to one model (ladders);
+//! * faults at random, from the provider's config: `error_rate` (500),
+//!   `rate_limit_rate` (429 with `retry_after_s`), `drop_rate`, `slow_rate`
+//!   with `slow_ms`.
 
 use std::time::Duration;
 
@@ -185,16 +191,7 @@ impl SimProvider {
     /// The injected fault of a call: `CODE` for every model, `CODE@MODEL`
     /// for one model only (to exercise fallback ladders).
     fn fault(call: &UpstreamCall) -> Option<ProviderError> {
-        let spec = call.sim_fault.as_deref()?;
-        let (code, only) = match spec.split_once('@') {
-            Some((c, m)) => (c, Some(m)),
-            None => (spec, None),
-        };
-        let model = call.body.get("model").and_then(Value::as_str).unwrap_or("");
-        if only.is_some_and(|m| m != model) {
-            return None;
-        }
-        match code {
+        match Self::fault_kind(call)? {
             "429" => Some(ProviderError::Status {
                 status: 429,
                 message: "Rate limit reached (simulated)".into(),
@@ -205,9 +202,56 @@ impl SimProvider {
                 message: "The server had an error while processing your request (simulated)".into(),
                 retry_after_s: None,
             }),
+            "503" => Some(ProviderError::Status {
+                status: 503,
+                message: "The engine is currently overloaded (simulated)".into(),
+                retry_after_s: None,
+            }),
             "timeout" => Some(ProviderError::Timeout(0)),
+            "drop" if !call.stream => Some(ProviderError::Connect(
+                "connection reset by peer (simulated)".into(),
+            )),
             _ => None,
         }
+    }
+
+    /// The fault kind asked for this call, if it applies to this model and attempt.
+    fn fault_kind(call: &UpstreamCall) -> Option<&str> {
+        let spec = call.sim_fault.as_deref()?;
+        let (spec, only) = match spec.split_once('@') {
+            Some((c, m)) => (c, Some(m)),
+            None => (spec, None),
+        };
+        let model = call.body.get("model").and_then(Value::as_str).unwrap_or("");
+        if only.is_some_and(|m| m != model) {
+            return None;
+        }
+        match spec.rsplit_once('x') {
+            Some((kind, n)) if n.parse::<u32>().is_ok() => {
+                (call.attempt <= n.parse().unwrap_or(0)).then_some(kind)
+            }
+            _ => Some(spec),
+        }
+    }
+
+    /// A fault drawn at the configured rates.
+    fn random_fault(&self) -> Option<ProviderError> {
+        let r = crate::pipeline::resilience::jitter();
+        if r < self.cfg.error_rate {
+            return Some(ProviderError::Status {
+                status: 500,
+                message: "The server had an error while processing your request (simulated)".into(),
+                retry_after_s: None,
+            });
+        }
+        if r < self.cfg.error_rate + self.cfg.rate_limit_rate {
+            return Some(ProviderError::Status {
+                status: 429,
+                message: "Rate limit reached (simulated)".into(),
+                retry_after_s: Some(self.cfg.retry_after_s),
+            });
+        }
+        None
     }
 
     fn delay(&self, tokens: u32) -> Duration {
@@ -358,8 +402,26 @@ impl super::Provider for SimProvider {
     }
 
     async fn chat(&self, call: UpstreamCall) -> Result<UpstreamReply, ProviderError> {
-        if let Some(e) = Self::fault(&call) {
+        if let Some(e) = Self::fault(&call).or_else(|| self.random_fault()) {
             return Err(e);
+        }
+        let kind = Self::fault_kind(&call);
+        let slow = kind
+            .and_then(|k| k.strip_prefix("slow:"))
+            .and_then(|ms| ms.parse::<u64>().ok())
+            .or_else(|| {
+                (crate::pipeline::resilience::jitter() < self.cfg.slow_rate)
+                    .then_some(self.cfg.slow_ms)
+            });
+        if let Some(ms) = slow {
+            tokio::time::sleep(Duration::from_millis(ms)).await;
+        }
+        let drop =
+            kind == Some("drop") || crate::pipeline::resilience::jitter() < self.cfg.drop_rate;
+        if drop && !call.stream {
+            return Err(ProviderError::Connect(
+                "connection reset by peer (simulated)".into(),
+            ));
         }
         let a = self.answer(&call)?;
         // An upstream that reports no usage at all (some OpenAI-compatible servers).
@@ -372,12 +434,24 @@ impl super::Provider for SimProvider {
                     .and_then(|o| o.get("include_usage"))
                     .and_then(Value::as_bool)
                     .unwrap_or(false);
-            let events = self.stream_events(&a, include_usage);
+            let mut events: Vec<(Duration, Result<Bytes, ProviderError>)> = self
+                .stream_events(&a, include_usage)
+                .into_iter()
+                .map(|(w, e)| (w, Ok(e)))
+                .collect();
+            if drop {
+                // The connection goes halfway through: no usage, no [DONE].
+                events.truncate(events.len() / 2);
+                events.push((
+                    Duration::ZERO,
+                    Err(ProviderError::Protocol("stream dropped (simulated)".into())),
+                ));
+            }
             let stream = futures_util::stream::iter(events).then(|(wait, e)| async move {
                 if !wait.is_zero() {
                     tokio::time::sleep(wait).await;
                 }
-                Ok::<_, ProviderError>(e)
+                e
             });
             return Ok(UpstreamReply::Stream(Box::pin(stream)));
         }
@@ -410,6 +484,7 @@ mod tests {
             stream: false,
             sim_output_tokens: out,
             sim_fault: None,
+            attempt: 1,
         }
     }
 

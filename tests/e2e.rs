@@ -2900,3 +2900,112 @@ async fn a_route_with_a_fallback_answer_answers_when_every_model_fails() {
     assert_eq!(r.header("x-tollgate-fallback"), "answer");
     assert_eq!(r.header("x-tollgate-cost-usd"), "0.000000000");
 }
+
+#[tokio::test]
+async fn deferrable_requests_go_through_a_batch_at_its_discount() {
+    let (hook, got) = webhook_receiver().await;
+    let allow = hook.rsplit_once('/').unwrap().0.to_string();
+    let mut gw = gateway(&format!(
+        "[batch]\nmax_requests = 3\nflush_ms = 5000\ncallback_allow = [\"{allow}/\"]\n"
+    ));
+    let body = json!({"model": "gpt-4o", "max_tokens": 100,
+        "messages": [{"role": "user", "content": "Summarise last quarter"}]});
+    // Refused up front: a stream cannot be deferred; a callback must be allowed.
+    let mut s = body.clone();
+    s["stream"] = json!(true);
+    let r = chat(&gw.base, &[("x-tollgate-deferrable", "true")], s).await;
+    assert_eq!(
+        (r.status, r.error_code().as_str()),
+        (400, "deferred_stream")
+    );
+    let h = [
+        ("x-tollgate-deferrable", "true"),
+        ("x-tollgate-callback-url", "http://169.254.169.254/x"),
+    ];
+    let r = chat(&gw.base, &h, body.clone()).await;
+    assert_eq!(
+        (r.status, r.error_code().as_str()),
+        (400, "callback_not_allowed")
+    );
+
+    // Three deferred requests fill a batch (max_requests = 3): it goes out at once.
+    let mut ids = Vec::new();
+    for i in 0..3 {
+        let mut h = vec![
+            ("x-tollgate-deferrable", "true"),
+            ("x-tollgate-tenant", "acme"),
+            ("x-tollgate-sim-output-tokens", "50"),
+        ];
+        if i == 0 {
+            h.push(("x-tollgate-callback-url", hook.as_str()));
+        }
+        let r = chat(&gw.base, &h, body.clone()).await;
+        assert_eq!(r.status, 202, "{}", r.text);
+        assert_eq!(r.json()["status"], "queued");
+        ids.push(r.json()["id"].as_str().unwrap().to_string());
+    }
+    let poll = |id: String, tenant: &'static str| {
+        let base = gw.base.clone();
+        async move {
+            let r = http()
+                .get(format!("{base}/v1/deferred/{id}"))
+                .header("x-tollgate-tenant", tenant)
+                .send()
+                .await
+                .unwrap();
+            let status = r.status().as_u16();
+            (
+                status,
+                serde_json::from_str::<Value>(&r.text().await.unwrap()).unwrap(),
+            )
+        }
+    };
+    let t = Instant::now();
+    let done = loop {
+        let (s, v) = poll(ids[2].clone(), "acme").await;
+        assert_eq!(s, 200, "{v}");
+        if v["status"] == "completed" {
+            break v;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(4),
+            "batch not sent when full: {v}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(done["batch_discount"], 0.5);
+    assert_eq!(done["response"]["usage"]["completion_tokens"], 50);
+    let content_len = done["response"]["choices"][0]["message"]["content"]
+        .as_str()
+        .unwrap()
+        .len();
+    assert!(content_len > 0);
+    // Another tenant cannot read it.
+    assert_eq!(poll(ids[2].clone(), "bluefin").await.0, 404);
+    // The callback got the first one.
+    let t = Instant::now();
+    while got.lock().unwrap().is_empty() && t.elapsed() < Duration::from_secs(5) {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let events = got.lock().unwrap().clone();
+    assert_eq!(events.len(), 1);
+    assert_eq!(events[0]["id"], ids[0].as_str());
+    assert_eq!(events[0]["status"], "completed");
+
+    // Half price in the ledger: the same request answered directly costs double.
+    let direct = chat(
+        &gw.base,
+        &[("x-tollgate-sim-output-tokens", "50")],
+        body.clone(),
+    )
+    .await;
+    let full: f64 = direct.header("x-tollgate-cost-usd").parse().unwrap();
+    let batched = done["cost_usd"].as_f64().unwrap();
+    assert!((batched - full / 2.0).abs() < 1e-9, "{batched} vs {full}");
+    assert!(gw.sigterm_and_wait().success());
+    let db = gw.ledger();
+    assert_eq!(
+        count_rows(&db, "WHERE batch_discount = 0.5 AND status = 200"),
+        3
+    );
+}

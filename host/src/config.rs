@@ -49,6 +49,8 @@ pub struct Config {
     pub alerts: crate::alerts::AlertsConfig,
     /// Retries, circuit breakers and the last resort of a failed route.
     pub resilience: crate::pipeline::resilience::ResilienceConfig,
+    /// Deferrable requests through provider batch APIs.
+    pub batch: crate::pipeline::deferred::BatchConfig,
     /// Where the file was read from (for messages); not a key.
     #[serde(skip)]
     pub origin: String,
@@ -126,6 +128,8 @@ pub struct SimConfig {
     pub slow_ms: u64,
     /// Fraction of calls whose connection drops (a stream halfway through).
     pub drop_rate: f64,
+    /// A batch's answers arrive this long after it was sent.
+    pub batch_latency_ms: u64,
 }
 
 impl Default for SimConfig {
@@ -137,6 +141,7 @@ impl Default for SimConfig {
             slow_rate: 0.0,
             slow_ms: 0,
             drop_rate: 0.0,
+            batch_latency_ms: 200,
             latency_ms: 0,
             ms_per_token: 0,
             default_output_tokens: 16,

@@ -52,7 +52,8 @@ CREATE TABLE IF NOT EXISTS requests (
     calls             TEXT NOT NULL DEFAULT '[]',
     request_body      TEXT,
     shadow            TEXT NOT NULL DEFAULT '[]',
-    prompt_version    TEXT
+    prompt_version    TEXT,
+    batch_discount    REAL
 );
 CREATE INDEX IF NOT EXISTS requests_ts ON requests (ts_ms);
 CREATE INDEX IF NOT EXISTS requests_tenant_ts ON requests (tenant, ts_ms);
@@ -81,12 +82,13 @@ CREATE INDEX IF NOT EXISTS feedback_task ON feedback (tenant, task_id);
 ";
 
 /// Columns added to `requests` since version 1, with their definitions.
-const ADDED_COLUMNS: [(&str, &str); 5] = [
+const ADDED_COLUMNS: [(&str, &str); 6] = [
     ("cache_origin", "TEXT"),
     ("calls", "TEXT NOT NULL DEFAULT '[]'"),
     ("request_body", "TEXT"),
     ("shadow", "TEXT NOT NULL DEFAULT '[]'"),
     ("prompt_version", "TEXT"),
+    ("batch_discount", "REAL"),
 ];
 
 /// One plugin's part in a request.
@@ -180,6 +182,8 @@ pub struct Row {
     /// `x-tollgate-prompt-version`, or a hash of the system messages (what
     /// a kill switch by prompt version matches).
     pub prompt_version: Option<String>,
+    /// Fraction off the price when the call went through a batch API.
+    pub batch_discount: Option<f64>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -392,9 +396,9 @@ fn insert_batch(
              model_asked, model_served, provider, decisions, cache, stream, prompt_tokens, cached_tokens,
              cache_write_tokens, completion_tokens, tokens_saved, chars_before, chars_after, latency_ms,
              upstream_ms, status, error_code, cost_usd, estimated, unpriced, cache_origin, calls, request_body, shadow,
-             prompt_version)
+             prompt_version, batch_discount)
              VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19,
-                     ?20, ?21, ?22, ?23, ?24, ?25, ?26, ?27, ?28, ?29, ?30, ?31, ?32, ?33)",
+                     ?20, ?21, ?22, ?23, ?24, ?25, ?26, ?27, ?28, ?29, ?30, ?31, ?32, ?33, ?34)",
         )?;
         for r in rows {
             let decisions = serde_json::to_string(&r.decisions).unwrap_or_else(|_| "[]".into());
@@ -434,6 +438,7 @@ fn insert_batch(
                 r.request_body,
                 shadow,
                 r.prompt_version,
+                r.batch_discount,
             ])?;
         }
     }
@@ -658,7 +663,8 @@ mod tests {
                 .replace(",\n    calls             TEXT NOT NULL DEFAULT '[]'", "")
                 .replace(",\n    request_body      TEXT", "")
                 .replace(",\n    shadow            TEXT NOT NULL DEFAULT '[]'", "")
-                .replace(",\n    prompt_version    TEXT", "");
+                .replace(",\n    prompt_version    TEXT", "")
+                .replace(",\n    batch_discount    REAL", "");
             assert!(!v1.contains("calls"));
             c.execute_batch(&v1).unwrap();
             c.pragma_update(None, "user_version", 1).unwrap();

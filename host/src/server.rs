@@ -133,6 +133,17 @@ fn method_not_allowed(method: &Method, path: &str) -> Response<Body> {
 async fn route(gw: Arc<Gateway>, req: Request<Incoming>) -> Response<Body> {
     let path = req.uri().path().to_string();
     let method = req.method().clone();
+    if let Some(id) = path.strip_prefix("/v1/deferred/")
+        && method == Method::GET
+    {
+        let live = gw.live.load();
+        let result = Identity::from_headers(req.headers(), &live.config.identity)
+            .and_then(|who| gw.deferred.poll(id, &who.tenant));
+        return match result {
+            Ok(v) => json_response(StatusCode::OK, Bytes::from(v.to_string())),
+            Err(e) => error_response(&e),
+        };
+    }
     match (path.as_str(), &method) {
         ("/v1/chat/completions" | "/chat/completions", &Method::POST) => {
             let live = gw.live.load();

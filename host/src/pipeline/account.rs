@@ -27,6 +27,8 @@ pub struct Accounting {
     pub upstream_started: Instant,
     /// The ledger row, complete but for usage, cost and timing.
     pub row: Row,
+    /// Fraction off the price: the call went through a batch API.
+    pub batch_discount: Option<f64>,
 }
 
 impl Accounting {
@@ -47,6 +49,18 @@ impl Accounting {
         };
         self.finish(usage, estimated, &content, &finish, Some(body.clone()))
             .await
+    }
+
+    /// Records a call that failed after it was accepted (a deferred request
+    /// whose batch failed); the reservation is released.
+    pub fn fail(&mut self, e: &crate::api::ApiError) {
+        self.reservation.take();
+        let mut row = std::mem::take(&mut self.row);
+        row.status = e.status.as_u16();
+        row.error_code = Some(e.code.to_string());
+        row.batch_discount = self.batch_discount;
+        row.latency_ms = self.started.elapsed().as_secs_f64() * 1000.0;
+        self.gateway.record(row);
     }
 
     /// Usage counted natively when the upstream reported none.
@@ -70,7 +84,12 @@ impl Accounting {
         body: Option<Bytes>,
     ) -> Option<f64> {
         let gw = self.gateway.clone();
-        let cost = self.live.catalog.cost(&self.model, &usage);
+        let discount = self.batch_discount.unwrap_or(0.0);
+        let cost = self
+            .live
+            .catalog
+            .cost(&self.model, &usage)
+            .map(|c| c * (1.0 - discount));
         if cost.is_none() {
             gw.warn_unpriced(&self.model);
         }
@@ -145,6 +164,7 @@ impl Accounting {
         let latency_ms = self.started.elapsed().as_secs_f64() * 1000.0;
         let upstream_ms = self.upstream_started.elapsed().as_secs_f64() * 1000.0;
         let mut row = std::mem::take(&mut self.row);
+        row.batch_discount = self.batch_discount;
         // What a router shadow's model would have cost for the same usage.
         for s in row.shadow.iter_mut().filter(|s| s.slot == "router") {
             s.cost_usd = s

@@ -23,6 +23,10 @@ pub struct Identity {
     /// `x-tollgate-prompt-version`: names the prompt for kill switches and
     /// the ledger (else a hash of the system messages is used).
     pub prompt_version: Option<String>,
+    /// `x-tollgate-deferrable: true`: answer through a batch API, later.
+    pub deferrable: bool,
+    /// `x-tollgate-callback-url`: where a deferred result is POSTed.
+    pub callback_url: Option<String>,
 }
 
 fn value(headers: &HeaderMap, name: &str) -> Result<Option<String>, ApiError> {
@@ -100,6 +104,17 @@ impl Identity {
             sim_output_tokens,
             sim_fault: value(headers, "x-tollgate-sim-fault")?,
             prompt_version: value(headers, "x-tollgate-prompt-version")?,
+            deferrable: match value(headers, "x-tollgate-deferrable")?.as_deref() {
+                None | Some("false") | Some("0") => false,
+                Some("true") | Some("1") => true,
+                Some(_) => {
+                    return Err(ApiError::invalid(
+                        "invalid_header",
+                        "header x-tollgate-deferrable must be true or false",
+                    ));
+                }
+            },
+            callback_url: value(headers, "x-tollgate-callback-url")?,
         })
     }
 }

@@ -16,6 +16,7 @@
 //! plugin (fail-open) or rejects the request (fail-closed).
 
 mod account;
+pub mod deferred;
 pub mod identity;
 pub mod resilience;
 mod shadow;
@@ -196,6 +197,8 @@ pub struct Gateway {
     pub kills: crate::kill::KillSwitches,
     /// One circuit breaker per provider+model.
     pub breakers: resilience::Breakers,
+    /// Deferred requests waiting for, or answered by, a batch.
+    pub deferred: deferred::Deferred,
     pub alerts: Arc<crate::alerts::Alerts>,
     /// Plugin versions loaded through the admin API, and what rollbacks restore.
     pub versions: tokio::sync::Mutex<crate::plugins::manager::Versions>,
@@ -285,6 +288,7 @@ impl Gateway {
             tasks: task_guard::TaskGuard::new(config.tasks.clone()),
             kills,
             breakers: Default::default(),
+            deferred: Default::default(),
             alerts: Arc::new(crate::alerts::Alerts::new(
                 config.alerts.clone(),
                 metrics.budget_alerts.clone(),
@@ -524,6 +528,22 @@ impl Gateway {
         if live.providers.get(&req.model).is_none() {
             return Err(model_not_found(&req.model, &live.providers));
         }
+        if id.deferrable {
+            if req.stream {
+                return Err(ApiError::invalid(
+                    "deferred_stream",
+                    "a deferrable request cannot stream: its answer comes later",
+                ));
+            }
+            if let Some(url) = &id.callback_url
+                && !deferred::callback_allowed(&live.config.batch, url)
+            {
+                return Err(ApiError::invalid(
+                    "callback_not_allowed",
+                    format!("x-tollgate-callback-url {url:?} is not under batch.callback_allow"),
+                ));
+            }
+        }
         let prompt_version = crate::kill::prompt_version(id.prompt_version.as_deref(), &req.body);
         if !prompt_version.is_empty() {
             rec.prompt_version = Some(prompt_version.clone());
@@ -701,6 +721,20 @@ impl Gateway {
             .filter_ladder(&mut ladder, &id.tenant, &id.feature, &prompt_version)
             .inspect_err(|_| self.metrics.killed())?;
         let reservation = self.reserve(&live, &scopes, &id, &mut ladder, &view, rec)?;
+        if id.deferrable {
+            return self.defer(
+                &live,
+                rid,
+                &id,
+                &req,
+                ladder,
+                view,
+                cache_plan,
+                reservation,
+                started,
+                rec,
+            );
+        }
         let mut body = req.body.clone();
         if req.stream {
             // Always ask for usage, so streamed calls are billed exactly.
@@ -755,6 +789,7 @@ impl Gateway {
             started,
             upstream_started,
             row: std::mem::take(rec),
+            batch_discount: None,
         };
         let headers = vec![
             ("x-tollgate-request-id", rid.to_string()),
@@ -778,6 +813,78 @@ impl Gateway {
                 body: ReplyBody::Sse(stream::relay(upstream, acct, req.include_usage)),
             }),
         }
+    }
+
+    /// Queues a deferrable request for its provider's batch API (first
+    /// served model of the ladder) and answers 202 with where to poll.
+    #[allow(clippy::too_many_arguments)]
+    fn defer(
+        self: &Arc<Self>,
+        live: &Arc<Live>,
+        rid: &str,
+        id: &Identity,
+        req: &ChatRequest,
+        ladder: Vec<String>,
+        view: RequestView,
+        cache_plan: Option<(cache::CacheKey, Duration)>,
+        reservation: crate::budget::Reservation,
+        started: Instant,
+        rec: &mut Row,
+    ) -> Result<Reply, ApiError> {
+        let Some((model, target)) = ladder
+            .iter()
+            .find_map(|m| live.providers.get(m).map(|t| (m.clone(), t.clone())))
+        else {
+            return Err(ApiError::new(
+                StatusCode::BAD_GATEWAY,
+                "api_error",
+                "no_upstream",
+                "no model of the route is served",
+            ));
+        };
+        let mut body = req.body.clone();
+        body.insert("model".into(), Value::String(target.upstream_model.clone()));
+        rec.model_served = Some(model.clone());
+        rec.provider = Some(target.provider_name.clone());
+        let acct = Accounting {
+            gateway: self.clone(),
+            live: live.clone(),
+            view,
+            model: model.clone(),
+            cache_plan,
+            reservation: Some(reservation),
+            started,
+            upstream_started: Instant::now(),
+            row: std::mem::take(rec),
+            batch_discount: None,
+        };
+        let queued = deferred::submit(
+            self,
+            deferred::Job {
+                id: rid.to_string(),
+                tenant: id.tenant.clone(),
+                model: model.clone(),
+                call: UpstreamCall {
+                    body,
+                    stream: false,
+                    sim_output_tokens: id.sim_output_tokens,
+                    sim_fault: id.sim_fault.clone(),
+                    attempt: 1,
+                },
+                target,
+                acct,
+                callback: id.callback_url.clone(),
+            },
+        );
+        Ok(Reply {
+            status: StatusCode::ACCEPTED,
+            headers: vec![
+                ("x-tollgate-request-id", rid.to_string()),
+                ("x-tollgate-model", model),
+                ("x-tollgate-deferred", "queued".into()),
+            ],
+            body: ReplyBody::Json(Bytes::from(queued.to_string())),
+        })
     }
 
     /// Reserves the ladder's worst-case cost against the daily counters and

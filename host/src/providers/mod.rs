@@ -74,7 +74,16 @@ pub trait Provider: Send + Sync {
     /// `sim` or `openai`, for the ledger and headers.
     fn kind(&self) -> &'static str;
     async fn chat(&self, call: UpstreamCall) -> Result<UpstreamReply, ProviderError>;
+    /// Answers non-streamed calls through the provider's batch API, in
+    /// order; None when the provider has none.
+    async fn batch(&self, _calls: Vec<UpstreamCall>) -> Option<BatchAnswers> {
+        None
+    }
 }
+
+/// One answer (a complete JSON chat completion) per call of a batch, or why
+/// the whole batch failed.
+pub type BatchAnswers = Result<Vec<Result<Bytes, ProviderError>>, ProviderError>;
 
 /// A model the gateway serves and where it goes.
 #[derive(Clone)]

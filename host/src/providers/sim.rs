@@ -401,6 +401,24 @@ impl super::Provider for SimProvider {
         "sim"
     }
 
+    /// A batch completes `batch_latency_ms` after it was sent; each call is
+    /// answered (or fails) as it would alone.
+    async fn batch(&self, calls: Vec<UpstreamCall>) -> Option<super::BatchAnswers> {
+        tokio::time::sleep(Duration::from_millis(self.cfg.batch_latency_ms)).await;
+        let mut out = Vec::with_capacity(calls.len());
+        for mut c in calls {
+            c.stream = false;
+            out.push(match self.chat(c).await {
+                Ok(UpstreamReply::Complete(b)) => Ok(b),
+                Ok(UpstreamReply::Stream(_)) => {
+                    Err(ProviderError::Protocol("a stream in a batch".into()))
+                }
+                Err(e) => Err(e),
+            });
+        }
+        Some(Ok(out))
+    }
+
     async fn chat(&self, call: UpstreamCall) -> Result<UpstreamReply, ProviderError> {
         if let Some(e) = Self::fault(&call).or_else(|| self.random_fault()) {
             return Err(e);

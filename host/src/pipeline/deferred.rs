@@ -1,0 +1,248 @@
+//! Deferrable work through provider batch APIs, at their discount.
+//!
+//! A request marked `x-tollgate-deferrable: true` goes through the whole
+//! pipeline (budgets, compressors, cache, router, worst-case reservation)
+//! and is then queued instead of called: the client gets HTTP 202 with an
+//! id, polls `GET /v1/deferred/{id}` (same tenant only), or names an
+//! allowed `x-tollgate-callback-url` that receives the result. Queued
+//! requests go out per provider as one batch when `batch.max_requests` are
+//! waiting or `batch.flush_ms` after the first; each answer is accounted at
+//! the model's `batch_discount`, and the ledger row records the discount.
+//! A provider without a batch API answers them one by one at full price.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use serde::Deserialize;
+use serde_json::{Value, json};
+
+use super::Gateway;
+use super::account::Accounting;
+use crate::api::ApiError;
+use crate::providers::{ModelTarget, UpstreamCall};
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct BatchConfig {
+    /// A provider's queue goes out when this many requests wait…
+    pub max_requests: usize,
+    /// …or this long after the first one arrived.
+    pub flush_ms: u64,
+    /// Results are kept this long for polling.
+    pub results_ttl_seconds: u64,
+    /// URL prefixes a client may name in `x-tollgate-callback-url`; empty:
+    /// callbacks are refused (the gateway must not POST wherever a client says).
+    pub callback_allow: Vec<String>,
+}
+
+impl Default for BatchConfig {
+    fn default() -> Self {
+        Self {
+            max_requests: 100,
+            flush_ms: 1_000,
+            results_ttl_seconds: 86_400,
+            callback_allow: Vec::new(),
+        }
+    }
+}
+
+/// One queued request.
+pub struct Job {
+    pub id: String,
+    pub tenant: String,
+    pub model: String,
+    pub target: ModelTarget,
+    pub call: UpstreamCall,
+    pub acct: Accounting,
+    pub callback: Option<String>,
+}
+
+#[derive(Clone)]
+struct Outcome {
+    tenant: String,
+    body: Value,
+}
+
+#[derive(Default)]
+pub struct Deferred {
+    /// Provider name -> waiting jobs.
+    queues: Mutex<HashMap<String, Vec<Job>>>,
+    /// Request id -> what a poll answers.
+    results: Mutex<HashMap<String, Outcome>>,
+}
+
+impl Deferred {
+    /// What `GET /v1/deferred/{id}` answers for `tenant`.
+    pub fn poll(&self, id: &str, tenant: &str) -> Result<Value, ApiError> {
+        let results = self.results.lock().map_err(|_| not_found(id))?;
+        match results.get(id) {
+            Some(o) if o.tenant == tenant => Ok(o.body.clone()),
+            _ => Err(not_found(id)),
+        }
+    }
+
+    fn set(&self, id: &str, tenant: &str, body: Value) {
+        if let Ok(mut r) = self.results.lock() {
+            r.insert(
+                id.to_string(),
+                Outcome {
+                    tenant: tenant.to_string(),
+                    body,
+                },
+            );
+        }
+    }
+}
+
+fn not_found(id: &str) -> ApiError {
+    ApiError::new(
+        http::StatusCode::NOT_FOUND,
+        "invalid_request_error",
+        "deferred_not_found",
+        format!("no deferred request {id:?} for this tenant"),
+    )
+}
+
+/// Whether a callback URL is allowed by the config.
+pub fn callback_allowed(cfg: &BatchConfig, url: &str) -> bool {
+    (url.starts_with("http://") || url.starts_with("https://"))
+        && cfg
+            .callback_allow
+            .iter()
+            .any(|p| url.starts_with(p.as_str()))
+}
+
+/// Queues a job and answers 202; the batch goes out when full or on time.
+pub fn submit(gw: &Arc<Gateway>, job: Job) -> Value {
+    let cfg = gw.live.load().config.batch.clone();
+    let queued = json!({
+        "id": job.id, "object": "tollgate.deferred", "status": "queued", "model": job.model,
+        "poll": format!("/v1/deferred/{}", job.id),
+    });
+    gw.deferred.set(&job.id, &job.tenant, queued.clone());
+    let provider = job.target.provider_name.clone();
+    let (first, full) = {
+        let Ok(mut q) = gw.deferred.queues.lock() else {
+            return queued;
+        };
+        let waiting = q.entry(provider.clone()).or_default();
+        waiting.push(job);
+        (waiting.len() == 1, waiting.len() >= cfg.max_requests.max(1))
+    };
+    if full {
+        tokio::spawn(flush(gw.clone(), provider));
+    } else if first {
+        let gw = gw.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(cfg.flush_ms)).await;
+            flush(gw, provider).await;
+        });
+    }
+    queued
+}
+
+/// Sends a provider's waiting jobs as one batch and accounts each answer.
+async fn flush(gw: Arc<Gateway>, provider: String) {
+    let jobs = match gw.deferred.queues.lock() {
+        Ok(mut q) => q.remove(&provider).unwrap_or_default(),
+        Err(_) => return,
+    };
+    let Some(first) = jobs.first() else {
+        return;
+    };
+    let target = first.target.clone();
+    let calls: Vec<UpstreamCall> = jobs.iter().map(|j| j.call.clone()).collect();
+    tracing::info!(provider, requests = calls.len(), "sending a batch");
+    let answers = match target.provider.batch(calls.clone()).await {
+        Some(Ok(a)) => a.into_iter().map(|r| (r, true)).collect::<Vec<_>>(),
+        Some(Err(e)) => calls.iter().map(|_| (Err(e.clone()), true)).collect(),
+        None => {
+            // No batch API: one by one, at the full price.
+            tracing::warn!(
+                provider,
+                "provider has no batch API; deferred requests are sent one by one at full price"
+            );
+            let mut out = Vec::new();
+            for c in calls {
+                let r = match target.provider.chat(c).await {
+                    Ok(crate::providers::UpstreamReply::Complete(b)) => Ok(b),
+                    Ok(crate::providers::UpstreamReply::Stream(_)) => {
+                        Err(crate::providers::ProviderError::Protocol(
+                            "a stream for a deferred request".into(),
+                        ))
+                    }
+                    Err(e) => Err(e),
+                };
+                out.push((r, false));
+            }
+            out
+        }
+    };
+    for (job, (answer, discounted)) in jobs.into_iter().zip(answers) {
+        let Job {
+            id,
+            tenant,
+            model,
+            mut acct,
+            callback,
+            ..
+        } = job;
+        let body = match answer {
+            Ok(bytes) => {
+                let discount = discounted
+                    .then(|| acct.live.catalog.get(&model).map(|p| p.batch_discount))
+                    .flatten()
+                    .unwrap_or(0.0);
+                acct.batch_discount = Some(discount);
+                let cost = acct.complete_json(&bytes).await;
+                let response: Value = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
+                json!({"id": id, "object": "tollgate.deferred", "status": "completed", "model": model,
+                       "response": response, "cost_usd": cost, "batch_discount": discount})
+            }
+            Err(e) => {
+                let err = super::upstream_error(&e);
+                acct.fail(&err);
+                json!({"id": id, "object": "tollgate.deferred", "status": "failed", "model": model,
+                       "error": serde_json::from_slice::<Value>(&err.body()).unwrap_or(Value::Null)})
+            }
+        };
+        gw.deferred.set(&id, &tenant, body.clone());
+        if let Some(url) = callback {
+            tokio::spawn(callback_post(url, body));
+        }
+    }
+}
+
+async fn callback_post(url: String, body: Value) {
+    let client = match crate::providers::http_client()
+        .timeout(Duration::from_secs(10))
+        .build()
+    {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::error!("callback client: {e}");
+            return;
+        }
+    };
+    for attempt in 1..=3u64 {
+        let r = client
+            .post(&url)
+            .header("content-type", "application/json")
+            .body(Bytes::from(body.to_string()))
+            .send()
+            .await;
+        match r {
+            Ok(r) if r.status().is_success() => return,
+            Ok(r) => tracing::warn!(
+                url,
+                status = r.status().as_u16(),
+                attempt,
+                "deferred callback refused"
+            ),
+            Err(e) => tracing::warn!(url, attempt, "deferred callback failed: {e}"),
+        }
+        tokio::time::sleep(Duration::from_millis(500 * attempt)).await;
+    }
+}

@@ -231,6 +231,7 @@ async fn apply(gw: &Arc<Gateway>, old: &Config, new: &Config) -> Result<ReloadRe
     config.runtime = live.config.runtime.clone();
     config.embeddings = live.config.embeddings.clone();
     config.alerts = live.config.alerts.clone();
+    config.batch.results_ttl_seconds = live.config.batch.results_ttl_seconds;
     config.cache.max_bytes = live.config.cache.max_bytes;
     // Budgets set through the admin API stay until the file's budgets change.
     if new.budgets == old.budgets {
@@ -270,6 +271,10 @@ fn restart_only_changes(old: &Config, new: &Config) -> Vec<String> {
         ("runtime", new.runtime != old.runtime),
         ("embeddings", new.embeddings != old.embeddings),
         ("alerts", new.alerts != old.alerts),
+        (
+            "batch.results_ttl_seconds",
+            new.batch.results_ttl_seconds != old.batch.results_ttl_seconds,
+        ),
         (
             "cache.max_bytes",
             new.cache.max_bytes != old.cache.max_bytes,

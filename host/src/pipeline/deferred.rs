@@ -65,34 +65,40 @@ struct Outcome {
     body: Value,
 }
 
-#[derive(Default)]
 pub struct Deferred {
     /// Provider name -> waiting jobs.
     queues: Mutex<HashMap<String, Vec<Job>>>,
-    /// Request id -> what a poll answers.
-    results: Mutex<HashMap<String, Outcome>>,
+    /// Request id -> what a poll answers, for `results_ttl_seconds`.
+    results: moka::sync::Cache<String, Outcome>,
 }
 
 impl Deferred {
+    pub fn new(cfg: &BatchConfig) -> Self {
+        Self {
+            queues: Mutex::default(),
+            results: moka::sync::Cache::builder()
+                .max_capacity(1_000_000)
+                .time_to_live(Duration::from_secs(cfg.results_ttl_seconds.max(1)))
+                .build(),
+        }
+    }
+
     /// What `GET /v1/deferred/{id}` answers for `tenant`.
     pub fn poll(&self, id: &str, tenant: &str) -> Result<Value, ApiError> {
-        let results = self.results.lock().map_err(|_| not_found(id))?;
-        match results.get(id) {
-            Some(o) if o.tenant == tenant => Ok(o.body.clone()),
+        match self.results.get(id) {
+            Some(o) if o.tenant == tenant => Ok(o.body),
             _ => Err(not_found(id)),
         }
     }
 
     fn set(&self, id: &str, tenant: &str, body: Value) {
-        if let Ok(mut r) = self.results.lock() {
-            r.insert(
-                id.to_string(),
-                Outcome {
-                    tenant: tenant.to_string(),
-                    body,
-                },
-            );
-        }
+        self.results.insert(
+            id.to_string(),
+            Outcome {
+                tenant: tenant.to_string(),
+                body,
+            },
+        );
     }
 }
 

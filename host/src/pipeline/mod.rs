@@ -288,7 +288,7 @@ impl Gateway {
             tasks: task_guard::TaskGuard::new(config.tasks.clone()),
             kills,
             breakers: Default::default(),
-            deferred: Default::default(),
+            deferred: deferred::Deferred::new(&config.batch),
             alerts: Arc::new(crate::alerts::Alerts::new(
                 config.alerts.clone(),
                 metrics.budget_alerts.clone(),

@@ -3009,3 +3009,42 @@ async fn deferrable_requests_go_through_a_batch_at_its_discount() {
         3
     );
 }
+
+#[tokio::test]
+async fn the_openai_provider_sends_deferred_requests_through_the_batch_api() {
+    let sim = sim_server();
+    let gw = gateway(&format!(
+        "[providers.up]\nkind = \"openai\"\nbase_url = \"{}/v1\"\napi_key_env = \"\"\nsim_when_no_key = false\n\
+         batch_poll_ms = 50\n[models.\"gpt-4o\"]\nprovider = \"up\"\n[batch]\nmax_requests = 2\nflush_ms = 100\n",
+        sim.base
+    ));
+    let mut ids = Vec::new();
+    for q in ["Summarise the March report", "Summarise the April report"] {
+        let r = chat(&gw.base, &[("x-tollgate-deferrable", "true")], ask(q)).await;
+        assert_eq!(r.status, 202, "{}", r.text);
+        ids.push(r.json()["id"].as_str().unwrap().to_string());
+    }
+    for id in ids {
+        let t = Instant::now();
+        let done = loop {
+            let v: Value =
+                serde_json::from_str(&get_text(format!("{}/v1/deferred/{id}", gw.base)).await)
+                    .unwrap();
+            if v["status"] != "queued" {
+                break v;
+            }
+            assert!(t.elapsed() < Duration::from_secs(10), "{v}");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        };
+        assert_eq!(done["status"], "completed", "{done}");
+        assert_eq!(done["batch_discount"], 0.5);
+        assert!(
+            done["response"]["choices"][0]["message"]["content"]
+                .as_str()
+                .is_some(),
+            "{done}"
+        );
+        assert!(done["cost_usd"].as_f64().unwrap() > 0.0);
+    }
+    assert!(gw.log_contains("batch created"));
+}

@@ -165,6 +165,11 @@ pub struct OpenAiConfig {
     pub forward_sim_headers: bool,
     /// Simulator settings used when `sim_when_no_key` applies.
     pub sim: SimConfig,
+    /// Send deferred requests through the Batch API (`/files` + `/batches`);
+    /// false: one by one at full price (servers without it).
+    pub batch_api: bool,
+    /// How often a running batch is polled.
+    pub batch_poll_ms: u64,
 }
 
 impl Default for OpenAiConfig {
@@ -177,6 +182,8 @@ impl Default for OpenAiConfig {
             sim_when_no_key: false,
             forward_sim_headers: false,
             sim: SimConfig::default(),
+            batch_api: true,
+            batch_poll_ms: 30_000,
         }
     }
 }

@@ -297,10 +297,49 @@ pub fn sim_handler(
 + Send
 + Sync
 + 'static {
+    let batches = Arc::new(crate::providers::sim_batch::SimBatches::default());
     move |req| {
         let sim = sim.clone();
+        let batches = batches.clone();
         Box::pin(async move {
             let path = req.uri().path().to_string();
+            if path.starts_with("/v1/files") || path.starts_with("/v1/batches") {
+                let method = req.method().clone();
+                let content_type = req
+                    .headers()
+                    .get(header::CONTENT_TYPE)
+                    .and_then(|v| v.to_str().ok())
+                    .unwrap_or("")
+                    .to_string();
+                let (_, body) = match read_body(req, 256 << 20).await {
+                    Ok(x) => x,
+                    Err(e) => return error_response(&e),
+                };
+                let latency = sim.batch_latency();
+                let answer = crate::providers::sim_batch::route(
+                    &batches,
+                    &sim,
+                    latency,
+                    &method,
+                    &path,
+                    &content_type,
+                    &body,
+                )
+                .await;
+                return match answer {
+                    Some(Ok(Value::String(text))) => {
+                        json_response(StatusCode::OK, Bytes::from(text))
+                    }
+                    Some(Ok(v)) => json_response(StatusCode::OK, Bytes::from(v.to_string())),
+                    Some(Err(m)) => error_response(&ApiError::new(
+                        StatusCode::NOT_FOUND,
+                        "invalid_request_error",
+                        "not_found",
+                        m,
+                    )),
+                    None => not_found(&path),
+                };
+            }
             if path != "/v1/chat/completions" && path != "/chat/completions" {
                 return not_found(&path);
             }

@@ -2,7 +2,9 @@
 //! built-in simulator. The pipeline never knows which one it talks to.
 
 mod openai;
+mod openai_batch;
 pub mod sim;
+pub mod sim_batch;
 pub mod sse;
 
 use std::collections::HashMap;

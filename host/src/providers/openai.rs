@@ -9,11 +9,16 @@ use super::{ProviderError, UpstreamCall, UpstreamReply, error_message};
 use crate::config::OpenAiConfig;
 
 pub struct OpenAiProvider {
-    client: reqwest::Client,
+    pub(super) client: reqwest::Client,
     url: String,
-    key: Option<String>,
-    timeout: Duration,
+    /// The API root (`.../v1`), for the files and batches endpoints.
+    pub(super) base: String,
+    pub(super) key: Option<String>,
+    pub(super) timeout: Duration,
     forward_sim_headers: bool,
+    /// Deferred requests go through `/batches` (else one by one).
+    batch: bool,
+    pub(super) batch_poll: Duration,
 }
 
 impl OpenAiProvider {
@@ -27,13 +32,16 @@ impl OpenAiProvider {
         Ok(Self {
             client,
             url: format!("{}/chat/completions", cfg.base_url.trim_end_matches('/')),
+            base: cfg.base_url.trim_end_matches('/').to_string(),
+            batch: cfg.batch_api,
+            batch_poll: Duration::from_millis(cfg.batch_poll_ms.max(1)),
             key,
             timeout: Duration::from_millis(cfg.timeout_ms),
             forward_sim_headers: cfg.forward_sim_headers,
         })
     }
 
-    fn classify(&self, e: reqwest::Error) -> ProviderError {
+    pub(super) fn classify(&self, e: reqwest::Error) -> ProviderError {
         if e.is_timeout() {
             ProviderError::Timeout(self.timeout.as_millis() as u64)
         } else if e.is_connect() {
@@ -48,6 +56,13 @@ impl OpenAiProvider {
 impl super::Provider for OpenAiProvider {
     fn kind(&self) -> &'static str {
         "openai"
+    }
+
+    async fn batch(&self, calls: Vec<UpstreamCall>) -> Option<super::BatchAnswers> {
+        if !self.batch {
+            return None;
+        }
+        Some(self.run_batch(calls).await)
     }
 
     async fn chat(&self, call: UpstreamCall) -> Result<UpstreamReply, ProviderError> {

@@ -104,6 +104,11 @@ impl SimProvider {
         }
     }
 
+    /// How long a batch takes to complete.
+    pub fn batch_latency(&self) -> Duration {
+        Duration::from_millis(self.cfg.batch_latency_ms)
+    }
+
     /// Computes the answer to a call (no waiting, no faults).
     pub fn answer(&self, call: &UpstreamCall) -> Result<SimAnswer, ProviderError> {
         let model = call

@@ -2906,7 +2906,8 @@ async fn deferrable_requests_go_through_a_batch_at_its_discount() {
     let (hook, got) = webhook_receiver().await;
     let allow = hook.rsplit_once('/').unwrap().0.to_string();
     let mut gw = gateway(&format!(
-        "[batch]\nmax_requests = 3\nflush_ms = 5000\ncallback_allow = [\"{allow}/\"]\n"
+        "[batch]\nmax_requests = 3\nflush_ms = 5000\ncallback_allow = [\"{allow}/\"]\n\
+         deferrable_features = [\"nightly\"]\n"
     ));
     let body = json!({"model": "gpt-4o", "max_tokens": 100,
         "messages": [{"role": "user", "content": "Summarise last quarter"}]});
@@ -2928,14 +2929,18 @@ async fn deferrable_requests_go_through_a_batch_at_its_discount() {
         (400, "callback_not_allowed")
     );
 
-    // Three deferred requests fill a batch (max_requests = 3): it goes out at once.
+    // Three deferred requests fill a batch (max_requests = 3): it goes out
+    // at once. The third is deferred by rule: its feature is deferrable.
     let mut ids = Vec::new();
     for i in 0..3 {
         let mut h = vec![
-            ("x-tollgate-deferrable", "true"),
             ("x-tollgate-tenant", "acme"),
             ("x-tollgate-sim-output-tokens", "50"),
         ];
+        h.push(match i {
+            2 => ("x-tollgate-feature", "nightly"),
+            _ => ("x-tollgate-deferrable", "true"),
+        });
         if i == 0 {
             h.push(("x-tollgate-callback-url", hook.as_str()));
         }

@@ -35,6 +35,9 @@ pub struct BatchConfig {
     /// URL prefixes a client may name in `x-tollgate-callback-url`; empty:
     /// callbacks are refused (the gateway must not POST wherever a client says).
     pub callback_allow: Vec<String>,
+    /// Features (`x-tollgate-feature`) whose requests are always deferred,
+    /// header or not (a stream among them is refused).
+    pub deferrable_features: Vec<String>,
 }
 
 impl Default for BatchConfig {
@@ -44,6 +47,7 @@ impl Default for BatchConfig {
             flush_ms: 1_000,
             results_ttl_seconds: 86_400,
             callback_allow: Vec::new(),
+            deferrable_features: Vec::new(),
         }
     }
 }

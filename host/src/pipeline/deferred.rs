@@ -190,6 +190,16 @@ async fn flush(gw: Arc<Gateway>, provider: String) {
             out
         }
     };
+    // A batch that answers fewer requests than it was sent fails the rest.
+    let missing = || {
+        (
+            Err(crate::providers::ProviderError::Protocol(
+                "the batch returned no answer for this request".into(),
+            )),
+            false,
+        )
+    };
+    let answers = answers.into_iter().chain(std::iter::repeat_with(missing));
     for (job, (answer, discounted)) in jobs.into_iter().zip(answers) {
         let Job {
             id,

@@ -115,13 +115,26 @@ fn not_found(id: &str) -> ApiError {
     )
 }
 
-/// Whether a callback URL is allowed by the config.
+/// Whether a callback URL is allowed by the config: same scheme, host and
+/// port as an allowed entry and under its path, no credentials. Compared
+/// parsed, not as text: `http://hooks.acme.com.evil.net/` or
+/// `http://hooks.acme.com@evil.net/` must not pass for `http://hooks.acme.com/`.
 pub fn callback_allowed(cfg: &BatchConfig, url: &str) -> bool {
-    (url.starts_with("http://") || url.starts_with("https://"))
-        && cfg
-            .callback_allow
-            .iter()
-            .any(|p| url.starts_with(p.as_str()))
+    let Ok(u) = reqwest::Url::parse(url) else {
+        return false;
+    };
+    if !matches!(u.scheme(), "http" | "https") || !u.username().is_empty() || u.password().is_some()
+    {
+        return false;
+    }
+    cfg.callback_allow.iter().any(|allowed| {
+        reqwest::Url::parse(allowed).is_ok_and(|a| {
+            a.scheme() == u.scheme()
+                && a.host_str() == u.host_str()
+                && a.port_or_known_default() == u.port_or_known_default()
+                && u.path().starts_with(a.path())
+        })
+    })
 }
 
 /// Queues a job and answers 202; the batch goes out when full or on time.
@@ -264,5 +277,32 @@ async fn callback_post(url: String, body: Value) {
             Err(e) => tracing::warn!(url, attempt, "deferred callback failed: {e}"),
         }
         tokio::time::sleep(Duration::from_millis(500 * attempt)).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn callbacks_must_match_an_allowed_origin_and_path() {
+        let cfg = BatchConfig {
+            callback_allow: vec!["https://hooks.acme.com/tollgate/".into()],
+            ..BatchConfig::default()
+        };
+        let ok = |u: &str| callback_allowed(&cfg, u);
+        assert!(ok("https://hooks.acme.com/tollgate/done"));
+        assert!(ok("https://hooks.acme.com:443/tollgate/x"));
+        assert!(!ok("https://hooks.acme.com.evil.net/tollgate/x"));
+        assert!(!ok("https://hooks.acme.com@evil.net/tollgate/x"));
+        assert!(!ok("https://user:pw@hooks.acme.com/tollgate/x"));
+        assert!(!ok("http://hooks.acme.com/tollgate/x"), "scheme");
+        assert!(!ok("https://hooks.acme.com:8443/tollgate/x"), "port");
+        assert!(!ok("https://hooks.acme.com/other"), "path");
+        assert!(!ok("not a url"));
+        assert!(!callback_allowed(
+            &BatchConfig::default(),
+            "https://hooks.acme.com/tollgate/x"
+        ));
     }
 }

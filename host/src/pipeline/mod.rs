@@ -707,7 +707,8 @@ impl Gateway {
                     rec.model_served = Some("fixed-response".into());
                     rec.cost_usd = Some(0.0);
                     self.record_answered(rec, started);
-                    return Ok(self.reply_fixed(rid, &req, &view, &text));
+                    tracing::info!(request_id = rid, tenant = %view.tenant, "answered by the router without an upstream call");
+                    return Ok(self.reply_fixed(rid, &req, &view, &text, "fixed-response"));
                 }
                 Some(RouteDecision::Reject(reason)) => {
                     return Err(ApiError::invalid(
@@ -767,12 +768,7 @@ impl Gateway {
                     rec.cost_usd = Some(0.0);
                     rec.error_code = Some("upstream_unavailable".into());
                     self.record_answered(rec, started);
-                    let mut reply = self.reply_fixed(rid, &req, &view, text);
-                    for (name, value) in reply.headers.iter_mut() {
-                        if *name == "x-tollgate-model" {
-                            *value = "fallback-answer".into();
-                        }
-                    }
+                    let mut reply = self.reply_fixed(rid, &req, &view, text, "fallback-answer");
                     reply.headers.push(("x-tollgate-fallback", "answer".into()));
                     return Ok(reply);
                 }
@@ -838,12 +834,7 @@ impl Gateway {
             .iter()
             .find_map(|m| live.providers.get(m).map(|t| (m.clone(), t.clone())))
         else {
-            return Err(ApiError::new(
-                StatusCode::BAD_GATEWAY,
-                "api_error",
-                "no_upstream",
-                "no model of the route is served",
-            ));
+            return Err(no_upstream());
         };
         let mut body = req.body.clone();
         body.insert("model".into(), Value::String(target.upstream_model.clone()));
@@ -1061,12 +1052,7 @@ impl Gateway {
             }
         }
         if failed.is_empty() {
-            return Err(ApiError::new(
-                StatusCode::BAD_GATEWAY,
-                "api_error",
-                "no_upstream",
-                "no model of the route is served",
-            ));
+            return Err(no_upstream());
         }
         Err(ApiError::new(
             StatusCode::SERVICE_UNAVAILABLE,
@@ -1106,7 +1092,16 @@ impl Gateway {
     }
 
     /// A router's fixed answer: no upstream call, no cost.
-    fn reply_fixed(&self, rid: &str, req: &ChatRequest, view: &RequestView, text: &str) -> Reply {
+    /// An answer the gateway writes itself (a router's fixed answer, a
+    /// route's fallback answer), shown as model `served_as`.
+    fn reply_fixed(
+        &self,
+        rid: &str,
+        req: &ChatRequest,
+        view: &RequestView,
+        text: &str,
+        served_as: &str,
+    ) -> Reply {
         let usage = Usage {
             prompt_tokens: view.prompt_tokens,
             cached_tokens: 0,
@@ -1130,12 +1125,11 @@ impl Gateway {
                 api::completion_json(&id, created, &req.model, text, "stop", &usage).to_string(),
             ))
         };
-        tracing::info!(request_id = rid, tenant = %view.tenant, "answered by the router without an upstream call");
         Reply {
             status: StatusCode::OK,
             headers: vec![
                 ("x-tollgate-request-id", rid.to_string()),
-                ("x-tollgate-model", "fixed-response".to_string()),
+                ("x-tollgate-model", served_as.to_string()),
                 ("x-tollgate-cache", "bypass".to_string()),
                 ("x-tollgate-cost-usd", format_cost(Some(0.0))),
             ],
@@ -1251,6 +1245,15 @@ fn slot_invalid<K: Kind>(slot: &Slot<K>, message: String) -> PluginError {
     };
     slot.plugin.stats().record_failure(&e);
     e
+}
+
+fn no_upstream() -> ApiError {
+    ApiError::new(
+        StatusCode::BAD_GATEWAY,
+        "api_error",
+        "no_upstream",
+        "no model of the route is served",
+    )
 }
 
 fn model_not_found(model: &str, providers: &Providers) -> ApiError {

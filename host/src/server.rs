@@ -315,11 +315,9 @@ pub fn sim_handler(
                     Ok(x) => x,
                     Err(e) => return error_response(&e),
                 };
-                let latency = sim.batch_latency();
                 let answer = crate::providers::sim_batch::route(
                     &batches,
                     &sim,
-                    latency,
                     &method,
                     &path,
                     &content_type,

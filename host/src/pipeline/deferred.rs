@@ -189,16 +189,10 @@ async fn flush(gw: Arc<Gateway>, provider: String) {
             );
             let mut out = Vec::new();
             for c in calls {
-                let r = match target.provider.chat(c).await {
-                    Ok(crate::providers::UpstreamReply::Complete(b)) => Ok(b),
-                    Ok(crate::providers::UpstreamReply::Stream(_)) => {
-                        Err(crate::providers::ProviderError::Protocol(
-                            "a stream for a deferred request".into(),
-                        ))
-                    }
-                    Err(e) => Err(e),
-                };
-                out.push((r, false));
+                out.push((
+                    crate::providers::complete(target.provider.as_ref(), c).await,
+                    false,
+                ));
             }
             out
         }

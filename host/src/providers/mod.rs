@@ -83,6 +83,21 @@ pub trait Provider: Send + Sync {
     }
 }
 
+/// A call that must answer with a complete JSON chat completion (batches,
+/// deferred requests): never streamed.
+pub async fn complete(
+    provider: &dyn Provider,
+    mut call: UpstreamCall,
+) -> Result<Bytes, ProviderError> {
+    call.stream = false;
+    match provider.chat(call).await? {
+        UpstreamReply::Complete(b) => Ok(b),
+        UpstreamReply::Stream(_) => Err(ProviderError::Protocol(
+            "a stream where a complete answer was asked for".into(),
+        )),
+    }
+}
+
 /// One answer (a complete JSON chat completion) per call of a batch, or why
 /// the whole batch failed.
 pub type BatchAnswers = Result<Vec<Result<Bytes, ProviderError>>, ProviderError>;

@@ -104,11 +104,6 @@ impl SimProvider {
         }
     }
 
-    /// How long a batch takes to complete.
-    pub fn batch_latency(&self) -> Duration {
-        Duration::from_millis(self.cfg.batch_latency_ms)
-    }
-
     /// Computes the answer to a call (no waiting, no faults).
     pub fn answer(&self, call: &UpstreamCall) -> Result<SimAnswer, ProviderError> {
         let model = call
@@ -411,15 +406,8 @@ impl super::Provider for SimProvider {
     async fn batch(&self, calls: Vec<UpstreamCall>) -> Option<super::BatchAnswers> {
         tokio::time::sleep(Duration::from_millis(self.cfg.batch_latency_ms)).await;
         let mut out = Vec::with_capacity(calls.len());
-        for mut c in calls {
-            c.stream = false;
-            out.push(match self.chat(c).await {
-                Ok(UpstreamReply::Complete(b)) => Ok(b),
-                Ok(UpstreamReply::Stream(_)) => {
-                    Err(ProviderError::Protocol("a stream in a batch".into()))
-                }
-                Err(e) => Err(e),
-            });
+        for c in calls {
+            out.push(super::complete(self, c).await);
         }
         Some(Ok(out))
     }

@@ -7,7 +7,6 @@
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
 
 use bytes::Bytes;
 use serde_json::{Value, json};
@@ -57,36 +56,39 @@ impl SimBatches {
         self.batches.lock().ok()?.get(id).cloned()
     }
 
-    /// Creates a batch from an uploaded file and runs it in the background.
-    pub fn create(
-        self: &Arc<Self>,
-        sim: Arc<SimProvider>,
-        req: &Value,
-        latency: Duration,
-    ) -> Option<Value> {
+    /// Creates a batch from an uploaded file and runs it in the background
+    /// through the simulator's own batch API.
+    pub fn create(self: &Arc<Self>, sim: Arc<SimProvider>, req: &Value) -> Option<Value> {
         let input = self.content(req["input_file_id"].as_str()?)?;
         let id = new_id("batch");
         let status = json!({"id": id, "object": "batch", "status": "in_progress",
             "endpoint": req["endpoint"], "input_file_id": req["input_file_id"]});
         self.batches.lock().ok()?.insert(id.clone(), status.clone());
+        let lines: Vec<Value> = input
+            .lines()
+            .filter_map(|l| serde_json::from_str(l).ok())
+            .collect();
+        let calls = lines
+            .iter()
+            .map(|l| UpstreamCall {
+                body: l["body"].as_object().cloned().unwrap_or_default(),
+                stream: false,
+                sim_output_tokens: None,
+                sim_fault: None,
+                attempt: 1,
+            })
+            .collect();
         let me = self.clone();
         tokio::spawn(async move {
-            tokio::time::sleep(latency).await;
+            let answers = match sim.batch(calls).await {
+                Some(Ok(a)) => a,
+                _ => Vec::new(),
+            };
             let (mut out, mut errs) = (String::new(), String::new());
-            for line in input.lines() {
-                let Ok(l) = serde_json::from_str::<Value>(line) else {
-                    continue;
-                };
-                let call = UpstreamCall {
-                    body: l["body"].as_object().cloned().unwrap_or_default(),
-                    stream: false,
-                    sim_output_tokens: None,
-                    sim_fault: None,
-                    attempt: 1,
-                };
-                match sim.chat(call).await {
-                    Ok(super::UpstreamReply::Complete(b)) => {
-                        let body: Value = serde_json::from_slice(&b).unwrap_or(Value::Null);
+            for (i, l) in lines.iter().enumerate() {
+                match answers.get(i) {
+                    Some(Ok(b)) => {
+                        let body: Value = serde_json::from_slice(b).unwrap_or(Value::Null);
                         out.push_str(
                             &json!({"id": new_id("batch_req"), "custom_id": l["custom_id"],
                             "response": {"status_code": 200, "body": body}, "error": null})
@@ -94,7 +96,7 @@ impl SimBatches {
                         );
                         out.push('\n');
                     }
-                    Ok(_) | Err(_) => {
+                    _ => {
                         errs.push_str(&json!({"id": new_id("batch_req"), "custom_id": l["custom_id"],
                             "response": null, "error": {"code": "server_error", "message": "simulated failure"}}).to_string());
                         errs.push('\n');
@@ -119,7 +121,6 @@ impl SimBatches {
 pub async fn route(
     batches: &Arc<SimBatches>,
     sim: &Arc<SimProvider>,
-    latency: Duration,
     method: &http::Method,
     path: &str,
     content_type: &str,
@@ -134,7 +135,7 @@ pub async fn route(
         ),
         ("POST", "/v1/batches") => {
             let req: Value = serde_json::from_slice(body).unwrap_or(Value::Null);
-            match batches.create(sim.clone(), &req, latency) {
+            match batches.create(sim.clone(), &req) {
                 Some(v) => Some(Ok(v)),
                 None => not_found("input file"),
             }

@@ -14,9 +14,6 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-/// Delivery attempts per event (then it is logged as lost).
-const ATTEMPTS: u32 = 3;
-
 #[derive(Debug, Clone, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct AlertsConfig {
@@ -74,23 +71,21 @@ pub struct Alerts {
     cfg: AlertsConfig,
     /// Counter key -> thresholds that have fired and not re-armed.
     fired: moka::sync::Cache<String, Arc<std::sync::Mutex<Vec<bool>>>>,
-    /// None only if no HTTP client could be built (then alerts are logged only).
-    client: Option<reqwest::Client>,
+    webhook: crate::webhook::Webhook,
     sent: prometheus::IntCounterVec,
 }
 
 impl Alerts {
     pub fn new(cfg: AlertsConfig, sent: prometheus::IntCounterVec) -> Self {
-        let _ = rustls::crypto::ring::default_provider().install_default();
-        let client = reqwest::Client::builder()
-            .timeout(Duration::from_millis(cfg.timeout_ms.max(1)))
-            .build()
-            .inspect_err(|e| tracing::error!("alert webhook client: {e}; alerts are logged only"))
-            .ok();
+        let webhook = crate::webhook::Webhook::new(
+            "alert webhook",
+            Duration::from_millis(cfg.timeout_ms.max(1)),
+            Duration::from_millis(200),
+        );
         Self {
             cfg,
             fired: moka::sync::Cache::builder().max_capacity(200_000).build(),
-            client,
+            webhook,
             sent,
         }
     }
@@ -147,28 +142,10 @@ impl Alerts {
     }
 
     async fn deliver(&self, url: &str, event: &AlertEvent) {
-        let Some(client) = &self.client else {
-            return;
-        };
-        for attempt in 1..=ATTEMPTS {
-            let body = serde_json::to_vec(event).unwrap_or_default();
-            let req = client
-                .post(url)
-                .header("content-type", "application/json")
-                .body(body);
-            match req.send().await {
-                Ok(r) if r.status().is_success() => return,
-                Ok(r) => tracing::warn!(
-                    url,
-                    status = r.status().as_u16(),
-                    attempt,
-                    "alert webhook refused the event"
-                ),
-                Err(e) => tracing::warn!(url, attempt, "alert webhook failed: {e}"),
-            }
-            tokio::time::sleep(Duration::from_millis(200 * u64::from(attempt))).await;
+        let body = bytes::Bytes::from(serde_json::to_vec(event).unwrap_or_default());
+        if !self.webhook.post(url, body).await {
+            tracing::error!(url, budget = %event.budget, "alert lost after {} attempts", crate::webhook::ATTEMPTS);
         }
-        tracing::error!(url, budget = %event.budget, "alert lost after {ATTEMPTS} attempts");
     }
 }
 

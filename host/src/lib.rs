@@ -23,3 +23,4 @@ pub mod replay;
 pub mod report;
 pub mod server;
 pub mod tokens;
+pub mod webhook;

@@ -74,6 +74,7 @@ pub struct Deferred {
     queues: Mutex<HashMap<String, Vec<Job>>>,
     /// Request id -> what a poll answers, for `results_ttl_seconds`.
     results: moka::sync::Cache<String, Outcome>,
+    callbacks: crate::webhook::Webhook,
 }
 
 impl Deferred {
@@ -84,6 +85,11 @@ impl Deferred {
                 .max_capacity(1_000_000)
                 .time_to_live(Duration::from_secs(cfg.results_ttl_seconds.max(1)))
                 .build(),
+            callbacks: crate::webhook::Webhook::new(
+                "deferred callback",
+                Duration::from_secs(10),
+                Duration::from_millis(500),
+            ),
         }
     }
 
@@ -237,40 +243,14 @@ async fn flush(gw: Arc<Gateway>, provider: String) {
         };
         gw.deferred.set(&id, &tenant, body.clone());
         if let Some(url) = callback {
-            tokio::spawn(callback_post(url, body));
+            let gw = gw.clone();
+            tokio::spawn(async move {
+                let body = Bytes::from(body.to_string());
+                if !gw.deferred.callbacks.post(&url, body).await {
+                    tracing::error!(url, "deferred result not delivered to its callback");
+                }
+            });
         }
-    }
-}
-
-async fn callback_post(url: String, body: Value) {
-    let client = match crate::providers::http_client()
-        .timeout(Duration::from_secs(10))
-        .build()
-    {
-        Ok(c) => c,
-        Err(e) => {
-            tracing::error!("callback client: {e}");
-            return;
-        }
-    };
-    for attempt in 1..=3u64 {
-        let r = client
-            .post(&url)
-            .header("content-type", "application/json")
-            .body(Bytes::from(body.to_string()))
-            .send()
-            .await;
-        match r {
-            Ok(r) if r.status().is_success() => return,
-            Ok(r) => tracing::warn!(
-                url,
-                status = r.status().as_u16(),
-                attempt,
-                "deferred callback refused"
-            ),
-            Err(e) => tracing::warn!(url, attempt, "deferred callback failed: {e}"),
-        }
-        tokio::time::sleep(Duration::from_millis(500 * attempt)).await;
     }
 }
 

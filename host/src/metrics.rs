@@ -69,18 +69,26 @@ pub struct Metrics {
     features: Capped,
 }
 
+/// A new metric, registered.
+fn register<M: prometheus::core::Collector + Clone + 'static>(
+    r: &Registry,
+    metric: prometheus::Result<M>,
+) -> M {
+    let m = metric.unwrap_or_else(|_| unreachable_metric());
+    let _ = r.register(Box::new(m.clone()));
+    m
+}
+
+fn counter(r: &Registry, name: &str, help: &str) -> IntCounter {
+    register(r, IntCounter::new(name, help))
+}
+
 fn counter_vec(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
-    let c =
-        IntCounterVec::new(Opts::new(name, help), labels).unwrap_or_else(|_| unreachable_metric());
-    let _ = r.register(Box::new(c.clone()));
-    c
+    register(r, IntCounterVec::new(Opts::new(name, help), labels))
 }
 
 fn gauge_vec(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntGaugeVec {
-    let g =
-        IntGaugeVec::new(Opts::new(name, help), labels).unwrap_or_else(|_| unreachable_metric());
-    let _ = r.register(Box::new(g.clone()));
-    g
+    register(r, IntGaugeVec::new(Opts::new(name, help), labels))
 }
 
 fn histogram_vec(
@@ -90,10 +98,10 @@ fn histogram_vec(
     labels: &[&str],
     buckets: Vec<f64>,
 ) -> HistogramVec {
-    let h = HistogramVec::new(HistogramOpts::new(name, help).buckets(buckets), labels)
-        .unwrap_or_else(|_| unreachable_metric());
-    let _ = r.register(Box::new(h.clone()));
-    h
+    register(
+        r,
+        HistogramVec::new(HistogramOpts::new(name, help).buckets(buckets), labels),
+    )
 }
 
 /// Metric names and labels here are constants that are valid; the
@@ -137,12 +145,11 @@ impl Metrics {
         )
         .unwrap_or_else(|_| unreachable_metric());
         let _ = r.register(Box::new(cost_usd.clone()));
-        let tokens_saved = IntCounter::new(
+        let tokens_saved = counter(
+            &r,
             "tollgate_compression_tokens_saved_total",
             "Prompt tokens removed by compressors.",
-        )
-        .unwrap_or_else(|_| unreachable_metric());
-        let _ = r.register(Box::new(tokens_saved.clone()));
+        );
         Self {
             requests: counter_vec(
                 &r,
@@ -221,30 +228,22 @@ impl Metrics {
                 "Ledger rows by state.",
                 &["state"],
             ),
-            retries: {
-                let c = IntCounter::new(
-                    "tollgate_upstream_retries_total",
-                    "Upstream calls retried after a retryable error.",
-                )
-                .unwrap_or_else(|_| unreachable_metric());
-                let _ = r.register(Box::new(c.clone()));
-                c
-            },
+            retries: counter(
+                &r,
+                "tollgate_upstream_retries_total",
+                "Upstream calls retried after a retryable error.",
+            ),
             breaker_state: gauge_vec(
                 &r,
                 "tollgate_circuit_breaker_open",
                 "1 while a provider+model's breaker is open or half-open.",
                 &["provider", "model"],
             ),
-            killed: {
-                let c = IntCounter::new(
-                    "tollgate_killed_total",
-                    "Requests stopped by a kill switch.",
-                )
-                .unwrap_or_else(|_| unreachable_metric());
-                let _ = r.register(Box::new(c.clone()));
-                c
-            },
+            killed: counter(
+                &r,
+                "tollgate_killed_total",
+                "Requests stopped by a kill switch.",
+            ),
             budget_alerts: counter_vec(
                 &r,
                 "tollgate_budget_alerts_total",
@@ -263,15 +262,13 @@ impl Metrics {
                 "Embeddings asked of the native model by outcome (computed, memo, error).",
                 &["outcome"],
             ),
-            embedding_seconds: {
-                let g = prometheus::Gauge::new(
+            embedding_seconds: register(
+                &r,
+                prometheus::Gauge::new(
                     "tollgate_embedding_seconds_total",
                     "Time spent computing embeddings.",
-                )
-                .unwrap_or_else(|_| unreachable_metric());
-                let _ = r.register(Box::new(g.clone()));
-                g
-            },
+                ),
+            ),
             tokens_saved,
             tenants: Capped::default(),
             features: Capped::default(),

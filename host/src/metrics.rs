@@ -127,24 +127,26 @@ impl Default for Metrics {
 impl Metrics {
     pub fn new() -> Self {
         let r = Registry::new();
-        let request_seconds = Histogram::with_opts(
-            HistogramOpts::new(
-                "tollgate_request_duration_seconds",
-                "Time to answer a chat completion (head of a stream).",
-            )
-            .buckets(LATENCY_BUCKETS.to_vec()),
-        )
-        .unwrap_or_else(|_| unreachable_metric());
-        let _ = r.register(Box::new(request_seconds.clone()));
-        let cost_usd = prometheus::CounterVec::new(
-            Opts::new(
-                "tollgate_cost_usd_total",
-                "Upstream spend in USD (priced models only).",
+        let request_seconds = register(
+            &r,
+            Histogram::with_opts(
+                HistogramOpts::new(
+                    "tollgate_request_duration_seconds",
+                    "Time to answer a chat completion (head of a stream).",
+                )
+                .buckets(LATENCY_BUCKETS.to_vec()),
             ),
-            &["tenant", "feature", "model"],
-        )
-        .unwrap_or_else(|_| unreachable_metric());
-        let _ = r.register(Box::new(cost_usd.clone()));
+        );
+        let cost_usd = register(
+            &r,
+            prometheus::CounterVec::new(
+                Opts::new(
+                    "tollgate_cost_usd_total",
+                    "Upstream spend in USD (priced models only).",
+                ),
+                &["tenant", "feature", "model"],
+            ),
+        );
         let tokens_saved = counter(
             &r,
             "tollgate_compression_tokens_saved_total",

@@ -2094,9 +2094,11 @@ async fn until_served(base: &str, check: impl Fn(&Resp) -> bool) -> Resp {
 #[tokio::test]
 async fn config_edits_apply_without_a_restart_and_bad_edits_are_refused() {
     let token = "reload-token-0123456789";
+    // Every version of the file keeps the admin API on a free port.
+    const ADMIN: &str = "[admin]\nlisten = \"127.0.0.1:0\"\n";
     let router = |default: &str| {
         format!(
-            "[plugins.router]\npath = \"{}/rules_router.wasm\"\nconfig = {{ default = \"{default}\" }}\n",
+            "{ADMIN}[plugins.router]\npath = \"{}/rules_router.wasm\"\nconfig = {{ default = \"{default}\" }}\n",
             plugin_dir().display()
         )
     };
@@ -2126,7 +2128,7 @@ async fn config_edits_apply_without_a_restart_and_bad_edits_are_refused() {
         ("[pricing]\ncolour = \"red\"\n", "colour"),
         (missing, "/nonexistent/router.wasm"),
     ] {
-        std::fs::write(&file, bad).unwrap();
+        std::fs::write(&file, format!("{ADMIN}{bad}")).unwrap();
         let (status, body) = admin_call(
             &admin,
             token,
@@ -2158,7 +2160,11 @@ async fn config_edits_apply_without_a_restart_and_bad_edits_are_refused() {
     // Through the admin API: the router removed, a listener change reported
     // as needing a restart (the running listener stays).
     // (The file watcher may apply it first; then this call finds nothing new.)
-    std::fs::write(&file, "[server]\nlisten = \"127.0.0.1:1\"\n").unwrap();
+    std::fs::write(
+        &file,
+        format!("{ADMIN}[server]\nlisten = \"127.0.0.1:1\"\n"),
+    )
+    .unwrap();
     let (status, body) = admin_call(
         &admin,
         token,
@@ -2363,7 +2369,7 @@ async fn a_hundred_swaps_under_steady_load_fail_no_request() {
 async fn concurrent_requests_cannot_overspend_a_hard_budget() {
     let token = "budget-token-0123456789";
     let mut gw = gateway_env(
-        "[[budgets]]\nname = \"acme-daily\"\nscope = \"tenant\"\nwindow = \"day\"\nlimit_usd = 1.0\n",
+        "[admin]\nlisten = \"127.0.0.1:0\"\n[[budgets]]\nname = \"acme-daily\"\nscope = \"tenant\"\nwindow = \"day\"\nlimit_usd = 1.0\n",
         &[("TOLLGATE_ADMIN_TOKEN", token)],
     );
     let admin = gw.admin_base();
@@ -2465,7 +2471,7 @@ async fn concurrent_requests_cannot_overspend_a_hard_budget() {
 async fn budgets_downgrade_change_at_run_time_and_are_checked() {
     let token = "budget-token-0123456789";
     let gw = gateway_env(
-        "[[budgets]]\nname = \"task-cap\"\nscope = \"task\"\nwindow = \"task\"\nlimit_usd = 0.05\n\
+        "[admin]\nlisten = \"127.0.0.1:0\"\n[[budgets]]\nname = \"task-cap\"\nscope = \"task\"\nwindow = \"task\"\nlimit_usd = 0.05\n\
          on_exceed = \"downgrade\"\ndowngrade_to = \"gpt-4o-mini\"\n",
         &[("TOLLGATE_ADMIN_TOKEN", token)],
     );
@@ -2543,7 +2549,7 @@ async fn budgets_downgrade_change_at_run_time_and_are_checked() {
 async fn kill_switches_stop_traffic_at_once_survive_a_restart_and_lift() {
     let token = "kill-token-0123456789";
     let envs = [("TOLLGATE_ADMIN_TOKEN", token)];
-    let mut gw = gateway_env("", &envs);
+    let mut gw = gateway_env("[admin]\nlisten = \"127.0.0.1:0\"\n", &envs);
     let admin = gw.admin_base();
     let call = |admin: String, method: reqwest::Method, path: &str, body: Option<Value>| {
         let path = path.to_string();

@@ -113,7 +113,7 @@ fn spend_query(query: Option<&str>) -> Result<report::Query, ApiError> {
 
 /// Re-reads the config file now; refused edits answer 400 with the reason
 /// and leave the running config as it was.
-async fn reload_config(gw: &Arc<Gateway>, headers: &http::HeaderMap) -> Result<Bytes, ApiError> {
+async fn reload_config(gw: &Arc<Gateway>, actor: &str) -> Result<Bytes, ApiError> {
     let Some(r) = gw.reloader.get() else {
         return Err(ApiError::new(
             StatusCode::CONFLICT,
@@ -122,7 +122,7 @@ async fn reload_config(gw: &Arc<Gateway>, headers: &http::HeaderMap) -> Result<B
             "the gateway was started without a config file; there is nothing to reload",
         ));
     };
-    match r.reload(&plugins::actor(headers)).await {
+    match r.reload(actor).await {
         Ok(report) => Ok(Bytes::from(
             serde_json::to_string(&report).unwrap_or_default(),
         )),
@@ -284,84 +284,58 @@ async fn route(gw: Arc<Gateway>, token: Arc<str>, req: Request<Incoming>) -> Res
             "the admin API needs `Authorization: Bearer <admin token>`",
         ));
     }
+    match dispatch(gw, req).await {
+        Ok(body) => json_response(StatusCode::OK, body),
+        Err(e) => error_response(&e),
+    }
+}
+
+/// Runs an authorized admin call: the JSON body of its answer, or its error.
+async fn dispatch(gw: Arc<Gateway>, req: Request<Incoming>) -> Result<Bytes, ApiError> {
     let path = req.uri().path().to_string();
     if let Some(rest) = path.strip_prefix("/v1/plugins/")
         && rest != "changes"
         && rest != "shadow"
     {
-        return match plugin_call(&gw, rest, req).await {
-            Ok(v) => json_response(StatusCode::OK, Bytes::from(v.to_string())),
-            Err(e) => error_response(&e),
-        };
+        return plugin_call(&gw, rest, req)
+            .await
+            .map(|v| Bytes::from(v.to_string()));
     }
+    let who = plugins::actor(req.headers());
     if let Some(id) = path.strip_prefix("/v1/kill/")
         && req.method() == Method::DELETE
     {
-        let who = plugins::actor(req.headers());
-        return match kill::lift(&gw, &who, id).await {
-            Ok(body) => json_response(StatusCode::OK, body),
-            Err(e) => error_response(&e),
-        };
+        return kill::lift(&gw, &who, id).await;
     }
-    match (path.as_str(), req.method()) {
-        ("/v1/kill", &Method::GET) => json_response(StatusCode::OK, kill::list(&gw)),
-        ("/v1/kill", &Method::POST) => {
-            let who = plugins::actor(req.headers());
-            match crate::server::read_body(req, MAX_ADMIN_BODY).await {
-                Ok((_, raw)) => match kill::set(&gw, &who, &raw).await {
-                    Ok(body) => json_response(StatusCode::OK, body),
-                    Err(e) => error_response(&e),
-                },
-                Err(e) => error_response(&e),
-            }
+    let query = req.uri().query().map(str::to_string);
+    match (path.as_str(), req.method().clone()) {
+        ("/v1/kill", Method::GET) => Ok(kill::list(&gw)),
+        ("/v1/kill", Method::POST) => {
+            let (_, raw) = crate::server::read_body(req, MAX_ADMIN_BODY).await?;
+            kill::set(&gw, &who, &raw).await
         }
-        ("/v1/plugins", &Method::GET) => {
+        ("/v1/plugins", Method::GET) => {
             let mut v = gw.live.load().plugins.describe();
             let versions = gw.versions.lock().await.describe();
             if let (Some(o), serde_json::Value::Object(extra)) = (v.as_object_mut(), versions) {
                 o.extend(extra);
             }
-            json_response(StatusCode::OK, Bytes::from(v.to_string()))
+            Ok(Bytes::from(v.to_string()))
         }
-        ("/v1/plugins/shadow", &Method::GET) => {
-            match shadow_report(gw, req.uri().query().map(str::to_string)).await {
-                Ok(body) => json_response(StatusCode::OK, body),
-                Err(e) => error_response(&e),
-            }
+        ("/v1/plugins/shadow", Method::GET) => shadow_report(gw, query).await,
+        ("/v1/plugins/changes", Method::GET) => changes(gw, query).await,
+        ("/v1/budgets", Method::GET) => Ok(budgets::list(&gw, query.as_deref())),
+        ("/v1/budgets", Method::PUT) => {
+            let (_, raw) = crate::server::read_body(req, MAX_ADMIN_BODY).await?;
+            budgets::replace(&gw, &who, &raw).await
         }
-        ("/v1/plugins/changes", &Method::GET) => {
-            match changes(gw, req.uri().query().map(str::to_string)).await {
-                Ok(body) => json_response(StatusCode::OK, body),
-                Err(e) => error_response(&e),
-            }
-        }
-        ("/v1/budgets", &Method::GET) => {
-            json_response(StatusCode::OK, budgets::list(&gw, req.uri().query()))
-        }
-        ("/v1/budgets", &Method::PUT) => {
-            let who = plugins::actor(req.headers());
-            match crate::server::read_body(req, MAX_ADMIN_BODY).await {
-                Ok((_, raw)) => match budgets::replace(&gw, &who, &raw).await {
-                    Ok(body) => json_response(StatusCode::OK, body),
-                    Err(e) => error_response(&e),
-                },
-                Err(e) => error_response(&e),
-            }
-        }
-        ("/v1/config/reload", &Method::POST) => match reload_config(&gw, req.headers()).await {
-            Ok(body) => json_response(StatusCode::OK, body),
-            Err(e) => error_response(&e),
-        },
-        ("/v1/spend", &Method::GET) => match spend(gw, req.uri().query().map(str::to_string)).await
-        {
-            Ok(body) => json_response(StatusCode::OK, body),
-            Err(e) => error_response(&e),
-        },
-        _ => error_response(&ApiError::new(
+        ("/v1/config/reload", Method::POST) => reload_config(&gw, &who).await,
+        ("/v1/spend", Method::GET) => spend(gw, query).await,
+        (_, method) => Err(ApiError::new(
             StatusCode::NOT_FOUND,
             "invalid_request_error",
             "unknown_url",
-            format!("Unknown admin URL: {} {path}", req.method()),
+            format!("Unknown admin URL: {method} {path}"),
         )),
     }
 }

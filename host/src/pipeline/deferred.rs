@@ -52,11 +52,8 @@ impl Default for BatchConfig {
     }
 }
 
-/// One queued request.
+/// One queued request; its id, tenant and model are its accounting's.
 pub struct Job {
-    pub id: String,
-    pub tenant: String,
-    pub model: String,
     pub target: ModelTarget,
     pub call: UpstreamCall,
     pub acct: Accounting,
@@ -146,11 +143,13 @@ pub fn callback_allowed(cfg: &BatchConfig, url: &str) -> bool {
 /// Queues a job and answers 202; the batch goes out when full or on time.
 pub fn submit(gw: &Arc<Gateway>, job: Job) -> Value {
     let cfg = gw.live.load().config.batch.clone();
+    let row = &job.acct.row;
+    let id = &row.request_id;
     let queued = json!({
-        "id": job.id, "object": "tollgate.deferred", "status": "queued", "model": job.model,
-        "poll": format!("/v1/deferred/{}", job.id),
+        "id": id, "object": "tollgate.deferred", "status": "queued", "model": job.acct.model,
+        "poll": format!("/v1/deferred/{id}"),
     });
-    gw.deferred.set(&job.id, &job.tenant, queued.clone());
+    gw.deferred.set(id, &row.tenant, queued.clone());
     let provider = job.target.provider_name.clone();
     let (first, full) = {
         let Ok(mut q) = gw.deferred.queues.lock() else {
@@ -215,13 +214,14 @@ async fn flush(gw: Arc<Gateway>, provider: String) {
     let answers = answers.into_iter().chain(std::iter::repeat_with(missing));
     for (job, (answer, discounted)) in jobs.into_iter().zip(answers) {
         let Job {
-            id,
-            tenant,
-            model,
-            mut acct,
-            callback,
-            ..
+            mut acct, callback, ..
         } = job;
+        // Read before accounting takes the row.
+        let (id, tenant, model) = (
+            acct.row.request_id.clone(),
+            acct.row.tenant.clone(),
+            acct.model.clone(),
+        );
         let body = match answer {
             Ok(bytes) => {
                 let discount = discounted

@@ -855,9 +855,6 @@ impl Gateway {
         let queued = deferred::submit(
             self,
             deferred::Job {
-                id: rid.to_string(),
-                tenant: id.tenant.clone(),
-                model: model.clone(),
                 call: UpstreamCall {
                     body,
                     stream: false,

@@ -239,11 +239,20 @@ pub struct MemoryStore {
     cells: Mutex<HashMap<String, Cell>>,
 }
 
+impl MemoryStore {
+    /// The counters. A panic elsewhere while they were locked cannot leave
+    /// them half-updated (each update is one addition), so a poisoned lock
+    /// is taken over rather than failing every request after it.
+    fn cells(&self) -> std::sync::MutexGuard<'_, HashMap<String, Cell>> {
+        self.cells
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+}
+
 impl SpendStore for MemoryStore {
     fn try_reserve(&self, holds: &[Hold], amount: u64) -> Result<Vec<u64>, (usize, u64)> {
-        let Ok(mut cells) = self.cells.lock() else {
-            return Err((0, 0));
-        };
+        let mut cells = self.cells();
         for (i, h) in holds.iter().enumerate() {
             let held = cells.get(&h.key).map_or(0, |c| c.settled + c.reserved);
             if h.limit.is_some_and(|l| held.saturating_add(amount) > l) {
@@ -261,21 +270,16 @@ impl SpendStore for MemoryStore {
     }
 
     fn settle(&self, keys: &[String], reserved: u64, actual: u64) {
-        if let Ok(mut cells) = self.cells.lock() {
-            for k in keys {
-                let c = cells.entry(k.clone()).or_default();
-                c.reserved = c.reserved.saturating_sub(reserved);
-                c.settled += actual;
-            }
+        let mut cells = self.cells();
+        for k in keys {
+            let c = cells.entry(k.clone()).or_default();
+            c.reserved = c.reserved.saturating_sub(reserved);
+            c.settled += actual;
         }
     }
 
     fn held(&self, key: &str) -> u64 {
-        self.cells
-            .lock()
-            .ok()
-            .and_then(|c| c.get(key).map(|c| c.settled + c.reserved))
-            .unwrap_or(0)
+        self.cells().get(key).map_or(0, |c| c.settled + c.reserved)
     }
 }
 
@@ -405,7 +409,7 @@ impl SpendCounters {
             .zip(&holds)
             .zip(&helds)
             .map(|((b, h), &held)| {
-                let limit = to_nanos(b.limit_usd);
+                let limit = h.limit.unwrap_or(0);
                 crate::alerts::Level {
                     budget: (*b).clone(),
                     key: h.key.clone(),
@@ -439,49 +443,32 @@ impl SpendCounters {
     ) -> Exceeded {
         let b = applying.get(i).copied().cloned();
         let key = holds.get(i).map(|h| h.key.clone()).unwrap_or_default();
-        {
-            match b {
-                Some(budget) => Exceeded {
-                    key,
-                    entity: budget.entity(who),
-                    budget: Box::new(budget),
-                    spent_usd: to_usd(held),
-                    request_usd: usd,
-                },
-                // Only a poisoned lock lands here.
-                None => Exceeded {
-                    key,
-                    budget: Box::new(BudgetConfig {
-                        name: Some("spend counters unavailable".into()),
-                        scope: BudgetScope::Tenant,
-                        window: BudgetWindow::Day,
-                        limit_usd: 0.0,
-                        tenant: None,
-                        feature: None,
-                        user: None,
-                        on_exceed: OnExceed::Reject,
-                        downgrade_to: None,
-                    }),
-                    entity: format!("tenant {}", who.tenant),
-                    spent_usd: 0.0,
-                    request_usd: usd,
-                },
-            }
-        }
-    }
-
-    /// Holds `usd` against the daily scopes only (no budget applies).
-    pub fn reserve(self: &Arc<Self>, scopes: &Scopes, usd: f64) -> Reservation {
-        let who = Who::default();
-        match self.try_reserve(scopes, &who, &[], 0, usd) {
-            Ok(r) => r,
-            // Without limits nothing can be exceeded; a poisoned lock holds nothing.
-            Err(_) => Reservation {
-                store: self.store.clone(),
-                keys: Vec::new(),
-                amount: 0,
-                done: true,
-                levels: Vec::new(),
+        match b {
+            Some(budget) => Exceeded {
+                key,
+                entity: budget.entity(who),
+                budget: Box::new(budget),
+                spent_usd: to_usd(held),
+                request_usd: usd,
+            },
+            // Unreachable: only limited holds can be exceeded, and
+            // those are the applying budgets'. Refuse, never panic.
+            None => Exceeded {
+                key,
+                budget: Box::new(BudgetConfig {
+                    name: Some("spend counters unavailable".into()),
+                    scope: BudgetScope::Tenant,
+                    window: BudgetWindow::Day,
+                    limit_usd: 0.0,
+                    tenant: None,
+                    feature: None,
+                    user: None,
+                    on_exceed: OnExceed::Reject,
+                    downgrade_to: None,
+                }),
+                entity: format!("tenant {}", who.tenant),
+                spent_usd: 0.0,
+                request_usd: usd,
             },
         }
     }
@@ -557,12 +544,16 @@ mod tests {
     #[test]
     fn reservations_count_until_settled_or_dropped() {
         let c = Arc::new(SpendCounters::default());
-        let r = c.reserve(&scopes("u1"), 0.5);
+        let reserve = |user: &str, usd: f64| {
+            c.try_reserve(&scopes(user), &who(""), &[], 0, usd)
+                .unwrap_or_else(|e| panic!("{}", e.message()))
+        };
+        let r = reserve("u1", 0.5);
         assert_eq!(c.snapshot(&scopes("u1")).tenant, 0.5);
         r.settle(0.125);
         let s = c.snapshot(&scopes("u1"));
         assert_eq!((s.tenant, s.feature, s.user), (0.125, 0.125, 0.125));
-        drop(c.reserve(&scopes("u2"), 1.0));
+        drop(reserve("u2", 1.0));
         let s = c.snapshot(&scopes("u2"));
         assert_eq!((s.tenant, s.user), (0.125, 0.0));
     }

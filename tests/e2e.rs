@@ -3,120 +3,16 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-use std::io::{BufRead, BufReader};
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 
 mod common;
+use common::gateway::*;
 use common::{read_jsonl, tollgate_ok};
-
-fn plugin_dir() -> PathBuf {
-    std::env::var_os("TOLLGATE_PLUGIN_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/plugins"))
-}
-
-/// A running binary; killed on drop.
-struct Proc {
-    child: Child,
-    base: String,
-    log: Arc<Mutex<Vec<String>>>,
-    _dir: tempfile::TempDir,
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl Proc {
-    /// The admin listener's base URL, from the start-up log.
-    fn admin_base(&self) -> String {
-        let log = self.log.lock().unwrap();
-        let line = log
-            .iter()
-            .find(|l| l.contains("admin API listening on http://"))
-            .unwrap()
-            .clone();
-        let i = line.find("http://").unwrap();
-        line[i..].split_whitespace().next().unwrap().to_string()
-    }
-
-    fn log_contains(&self, needle: &str) -> bool {
-        self.log.lock().unwrap().iter().any(|l| l.contains(needle))
-    }
-}
-
-fn spawn(args: &[&str], dir: tempfile::TempDir, marker: &str, envs: &[(&str, &str)]) -> Proc {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_tollgate"))
-        .args(args)
-        .env("RUST_LOG", "info")
-        .env_remove("OPENAI_API_KEY")
-        .env_remove("TOLLGATE_ADMIN_TOKEN")
-        .envs(envs.iter().copied())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let stderr = child.stderr.take().unwrap();
-    let log = Arc::new(Mutex::new(Vec::new()));
-    let (tx, rx) = std::sync::mpsc::channel();
-    let log2 = log.clone();
-    let marker = marker.to_string();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            if let Some(i) = line.find(&marker) {
-                let rest = &line[i + marker.len()..];
-                let addr: String = rest.chars().take_while(|c| !c.is_whitespace()).collect();
-                let _ = tx.send(addr);
-            }
-            log2.lock().unwrap().push(line);
-        }
-    });
-    let addr = rx
-        .recv_timeout(Duration::from_secs(120))
-        .unwrap_or_else(|_| panic!("binary did not start: {:?}", log.lock().unwrap()));
-    Proc {
-        child,
-        base: format!("http://{addr}"),
-        log,
-        _dir: dir,
-    }
-}
-
-/// Starts the gateway with `config` ({plugins} is replaced by the plugin directory).
-fn gateway(config: &str) -> Proc {
-    gateway_env(config, &[])
-}
-
-fn gateway_env(config: &str, envs: &[(&str, &str)]) -> Proc {
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("tollgate.toml");
-    let text = config.replace("{plugins}", &plugin_dir().display().to_string());
-    std::fs::write(&path, text).unwrap();
-    let p = path.display().to_string();
-    spawn(
-        &["serve", "--config", &p, "--listen", "127.0.0.1:0"],
-        dir,
-        "tollgate listening on http://",
-        envs,
-    )
-}
-
-fn sim_server() -> Proc {
-    spawn(
-        &["sim", "--listen", "127.0.0.1:0"],
-        tempfile::tempdir().unwrap(),
-        "simulator listening on http://",
-        &[],
-    )
-}
 
 const FULL: &str = r#"
 [plugins.router]
@@ -145,117 +41,6 @@ path = "{plugins}/daily_budget.wasm"
 on_error = "closed"
 config = { daily_usd = 5.0, downgrade_model = "gpt-4o-mini", tenants = { tiny = 0.0004 } }
 "#;
-
-/// An HTTP client (reqwest here has no default TLS backend: install one).
-fn http() -> reqwest::Client {
-    let _ = rustls::crypto::ring::default_provider().install_default();
-    reqwest::Client::new()
-}
-
-struct Resp {
-    status: u16,
-    headers: reqwest::header::HeaderMap,
-    text: String,
-}
-
-impl Resp {
-    fn json(&self) -> Value {
-        serde_json::from_str(&self.text).unwrap_or_else(|e| panic!("{e}: {}", self.text))
-    }
-    fn header(&self, name: &str) -> &str {
-        self.headers
-            .get(name)
-            .and_then(|v| v.to_str().ok())
-            .unwrap_or("")
-    }
-    fn error_message(&self) -> String {
-        self.json()["error"]["message"]
-            .as_str()
-            .unwrap_or("")
-            .to_string()
-    }
-    fn error_code(&self) -> String {
-        self.json()["error"]["code"]
-            .as_str()
-            .unwrap_or("")
-            .to_string()
-    }
-}
-
-async fn post(base: &str, headers: &[(&str, &str)], body: impl Into<reqwest::Body>) -> Resp {
-    post_to(&format!("{base}/v1/chat/completions"), headers, body).await
-}
-
-async fn post_to(url: &str, headers: &[(&str, &str)], body: impl Into<reqwest::Body>) -> Resp {
-    let mut req = http()
-        .post(url)
-        .header("content-type", "application/json")
-        .body(body);
-    for (k, v) in headers {
-        req = req.header(*k, *v);
-    }
-    let r = req.send().await.unwrap();
-    Resp {
-        status: r.status().as_u16(),
-        headers: r.headers().clone(),
-        text: r.text().await.unwrap(),
-    }
-}
-
-async fn chat(base: &str, headers: &[(&str, &str)], body: Value) -> Resp {
-    post(base, headers, body.to_string()).await
-}
-
-fn ask(text: &str) -> Value {
-    json!({"model": "gpt-4o", "messages": [{"role": "user", "content": text}]})
-}
-
-/// The `data:` payloads of an SSE body, parsed, until `[DONE]`.
-fn sse_events(text: &str) -> (Vec<Value>, bool, Vec<String>) {
-    let mut events = Vec::new();
-    let mut done = false;
-    let mut comments = Vec::new();
-    for block in text.split("\n\n") {
-        for line in block.lines() {
-            if let Some(d) = line.strip_prefix("data: ") {
-                if d == "[DONE]" {
-                    done = true;
-                } else {
-                    events.push(serde_json::from_str(d).unwrap());
-                }
-            } else if let Some(c) = line.strip_prefix(": ") {
-                comments.push(c.to_string());
-            }
-        }
-    }
-    (events, done, comments)
-}
-
-fn stream_content(events: &[Value]) -> String {
-    events
-        .iter()
-        .filter_map(|e| e["choices"][0]["delta"]["content"].as_str())
-        .collect()
-}
-
-async fn get_text(url: impl reqwest::IntoUrl) -> String {
-    http().get(url).send().await.unwrap().text().await.unwrap()
-}
-
-async fn get_json(url: &str) -> Value {
-    let text = get_text(url).await;
-    serde_json::from_str(&text).unwrap()
-}
-
-async fn metric(base: &str, name_and_labels: &str) -> f64 {
-    let text = get_text(format!("{base}/metrics")).await;
-    text.lines()
-        .find_map(|l| {
-            l.strip_prefix(name_and_labels)
-                .map(|v| v.trim().parse::<f64>().unwrap())
-        })
-        .unwrap_or_else(|| panic!("{name_and_labels} not in\n{text}"))
-}
 
 #[tokio::test]
 async fn answers_json_with_headers_routing_and_cost() {
@@ -1408,31 +1193,6 @@ path = "{plugins}/default_cache_policy.wasm"
     assert_eq!(served, ["model", "cache", "model"]);
 }
 
-/// An admin API call made by "alice@ci": its status and JSON body.
-async fn admin_call(
-    admin: &str,
-    token: &str,
-    method: reqwest::Method,
-    path: String,
-    body: Option<Value>,
-) -> (u16, Value) {
-    let mut r = http()
-        .request(method, format!("{admin}{path}"))
-        .header("authorization", format!("Bearer {token}"))
-        .header("x-tollgate-actor", "alice@ci");
-    if let Some(b) = body {
-        r = r
-            .header("content-type", "application/json")
-            .body(b.to_string());
-    }
-    let resp = r.send().await.unwrap();
-    let status = resp.status().as_u16();
-    (
-        status,
-        serde_json::from_str(&resp.text().await.unwrap()).unwrap(),
-    )
-}
-
 /// An OpenAI-style refusal with this status and error code.
 fn assert_refused(status: u16, body: &Value, want_status: u16, code: &str) {
     assert_eq!(
@@ -1636,8 +1396,9 @@ fn plugin_inspect_shows_what_a_reviewer_needs() {
     assert_eq!(v["exports"], json!(["init", "route"]));
     let sha = v["sha256"].as_str().unwrap();
     assert_eq!(sha.len(), 64);
-    // A plugin that imports the filesystem needs a data directory; one that
-    // imports sockets is refused outright (exit status 1).
+    // A plugin that imports the filesystem gets an empty one unless its slot
+    // grants a data directory; one that imports sockets is refused outright
+    // (exit status 1).
     let fs = plugin_dir().join("fs_probe_fixture.wasm");
     let out = tollgate_ok(&[
         "plugin".as_ref(),
@@ -1646,7 +1407,8 @@ fn plugin_inspect_shows_what_a_reviewer_needs() {
         "--json".as_ref(),
     ]);
     let f: Value = serde_json::from_slice(&out.stdout).unwrap();
-    assert_eq!(f["needs_data_dir"], true, "{f}");
+    assert_eq!(f["imports_filesystem"], true, "{f}");
+    assert_eq!(f["loadable"], true, "{f}");
     assert!(
         f["imports"]
             .as_array()
@@ -1964,13 +1726,6 @@ async fn the_spend_import_needs_its_grant_and_reads_live_spend() {
 /// The embedding model `make model` installs.
 fn model_dir() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/models/all-MiniLM-L6-v2")
-}
-
-fn content(r: &Resp) -> String {
-    r.json()["choices"][0]["message"]["content"]
-        .as_str()
-        .unwrap_or_default()
-        .to_string()
 }
 
 #[tokio::test]

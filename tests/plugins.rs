@@ -263,7 +263,7 @@ async fn daily_budget_decides_through_the_host() {
 
 async fn hostile(rt: &Arc<Runtime>, mode: &str) -> Plugin<RouterKind> {
     let mut s = slot("hostile_fixture.wasm", &format!("mode = \"{mode}\""));
-    s.timeout_ms = 20;
+    s.timeout_ms = Some(20);
     s.memory_mib = 32;
     rt.load(&s).await.unwrap()
 }
@@ -272,7 +272,7 @@ async fn hostile(rt: &Arc<Runtime>, mode: &str) -> Plugin<RouterKind> {
 async fn an_infinite_loop_is_stopped_by_the_deadline() {
     let rt = runtime();
     let mut s = slot("hostile_fixture.wasm", "mode = \"loop\"");
-    s.timeout_ms = 20;
+    s.timeout_ms = Some(20);
     s.fuel = 0; // only the wall clock can stop it
     let p: Plugin<RouterKind> = rt.load(&s).await.unwrap();
     let t = Instant::now();
@@ -285,7 +285,7 @@ async fn an_infinite_loop_is_stopped_by_the_deadline() {
 async fn an_infinite_loop_runs_out_of_fuel() {
     let rt = runtime();
     let mut s = slot("hostile_fixture.wasm", "mode = \"loop\"");
-    s.timeout_ms = 10_000;
+    s.timeout_ms = Some(10_000);
     s.fuel = 1_000_000;
     let p: Plugin<RouterKind> = rt.load(&s).await.unwrap();
     let e = p.route(&view("x"), &candidates()).await.unwrap_err();
@@ -298,7 +298,7 @@ async fn a_memory_bomb_hits_the_cap() {
     let p = hostile(&rt, "memory").await;
     let mut s = slot("hostile_fixture.wasm", "mode = \"memory\"");
     s.memory_mib = 32;
-    s.timeout_ms = 5_000;
+    s.timeout_ms = Some(5_000);
     s.fuel = 0;
     let p2: Plugin<RouterKind> = rt.load(&s).await.unwrap();
     for plugin in [&p, &p2] {
@@ -355,7 +355,7 @@ async fn init_failures_and_hangs_are_refused_at_load() {
         "{e}"
     );
     let mut s = slot("hostile_fixture.wasm", "mode = \"init-loop\"");
-    s.init_timeout_ms = 50;
+    s.init_timeout_ms = Some(50);
     s.fuel = 0;
     let t = Instant::now();
     let e = rt.load::<RouterKind>(&s).await.err().unwrap();
@@ -433,17 +433,21 @@ async fn fresh_instance_per_call_mode_works() {
 #[tokio::test]
 async fn capabilities_are_denied_by_default_and_a_data_dir_is_read_only() {
     let rt = runtime();
-    // Importing the filesystem without a grant: refused at load, by name.
-    let e = rt
-        .load::<RouterKind>(&slot("fs_probe_fixture.wasm", ""))
-        .await
-        .err()
-        .unwrap();
-    assert!(
-        matches!(&e, LoadError::NotGranted { import, .. } if import.starts_with("wasi:filesystem/")),
-        "{e}"
-    );
-    assert!(e.to_string().contains("capabilities.data_dir"), "{e}");
+    // Importing the filesystem without a grant: linked, but empty.
+    let mut bare = slot("fs_probe_fixture.wasm", "read = \"words.txt\"");
+    bare.timeout_ms = Some(1_000);
+    let p: Plugin<RouterKind> = rt.load(&bare).await.unwrap();
+    let RouteDecision::Respond(report) = p.route(&view("x"), &candidates()).await.unwrap() else {
+        panic!("expected the probe report")
+    };
+    for denied in ["root", "etc", "data", "escape", "write"] {
+        let line = report
+            .lines()
+            .find_map(|l| l.strip_prefix(&format!("{denied}=")))
+            .unwrap_or_else(|| panic!("{denied} missing in {report}"));
+        assert!(line.starts_with("denied"), "{denied}: {report}");
+    }
+    assert_eq!(p.describe()["capabilities"]["filesystem"], false);
 
     // The network is never granted, whatever the slot says.
     let data = tempfile::tempdir().unwrap();
@@ -460,7 +464,7 @@ async fn capabilities_are_denied_by_default_and_a_data_dir_is_read_only() {
     let mut fs = slot("fs_probe_fixture.wasm", "read = \"words.txt\"");
     fs.capabilities.data_dir = Some(data.path().to_path_buf());
     // Deadlines are not what this test is about; a busy machine must not fail it.
-    fs.timeout_ms = 1_000;
+    fs.timeout_ms = Some(1_000);
     let p: Plugin<RouterKind> = rt.load(&fs).await.unwrap();
     let RouteDecision::Respond(report) = p.route(&view("x"), &candidates()).await.unwrap() else {
         panic!("expected the probe report")
@@ -485,7 +489,7 @@ async fn capabilities_are_denied_by_default_and_a_data_dir_is_read_only() {
 async fn a_log_flood_is_capped_per_call() {
     let rt = runtime();
     let mut s = slot("hostile_fixture.wasm", "mode = \"log-flood\"");
-    s.timeout_ms = 5_000;
+    s.timeout_ms = Some(5_000);
     let p: Plugin<RouterKind> = rt.load(&s).await.unwrap();
     assert_eq!(
         p.route(&view("x"), &candidates()).await.unwrap(),
@@ -553,7 +557,7 @@ async fn compiled_plugins_are_cached_on_disk_and_a_bad_artifact_is_recompiled() 
 async fn max_instances_bounds_concurrent_calls() {
     let rt = runtime();
     let mut s = slot("hostile_fixture.wasm", "mode = \"loop\"");
-    s.timeout_ms = 200;
+    s.timeout_ms = Some(200);
     s.fuel = 0;
     s.max_instances = Some(1);
     let p: Arc<Plugin<RouterKind>> = Arc::new(rt.load(&s).await.unwrap());

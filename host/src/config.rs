@@ -307,12 +307,14 @@ pub struct PluginSlotConfig {
     pub name: Option<String>,
     #[serde(default)]
     pub on_error: FailMode,
-    /// Wall-clock deadline of one call.
-    #[serde(default = "default_timeout_ms")]
-    pub timeout_ms: u64,
-    /// Deadline of `init` (instantiation and configuration).
-    #[serde(default = "default_init_timeout_ms")]
-    pub init_timeout_ms: u64,
+    /// Wall-clock deadline of one call. Unset: 5 ms for compiled languages
+    /// (Rust, C), 25 ms for Python and JavaScript (see `plugins::language`).
+    #[serde(default)]
+    pub timeout_ms: Option<u64>,
+    /// Deadline of `init` (instantiation and configuration). Unset: 1 s,
+    /// 5 s for Python and JavaScript.
+    #[serde(default)]
+    pub init_timeout_ms: Option<u64>,
     #[serde(default = "default_memory_mib")]
     pub memory_mib: u64,
     /// WebAssembly instructions (roughly) one call may run; 0 turns fuel off.
@@ -358,12 +360,6 @@ pub struct Capabilities {
     pub embed: bool,
 }
 
-fn default_timeout_ms() -> u64 {
-    5
-}
-fn default_init_timeout_ms() -> u64 {
-    1_000
-}
 fn default_memory_mib() -> u64 {
     64
 }
@@ -665,8 +661,13 @@ impl Config {
             ]);
         for (key, slot) in slots {
             let Some(slot) = slot else { continue };
-            if slot.timeout_ms == 0 {
-                return Err(self.invalid(format!("{key}.timeout_ms"), "must be at least 1"));
+            for (name, ms) in [
+                ("timeout_ms", slot.timeout_ms),
+                ("init_timeout_ms", slot.init_timeout_ms),
+            ] {
+                if ms == Some(0) {
+                    return Err(self.invalid(format!("{key}.{name}"), "must be at least 1"));
+                }
             }
             if slot.memory_mib == 0 || slot.memory_mib > self.runtime.max_memory_mib {
                 return Err(self.invalid(
@@ -721,8 +722,8 @@ impl PluginSlotConfig {
             path: path.into(),
             name: None,
             on_error: FailMode::default(),
-            timeout_ms: default_timeout_ms(),
-            init_timeout_ms: default_init_timeout_ms(),
+            timeout_ms: None,
+            init_timeout_ms: None,
             memory_mib: default_memory_mib(),
             fuel: default_fuel(),
             reuse_instances: true,

@@ -15,6 +15,7 @@ pub mod kill;
 pub mod ledger;
 pub mod metrics;
 pub mod pipeline;
+pub mod plugin_test;
 pub mod plugins;
 pub mod pricing;
 pub mod providers;

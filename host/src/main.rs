@@ -71,6 +71,48 @@ enum PluginCommand {
         #[arg(long)]
         json: bool,
     },
+    /// Run a plugin offline on recorded requests (a trace, an exported
+    /// trace or a ledger file): each decision, agreement with the expected
+    /// decisions, and the time of each call.
+    Test(TestArgs),
+}
+
+#[derive(clap::Args)]
+struct TestArgs {
+    /// The plugin component.
+    file: PathBuf,
+    /// The slot it is written for.
+    #[arg(long, value_enum)]
+    kind: KindArg,
+    /// Cases: JSON Lines in the trace format (optionally with `expect`,
+    /// `spend`, `response`), or a ledger file (.db, .sqlite) that kept bodies.
+    #[arg(long)]
+    cases: PathBuf,
+    /// A gateway config (the slot of this kind gives limits, capabilities and
+    /// config; providers and prices give the candidates), or the plugin's
+    /// own config (TOML, or JSON with a .json name).
+    #[arg(long, short)]
+    config: Option<PathBuf>,
+    /// JSON instead of text.
+    #[arg(long)]
+    json: bool,
+    /// List every case, not only disagreements and errors.
+    #[arg(long)]
+    all: bool,
+    /// Exit 1 when fewer cases than this share (0 to 1) get their expected decision.
+    #[arg(long)]
+    min_agreement: Option<f64>,
+    /// Run the cases this many times for steadier timings.
+    #[arg(long, default_value_t = 1)]
+    repeat: u32,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum KindArg {
+    Router,
+    Compressor,
+    CachePolicy,
+    BudgetRule,
 }
 
 #[derive(clap::Args)]
@@ -212,7 +254,7 @@ fn main() -> Result<()> {
     // A replay logs only what goes wrong: thousands of per-request lines
     // would bury the summary.
     let level = match cli.command {
-        Some(Command::Replay(_)) => "warn",
+        Some(Command::Replay(_) | Command::Plugin(PluginCommand::Test(_))) => "warn",
         _ => "info",
     };
     tracing_subscriber::fmt()
@@ -239,6 +281,7 @@ fn main() -> Result<()> {
         Command::Replay(args) => rt.block_on(replay(args)),
         Command::ExportTrace(args) => export_trace(args),
         Command::Plugin(PluginCommand::Inspect { file, json }) => inspect(&file, json),
+        Command::Plugin(PluginCommand::Test(args)) => rt.block_on(plugin_test(args)),
     }
 }
 
@@ -460,6 +503,49 @@ fn inspect(file: &std::path::Path, json: bool) -> Result<()> {
     }
     if v["loadable"] != serde_json::Value::Bool(true) {
         std::process::exit(1);
+    }
+    Ok(())
+}
+
+#[allow(clippy::print_stdout)] // the report is the output
+async fn plugin_test(args: TestArgs) -> Result<()> {
+    use tollgate::plugins::PluginKind;
+    if let Some(m) = args.min_agreement {
+        anyhow::ensure!(
+            (0.0..=1.0).contains(&m),
+            "--min-agreement must be between 0 and 1"
+        );
+    }
+    let opts = tollgate::plugin_test::Options {
+        file: args.file,
+        kind: match args.kind {
+            KindArg::Router => PluginKind::Router,
+            KindArg::Compressor => PluginKind::Compressor,
+            KindArg::CachePolicy => PluginKind::CachePolicy,
+            KindArg::BudgetRule => PluginKind::BudgetRule,
+        },
+        cases: args.cases,
+        config: args.config,
+        repeat: args.repeat,
+    };
+    let report = tollgate::plugin_test::run(&opts).await?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&report.to_json())?);
+    } else {
+        print!("{}", report.to_text(args.all));
+    }
+    if let Some(min) = args.min_agreement {
+        let ratio = report.agreement_ratio().context(
+            "--min-agreement needs cases with expected decisions (`expect`, or trace labels)",
+        )?;
+        if ratio < min {
+            eprintln!(
+                "agreement {:.1}% is below --min-agreement {:.1}%",
+                ratio * 100.0,
+                min * 100.0
+            );
+            std::process::exit(1);
+        }
     }
     Ok(())
 }

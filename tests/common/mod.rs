@@ -1,10 +1,14 @@
-//! Helpers shared by the end-to-end test binaries.
+//! Helpers shared by the end-to-end test binaries (each uses part of them).
+
+#![allow(dead_code)]
 
 use std::ffi::OsStr;
 use std::path::Path;
 use std::process::{Command, Output};
 
 use serde_json::Value;
+
+pub mod gateway;
 
 /// Runs the `tollgate` binary to completion; it must succeed.
 pub fn tollgate_ok<S: AsRef<OsStr> + std::fmt::Debug>(args: &[S]) -> Output {

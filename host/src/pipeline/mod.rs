@@ -54,7 +54,7 @@ use account::Accounting;
 /// The embedding model, or why there is none; None when not configured.
 /// A missing or broken model is logged and leaves the gateway serving:
 /// plugins that embed get the reason as an error.
-async fn load_embedder(
+pub(crate) async fn load_embedder(
     cfg: &crate::config::EmbeddingsConfig,
 ) -> Option<crate::plugins::EmbedSource> {
     let dir = cfg.model_dir.clone()?;
@@ -77,7 +77,7 @@ async fn load_embedder(
 }
 
 /// Output tokens assumed for the worst case when a request sets no `max_tokens`.
-const DEFAULT_MAX_OUTPUT: u32 = 4096;
+pub(crate) const DEFAULT_MAX_OUTPUT: u32 = 4096;
 
 /// A response ready for the HTTP layer.
 pub struct Reply {

@@ -22,11 +22,10 @@ pub fn refusal(name: &str, grants: &crate::config::Capabilities) -> Option<Strin
     if iface == "tollgate:policy/embed" && !grants.embed {
         return Some("embeddings are not granted; give the slot `capabilities.embed = true` if the plugin needs them".into());
     }
-    if iface.starts_with("wasi:filesystem/") && grants.data_dir.is_none() {
-        return Some(
-            "the filesystem is not granted; give the slot `capabilities.data_dir` (read-only, seen as /data) if the plugin needs data files".into(),
-        );
-    }
+    // The filesystem is linked for every plugin (the Python and JavaScript
+    // runtimes import it whether or not they read files), but holds
+    // nothing unless the slot grants `capabilities.data_dir`: WASI opens
+    // files only under a preopened directory, and none is given.
     None
 }
 
@@ -49,7 +48,7 @@ fn capability(name: &str) -> (&'static str, &'static str) {
         ),
         i if i.starts_with("wasi:filesystem/") => (
             "filesystem",
-            "refused unless the slot grants capabilities.data_dir: then that directory, read-only, as /data",
+            "linked empty (every open fails) unless the slot grants capabilities.data_dir: then that directory, read-only, as /data",
         ),
         i if i.starts_with("wasi:sockets/") => {
             ("network", "refused: plugins never get network access")
@@ -130,7 +129,7 @@ impl Runtime {
             .instantiate_pre(&component)
             .err()
             .map(|e| format!("{e:#}"));
-        // Grants a slot can give are reported by `needs_data_dir` / `needs_spend` / `needs_embed`.
+        // Grants a slot can give are reported by `needs_spend` / `needs_embed`.
         let links = links.or(never);
         let mut needs: Vec<&str> = imports
             .iter()
@@ -144,10 +143,11 @@ impl Runtime {
             "bytes": bytes.len(),
             "sha256": super::sha256_hex(bytes),
             "world": world,
+            "language": super::language::detect(bytes).name(),
             "exports": exports,
             "imports": imports,
             "wasi_capabilities_imported": needs,
-            "needs_data_dir": imports.iter().any(|i| i["capability"] == "filesystem"),
+            "imports_filesystem": imports.iter().any(|i| i["capability"] == "filesystem"),
             "needs_spend": imports.iter().any(|i| i["capability"] == "spend figures"),
             "needs_embed": imports.iter().any(|i| i["capability"] == "embeddings"),
             "loadable": links.is_none() && world.is_some(),
@@ -159,11 +159,7 @@ impl Runtime {
 }
 
 /// Grants an inspected plugin may need, by the report's key.
-const GRANTS_NEEDED: [(&str, &str); 3] = [
-    (
-        "needs_data_dir",
-        "capabilities.data_dir (it imports the filesystem)",
-    ),
+const GRANTS_NEEDED: [(&str, &str); 2] = [
     (
         "needs_spend",
         "capabilities.spend (it imports the spend figures)",
@@ -190,6 +186,7 @@ pub fn inspection_text(v: &Value) -> String {
         .flatten()
         .filter_map(Value::as_str)
         .collect();
+    let _ = writeln!(out, "language  {}", s("language"));
     let _ = writeln!(out, "exports   {}", exports.join(", "));
     let _ = writeln!(out, "imports");
     for i in v["imports"].as_array().into_iter().flatten() {

@@ -11,6 +11,7 @@
 mod bindings;
 pub mod inspect;
 mod kinds;
+pub mod language;
 pub mod manager;
 mod runtime;
 mod slots;
@@ -93,7 +94,7 @@ pub enum LoadError {
         import: String,
         message: String,
     },
-    #[error("plugin {path} refused its config: {message}")]
+    #[error("plugin {path} failed to start: {message}")]
     Init { path: String, message: String },
     #[error("plugin runtime: {0}")]
     Engine(String),

@@ -187,15 +187,21 @@ impl Runtime {
             world: K::KIND.world(),
             message: format!("{e:#}"),
         })?;
+        let language = super::language::detect(bytes);
         let limits = Limits {
-            deadline_ms: slot.timeout_ms,
-            init_deadline_ms: slot.init_timeout_ms,
+            deadline_ms: slot
+                .timeout_ms
+                .unwrap_or_else(|| language.default_timeout_ms()),
+            init_deadline_ms: slot
+                .init_timeout_ms
+                .unwrap_or_else(|| language.default_init_timeout_ms()),
             memory_bytes: usize::try_from(slot.memory_mib.saturating_mul(1 << 20))
                 .unwrap_or(usize::MAX),
             memory_mib: slot.memory_mib,
             fuel: slot.fuel,
         };
         let plugin = Plugin {
+            language,
             name: Arc::from(slot.display_name()),
             digest,
             compiled: Compiled {
@@ -322,6 +328,8 @@ pub struct Compiled {
 /// One loaded plugin: compiled once, instantiated on demand, kept warm.
 pub struct Plugin<K: Kind> {
     name: Arc<str>,
+    /// What the plugin was written in; sets the limits the slot left unset.
+    language: super::language::Language,
     digest: String,
     compiled: Compiled,
     runtime: Arc<Runtime>,
@@ -371,6 +379,7 @@ impl<K: Kind> Plugin<K> {
         serde_json::json!({
             "kind": K::KIND.world(),
             "name": &*self.name,
+            "language": self.language.name(),
             "sha256": self.digest,
             "limits": {
                 "timeout_ms": self.limits.deadline_ms,

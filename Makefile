@@ -70,11 +70,15 @@ $(TOOLS)/.c-packages:
 	@$(call APT_INSTALL,$(C_PACKAGES))
 	@mkdir -p $(TOOLS) && touch $@
 
-$(TOOLS)/bin/wasm-tools:
-	$(CARGO) install --locked --quiet --root $(TOOLS) wasm-tools@1.263.0 --no-default-features --features component
+# The two versions share their dependencies (wasmparser, wit-component 0.262,
+# clap ...): built into one target directory, those compile once.
+TOOLS_BUILD = CARGO_TARGET_DIR=$(TOOLS)/build $(CARGO) install --locked --quiet --root $(TOOLS)
 
-$(TOOLS)/bin/wit-bindgen:
-	$(CARGO) install --locked --quiet --root $(TOOLS) wit-bindgen-cli@0.63.0 --no-default-features --features c
+$(TOOLS)/bin/wasm-tools:
+	$(TOOLS_BUILD) wasm-tools@1.262.0 --no-default-features --features component
+
+$(TOOLS)/bin/wit-bindgen: | $(TOOLS)/bin/wasm-tools
+	$(TOOLS_BUILD) wit-bindgen-cli@0.63.0 --no-default-features --features c
 
 $(TOOLS)/wasi_snapshot_preview1.reactor.wasm: examples/c/adapter/Cargo.toml
 	@mkdir -p $(TOOLS)
@@ -112,6 +116,7 @@ lint: setup
 	$(CARGO) clippy -p tollgate --all-targets -- -D warnings
 	$(CARGO) clippy --target wasm32-wasip2 $(addprefix -p ,tollgate-sdk $(PLUGIN_CRATES)) -- -D warnings
 	$(CARGO) clippy -p tier-router --examples -- -D warnings
+	$(CARGO) clippy -p wasi-adapter -- -D warnings
 
 test: lint plugins examples test-examples test-rust test-python
 

@@ -194,6 +194,15 @@ async fn python_router_c_compressor_and_js_cache_policy_serve_through_the_gatewa
     }
 }
 
+/// Every case with an expectation got it.
+fn assert_all_agree(v: &Value) {
+    assert_eq!(
+        v["agreement"]["agreed"], v["agreement"]["judged"],
+        "{:#}",
+        v["cases"]
+    );
+}
+
 fn plugin_test(args: &[&str]) -> Value {
     let mut all = vec!["plugin", "test"];
     all.extend_from_slice(args);
@@ -240,20 +249,47 @@ fn plugin_test_reports_decisions_agreement_and_timing() {
         "{matrix:?}"
     );
 
-    // --min-agreement fails the run below the bar, with the reason.
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_tollgate"))
-        .args(["plugin", "test", &py, "--kind", "router", "--cases", cases])
-        .args(["--config", cfg.to_str().unwrap(), "--min-agreement", "1.0"])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let text = String::from_utf8_lossy(&out.stdout);
+    let text = String::from_utf8_lossy(
+        &tollgate_ok(&[
+            "plugin",
+            "test",
+            &py,
+            "--kind",
+            "router",
+            "--cases",
+            cases,
+            "--config",
+            cfg.to_str().unwrap(),
+        ])
+        .stdout,
+    )
+    .to_string();
     assert!(text.contains("agreement  12 of 12 (100.0%)"), "{text}");
     assert!(text.contains("timing     12 calls"), "{text}");
+
+    // --min-agreement fails the run below the bar, with the reason.
+    let wrong = dir.path().join("wrong.jsonl");
+    std::fs::write(
+        &wrong,
+        std::fs::read_to_string(cases).unwrap().replacen(
+            "\"expect\": \"tier 1\"",
+            "\"expect\": \"tier 3\"",
+            1,
+        ),
+    )
+    .unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_tollgate"))
+        .args(["plugin", "test", &py, "--kind", "router", "--cases"])
+        .arg(&wrong)
+        .args(["--config", cfg.to_str().unwrap(), "--min-agreement", "0.95"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("agreement 91.7% is below --min-agreement 95.0%"),
+        "{err}"
+    );
 
     // The JavaScript cache policy on its cases, with answers offered to admit.
     let js = example("js_cache_policy.wasm");
@@ -265,11 +301,7 @@ fn plugin_test_reports_decisions_agreement_and_timing() {
         "--cases",
         cases.to_str().unwrap(),
     ]);
-    assert_eq!(
-        v["agreement"]["agreed"], v["agreement"]["judged"],
-        "{:#}",
-        v["cases"]
-    );
+    assert_all_agree(&v);
     assert!(
         v["cases"]
             .as_array()
@@ -294,11 +326,7 @@ fn plugin_test_reports_decisions_agreement_and_timing() {
         "--config",
         cfg_c.to_str().unwrap(),
     ]);
-    assert_eq!(
-        v["agreement"]["agreed"], v["agreement"]["judged"],
-        "{:#}",
-        v["cases"]
-    );
+    assert_all_agree(&v);
     assert_eq!(v["plugin"]["language"], "c");
 
     // A bad case line is named, and a missing plugin is a clear error.

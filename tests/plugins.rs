@@ -273,7 +273,7 @@ async fn an_infinite_loop_is_stopped_by_the_deadline() {
     let rt = runtime();
     let mut s = slot("hostile_fixture.wasm", "mode = \"loop\"");
     s.timeout_ms = Some(20);
-    s.fuel = 0; // only the wall clock can stop it
+    s.fuel = Some(0); // only the wall clock can stop it
     let p: Plugin<RouterKind> = rt.load(&s).await.unwrap();
     let t = Instant::now();
     let e = p.route(&view("x"), &candidates()).await.unwrap_err();
@@ -286,7 +286,7 @@ async fn an_infinite_loop_runs_out_of_fuel() {
     let rt = runtime();
     let mut s = slot("hostile_fixture.wasm", "mode = \"loop\"");
     s.timeout_ms = Some(10_000);
-    s.fuel = 1_000_000;
+    s.fuel = Some(1_000_000);
     let p: Plugin<RouterKind> = rt.load(&s).await.unwrap();
     let e = p.route(&view("x"), &candidates()).await.unwrap_err();
     assert!(matches!(e, PluginError::OutOfFuel { .. }), "{e}");
@@ -299,7 +299,7 @@ async fn a_memory_bomb_hits_the_cap() {
     let mut s = slot("hostile_fixture.wasm", "mode = \"memory\"");
     s.memory_mib = 32;
     s.timeout_ms = Some(5_000);
-    s.fuel = 0;
+    s.fuel = Some(0);
     let p2: Plugin<RouterKind> = rt.load(&s).await.unwrap();
     for plugin in [&p, &p2] {
         let e = plugin.route(&view("x"), &candidates()).await.unwrap_err();
@@ -356,7 +356,7 @@ async fn init_failures_and_hangs_are_refused_at_load() {
     );
     let mut s = slot("hostile_fixture.wasm", "mode = \"init-loop\"");
     s.init_timeout_ms = Some(50);
-    s.fuel = 0;
+    s.fuel = Some(0);
     let t = Instant::now();
     let e = rt.load::<RouterKind>(&s).await.err().unwrap();
     assert!(
@@ -558,7 +558,7 @@ async fn max_instances_bounds_concurrent_calls() {
     let rt = runtime();
     let mut s = slot("hostile_fixture.wasm", "mode = \"loop\"");
     s.timeout_ms = Some(200);
-    s.fuel = 0;
+    s.fuel = Some(0);
     s.max_instances = Some(1);
     let p: Arc<Plugin<RouterKind>> = Arc::new(rt.load(&s).await.unwrap());
     let calls: Vec<_> = (0..3)

@@ -60,7 +60,10 @@ function ibanValid(raw) {
 /** The kinds of personal data in `text` (empty when none). */
 export function personalData(text) {
   const found = [];
-  if (EMAIL.test(text)) found.push('email');
+  // The engine interprets regular expressions: skip the ones that cannot
+  // match, which matters on a pasted document of thousands of words.
+  if (text.includes('@') && EMAIL.test(text)) found.push('email');
+  if (!/\d/.test(text)) return found; // every other kind has digits
   let card = false;
   for (const m of text.matchAll(CARD)) {
     const digits = m[0].replace(/[ -]/g, '');
@@ -91,21 +94,34 @@ export function hasSecret(text) {
   return SECRET.test(text);
 }
 
+// What a long message asks sits in its first or last paragraph, around a
+// pasted document whose own words ("current", "my") say nothing about
+// whether the answer is personal or live; at most ASK characters of each.
+const ASK = 300;
+
+function ask(text) {
+  if (text.length <= 2 * ASK) return text;
+  const paragraphs = text.split(/\n\s*\n/);
+  const first = paragraphs[0].slice(0, ASK);
+  const last = paragraphs.length > 1 ? paragraphs[paragraphs.length - 1].slice(-ASK) : text.slice(-ASK);
+  return `${first}\n${last}`;
+}
+
 function words(text) {
   // Letters of the Latin scripts and digits (the engine has no Unicode
   // property classes).
   return text.toLowerCase().replace(/\u2019/g, "'").split(/[^a-z0-9\u00c0-\u024f']+/).filter(Boolean);
 }
 
-/** True when one of `phrases` (one word, or several in a row) occurs in `ws`. */
+/**
+ * True when one of `phrases` (one word, or several in a row) occurs in the
+ * words `ws`. One native substring search per phrase over the words joined
+ * by spaces: a loop in JavaScript over every word of a long document would
+ * cost tens of millions of instructions in the interpreter.
+ */
 function hasPhrase(ws, phrases) {
-  return phrases.some((p) => {
-    const parts = p.split(/\s+/);
-    for (let i = 0; i + parts.length <= ws.length; i++) {
-      if (parts.every((w, j) => ws[i + j] === w)) return true;
-    }
-    return false;
-  });
+  const joined = ` ${ws.join(' ')} `;
+  return phrases.some((p) => joined.includes(` ${p} `));
 }
 
 export function settings(json) {
@@ -128,8 +144,9 @@ export function settings(json) {
       throw new Error(`${k} must be a list of strings`);
     }
   }
-  s.dynamic_markers = s.dynamic_markers.map((m) => m.toLowerCase());
-  s.personal_markers = s.personal_markers.map((m) => m.toLowerCase());
+  const phrase = (m) => m.toLowerCase().split(/\s+/).filter(Boolean).join(' ');
+  s.dynamic_markers = s.dynamic_markers.map(phrase).filter(Boolean);
+  s.personal_markers = s.personal_markers.map(phrase).filter(Boolean);
   s.refusal_markers = s.refusal_markers.map((m) => m.toLowerCase());
   return s;
 }
@@ -154,7 +171,7 @@ export function decide(req, s) {
   const injected = systems.slice(1).map((m) => m.content).join('\n');
   if (hasSecret(said) || hasSecret(injected)) return { bypass: 'a secret in the prompt' };
   const lastUser = [...msgs].reverse().find((m) => m.role === 'user');
-  const ws = words(lastUser ? lastUser.content : '');
+  const ws = words(ask(lastUser ? lastUser.content : ''));
   if (hasPhrase(ws, s.dynamic_markers)) return { bypass: 'question about the present' };
 
   const ttl = s.ttl_by_feature[req.feature] ?? s.ttl_seconds;

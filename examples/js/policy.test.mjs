@@ -54,6 +54,13 @@ test('answers are stored only when complete, not refusals, and without personal 
   assert.equal(admitAnswer(req('Who handles my exports?'), leaky, s).admit, true);
 });
 
+test('only the ask around a pasted document is read for cues', () => {
+  const doc = `The current status was reviewed.\n\n${'Revenue grew in every region. '.repeat(40)}\n\nMy notes: none.`;
+  assert.equal(decide(req(`Summarize this report:\n\n${doc}\n\nThanks.`), s).scope, 'tenant');
+  assert.equal(decide(req(`Summarize my report:\n\n${doc}\n\nThanks.`), s).scope, 'tenant-user');
+  assert.ok(decide(req(`What changed since yesterday in this report?\n\n${doc}`), s).bypass);
+});
+
 test('bad config is refused with a reason', () => {
   assert.throws(() => settings('{"ttl": 5}'), /unknown config keys: ttl/);
   assert.throws(() => settings('{"ttl_seconds": 0}'), /whole seconds/);

@@ -5,6 +5,9 @@
 //!   many times with a realistic request; also the whole chain of one
 //!   request (budget, compressor, cache lookup, router, cache admit) and a
 //!   router call on a fresh instance (no reuse);
+//! * languages: the same kinds of policy in Rust and in Python, JavaScript
+//!   and C (the examples): call cost warm and on a fresh instance, compile
+//!   time, fuel per call and memory;
 //! * HTTP: a simulator upstream on loopback, called directly, through the
 //!   gateway without plugins, and through the gateway with all four plugins;
 //!   the three are interleaved in rounds so machine noise hits them alike.
@@ -40,7 +43,7 @@ pub struct BenchArgs {
     /// Fuel per plugin call in the plugin measurement (0 turns fuel off).
     #[arg(long)]
     fuel: Option<u64>,
-    /// Run only one part: `plugins`, `http`, `ledger`, `load` or `embed`.
+    /// Run only one part: `plugins`, `languages`, `http`, `ledger`, `load` or `embed`.
     #[arg(long)]
     only: Option<String>,
     /// The embedding model (`make model` installs it here).
@@ -71,7 +74,7 @@ fn slot(
 ) -> Result<PluginSlotConfig> {
     let mut s = PluginSlotConfig::new(dir.join(file));
     if let Some(f) = fuel {
-        s.fuel = f;
+        s.fuel = Some(f);
     }
     if !config.is_empty() {
         s.config = Some(toml::from_str(config)?);
@@ -126,6 +129,33 @@ fn sample_view() -> RequestView {
         has_tools: false,
         json_mode: false,
         tags: vec![],
+    }
+}
+
+/// The three simulator tiers as router candidates.
+fn bench_candidates() -> Vec<ModelInfo> {
+    ["gpt-4o-mini", "gpt-4.1-mini", "gpt-4o"]
+        .iter()
+        .enumerate()
+        .map(|(i, m)| ModelInfo {
+            name: m.to_string(),
+            provider: "sim".into(),
+            tier: i as u8 + 1,
+            input_per_mtok: 1.0,
+            cached_input_per_mtok: 0.5,
+            output_per_mtok: 4.0,
+        })
+        .collect()
+}
+
+/// An upstream answer to the sample request, for a cache policy's `admit`.
+fn sample_meta(view: &RequestView) -> ResponseMeta {
+    ResponseMeta {
+        model: "gpt-4o-mini".into(),
+        prompt_tokens: view.prompt_tokens,
+        completion_tokens: 60,
+        finish_reason: "stop".into(),
+        content: "Open Billing, select the storage invoice and choose Download PDF.".into(),
     }
 }
 
@@ -209,18 +239,7 @@ async fn bench_plugins(args: &BenchArgs) -> Result<Value> {
     let router_fresh: Plugin<RouterKind> = load(&rt, &fresh_slot).await?;
 
     let view = sample_view();
-    let candidates: Vec<ModelInfo> = ["gpt-4o-mini", "gpt-4.1-mini", "gpt-4o"]
-        .iter()
-        .enumerate()
-        .map(|(i, m)| ModelInfo {
-            name: m.to_string(),
-            provider: "sim".into(),
-            tier: i as u8 + 1,
-            input_per_mtok: 1.0,
-            cached_input_per_mtok: 0.5,
-            output_per_mtok: 4.0,
-        })
-        .collect();
+    let candidates = bench_candidates();
     let spend = SpendSnapshot {
         day: "2026-11-23".into(),
         tenant_today_usd: 12.5,
@@ -228,13 +247,7 @@ async fn bench_plugins(args: &BenchArgs) -> Result<Value> {
         user_today_usd: 0.2,
         estimated_cost_usd: 0.003,
     };
-    let meta = ResponseMeta {
-        model: "gpt-4o-mini".into(),
-        prompt_tokens: view.prompt_tokens,
-        completion_tokens: 60,
-        finish_reason: "stop".into(),
-        content: "Open Billing, select the storage invoice and choose Download PDF.".into(),
-    };
+    let meta = sample_meta(&view);
     let n = args.plugin_calls;
     let err = |e: tollgate::plugins::PluginError| anyhow::anyhow!(e);
     let mut r = time_calls(n, || async {
@@ -561,6 +574,137 @@ async fn bench_load(args: &BenchArgs) -> Result<Value> {
     Ok(Value::Object(out))
 }
 
+/// One plugin as the language comparison measures it: loaded twice from
+/// the same artifact cache, once reusing warm instances and once not.
+struct Pair<K: Kind> {
+    warm: Plugin<K>,
+    fresh: Plugin<K>,
+    bytes: usize,
+}
+
+async fn pair<K: Kind>(
+    rt: &Arc<Runtime>,
+    dir: &std::path::Path,
+    file: &str,
+    config: &str,
+) -> Result<Pair<K>> {
+    let s = slot(dir, file, config, None)?;
+    let bytes = std::fs::metadata(&s.path)
+        .with_context(|| format!("{} (run `make plugins examples`)", s.path.display()))?
+        .len() as usize;
+    let warm: Plugin<K> = load(rt, &s).await?;
+    let mut f = s.clone();
+    f.reuse_instances = false;
+    let fresh: Plugin<K> = load(rt, &f).await?;
+    Ok(Pair { warm, fresh, bytes })
+}
+
+/// Compile time, warm and fresh-instance call time (ns), fuel and memory of one plugin.
+fn language_row<K: Kind>(
+    p: &Pair<K>,
+    language: &str,
+    warm: &mut Samples,
+    fresh: &mut Samples,
+) -> Value {
+    let d = p.warm.describe();
+    let warm_p50 = warm.p(0.5);
+    let fresh_p50 = fresh.p(0.5);
+    json!({
+        "plugin": p.warm.name(),
+        "language": language,
+        "detected_language": d["language"],
+        "bytes": p.bytes,
+        "compile_ms": round1(p.warm.compiled().ms),
+        "warm_call_ns": warm.summary(),
+        "fresh_instance_call_ns": fresh.summary(),
+        "instantiate_and_init_us": round1((fresh_p50 - warm_p50).max(0.0) / 1000.0),
+        "fuel_per_call": d["fuel_per_call"],
+        "memory_peak_mib": d["memory_peak_mib"],
+    })
+}
+
+/// The same kinds of policy written in Rust and in another language: a
+/// router (Rust rules vs the Python example), a cache policy (Rust default
+/// vs the JavaScript example) and a compressor (Rust trim vs the C
+/// example), each on a warm instance and on a fresh instance per call.
+async fn bench_languages(args: &BenchArgs) -> Result<Value> {
+    let cache = tempfile_dir()?;
+    let rt = Runtime::new(
+        &RuntimeConfig {
+            cache_dir: Some(cache.clone()),
+            ..Default::default()
+        },
+        Arc::new(SystemClock),
+    )?;
+    let dir = &args.plugins;
+    let view = sample_view();
+    let candidates = bench_candidates();
+    let meta = sample_meta(&view);
+    let err = |e: tollgate::plugins::PluginError| anyhow::anyhow!(e);
+    // Interpreted plugins are measured with fewer calls; their spread is wide enough.
+    let n = (args.plugin_calls / 10).max(200);
+    let nf = (n / 10).max(50);
+    let mut rows = Vec::new();
+    for (language, file, config) in [
+        ("rust", "rules_router.wasm", ROUTER_CFG),
+        ("python", "python_router.wasm", ""),
+    ] {
+        let p: Pair<RouterKind> = pair(&rt, dir, file, config).await?;
+        let mut w = time_calls(n, || async {
+            p.warm
+                .route(&view, &candidates)
+                .await
+                .map(|_| ())
+                .map_err(err)
+        })
+        .await?;
+        let mut f = time_calls(nf, || async {
+            p.fresh
+                .route(&view, &candidates)
+                .await
+                .map(|_| ())
+                .map_err(err)
+        })
+        .await?;
+        rows.push(language_row(&p, language, &mut w, &mut f));
+    }
+    for (language, file, config) in [
+        ("rust", "default_cache_policy.wasm", CACHE_CFG),
+        ("javascript", "js_cache_policy.wasm", ""),
+    ] {
+        let p: Pair<CachePolicyKind> = pair(&rt, dir, file, config).await?;
+        let mut w = time_calls(n, || async {
+            p.warm.lookup(&view).await.map_err(err)?;
+            p.warm.admit(&view, &meta).await.map(|_| ()).map_err(err)
+        })
+        .await?;
+        let mut f = time_calls(nf, || async {
+            p.fresh.lookup(&view).await.map(|_| ()).map_err(err)
+        })
+        .await?;
+        let mut row = language_row(&p, language, &mut w, &mut f);
+        row["warm_call_ns"]["calls"] = json!("lookup + admit");
+        rows.push(row);
+    }
+    for (language, file) in [("rust", "trim_compressor.wasm"), ("c", "c_squeeze.wasm")] {
+        let p: Pair<CompressorKind> = pair(&rt, dir, file, "").await?;
+        let mut w = time_calls(n, || async {
+            p.warm.compress(&view).await.map(|_| ()).map_err(err)
+        })
+        .await?;
+        let mut f = time_calls(nf, || async {
+            p.fresh.compress(&view).await.map(|_| ()).map_err(err)
+        })
+        .await?;
+        rows.push(language_row(&p, language, &mut w, &mut f));
+    }
+    let _ = std::fs::remove_dir_all(&cache);
+    Ok(json!({
+        "unit": "ns per call unless named; fuel is wasm instructions (roughly) per call",
+        "plugins": rows,
+    }))
+}
+
 /// The native embedding model: load time, one forward pass by text length
 /// (median over distinct texts, so nothing is memoised), and a memoised
 /// repeat.
@@ -618,6 +762,11 @@ pub async fn run(args: BenchArgs) -> Result<()> {
     } else {
         Value::Null
     };
+    let languages = if want("languages") {
+        bench_languages(&args).await?
+    } else {
+        Value::Null
+    };
     let http = if want("http") {
         bench_http(&args).await?
     } else {
@@ -639,6 +788,7 @@ pub async fn run(args: BenchArgs) -> Result<()> {
         "embeddings": embed,
         "plugin_load": load,
         "plugin_calls": plugins,
+        "plugin_languages": languages,
         "http_overhead": http,
         "ledger_writer": ledger,
         "seconds": round1(started.elapsed().as_secs_f64()),

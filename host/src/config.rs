@@ -317,9 +317,10 @@ pub struct PluginSlotConfig {
     pub init_timeout_ms: Option<u64>,
     #[serde(default = "default_memory_mib")]
     pub memory_mib: u64,
-    /// WebAssembly instructions (roughly) one call may run; 0 turns fuel off.
-    #[serde(default = "default_fuel")]
-    pub fuel: u64,
+    /// WebAssembly instructions (roughly) one call may run; 0 turns fuel
+    /// off. Unset: 50 million, 500 million for Python and JavaScript.
+    #[serde(default)]
+    pub fuel: Option<u64>,
     /// Reuse warm instances between requests (fast); false gives every call
     /// a fresh instance, so nothing a plugin keeps in memory survives a call.
     #[serde(default = "default_true")]
@@ -362,9 +363,6 @@ pub struct Capabilities {
 
 fn default_memory_mib() -> u64 {
     64
-}
-fn default_fuel() -> u64 {
-    50_000_000
 }
 fn default_true() -> bool {
     true
@@ -725,7 +723,7 @@ impl PluginSlotConfig {
             timeout_ms: None,
             init_timeout_ms: None,
             memory_mib: default_memory_mib(),
-            fuel: default_fuel(),
+            fuel: None,
             reuse_instances: true,
             max_instances: None,
             capabilities: Capabilities::default(),

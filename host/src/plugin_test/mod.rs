@@ -53,14 +53,33 @@ pub struct Options {
     pub repeat: u32,
 }
 
+/// Top-level tables of a gateway config: a `--config` file with any of them
+/// is a gateway config, else it is the plugin's own config.
+const GATEWAY_TABLES: [&str; 16] = [
+    "server",
+    "identity",
+    "providers",
+    "models",
+    "pricing",
+    "runtime",
+    "plugins",
+    "cache",
+    "ledger",
+    "admin",
+    "tasks",
+    "embeddings",
+    "budgets",
+    "alerts",
+    "resilience",
+    "batch",
+];
+
 /// The slot settings and the gateway config the plugin runs under.
 fn settings(opts: &Options) -> Result<(PluginSlotConfig, Config), HarnessError> {
     let mut slot = PluginSlotConfig::new(&opts.file);
+    let defaults = || Config::parse("", "defaults", std::path::Path::new("."));
     let Some(path) = &opts.config else {
-        return Ok((
-            slot,
-            Config::parse("", "defaults", std::path::Path::new("."))?,
-        ));
+        return Ok((slot, defaults()?));
     };
     let bad = |message: String| HarnessError::Config {
         path: path.display().to_string(),
@@ -73,12 +92,13 @@ fn settings(opts: &Options) -> Result<(PluginSlotConfig, Config), HarnessError> 
     } else {
         toml::from_str(&text).map_err(|e| bad(e.to_string()))?
     };
-    if value.get("plugins").is_none() {
+    let is_gateway = !is_json
+        && value
+            .as_table()
+            .is_some_and(|t| t.keys().any(|k| GATEWAY_TABLES.contains(&k.as_str())));
+    if !is_gateway {
         slot.config = Some(value);
-        return Ok((
-            slot,
-            Config::parse("", "defaults", std::path::Path::new("."))?,
-        ));
+        return Ok((slot, defaults()?));
     }
     let gateway = Config::load(path)?;
     let p = &gateway.plugins;
@@ -88,12 +108,8 @@ fn settings(opts: &Options) -> Result<(PluginSlotConfig, Config), HarnessError> 
         PluginKind::CachePolicy => p.cache_policy.clone(),
         PluginKind::BudgetRule => p.budget_rule.clone(),
     };
-    let Some(mut configured) = configured else {
-        return Err(bad(format!(
-            "has no [plugins.{}] slot to take settings from",
-            opts.kind.world().replace('-', "_")
-        )));
-    };
+    // Without a slot of this kind the plugin gets every slot default.
+    let mut configured = configured.unwrap_or(slot);
     configured.path = opts.file.clone();
     configured.sha256 = None;
     Ok((configured, gateway))

@@ -302,6 +302,11 @@ impl Report {
             .collect();
         let _ = writeln!(
             out,
+            "resources  fuel per call {} mean, {} max; linear memory peak {} MiB",
+            p["fuel_per_call"]["mean"], p["fuel_per_call"]["max"], p["memory_peak_mib"]
+        );
+        let _ = writeln!(
+            out,
             "instances  {} instantiated; failures: {}",
             p["instantiations"],
             if failures.is_empty() {

@@ -42,6 +42,18 @@ impl Language {
         }
     }
 
+    /// Fuel of one call when the slot sets no `fuel`. An interpreter burns
+    /// instructions interpreting: measured here, the JavaScript example
+    /// spends 2-8 million per call and up to ~50 million scanning a pasted
+    /// 20,000-character document, the Python one 0.5-3 million; Rust and C
+    /// policies need tens of thousands. The deadline still bounds every call.
+    pub fn default_fuel(self) -> u64 {
+        match self {
+            Language::Python | Language::JavaScript => 500_000_000,
+            Language::Rust | Language::C | Language::Unknown => 50_000_000,
+        }
+    }
+
     /// Deadline of instantiation and `init` when the slot sets no `init_timeout_ms`.
     pub fn default_init_timeout_ms(self) -> u64 {
         match self {

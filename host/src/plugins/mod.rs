@@ -143,6 +143,13 @@ pub struct PluginStats {
     pub instantiations: AtomicU64,
     /// Log lines dropped by the per-call cap.
     pub logs_dropped: AtomicU64,
+    /// Fuel burnt by calls that returned, in total and by the dearest one:
+    /// what to base a slot's `fuel` limit on.
+    pub fuel_used: AtomicU64,
+    pub fuel_max: AtomicU64,
+    pub calls_returned: AtomicU64,
+    /// The largest linear memory any instance reached, in bytes.
+    pub memory_peak: AtomicU64,
     pub timeout: AtomicU64,
     pub fuel: AtomicU64,
     pub memory: AtomicU64,

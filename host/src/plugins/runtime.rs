@@ -198,7 +198,7 @@ impl Runtime {
             memory_bytes: usize::try_from(slot.memory_mib.saturating_mul(1 << 20))
                 .unwrap_or(usize::MAX),
             memory_mib: slot.memory_mib,
-            fuel: slot.fuel,
+            fuel: slot.fuel.unwrap_or_else(|| language.default_fuel()),
         };
         let plugin = Plugin {
             language,
@@ -315,6 +315,8 @@ pub(super) struct Warm<K: Kind> {
     started: Option<std::time::Instant>,
     /// The call's place under the plugin's `max_instances`.
     permit: Option<tokio::sync::OwnedSemaphorePermit>,
+    /// Fuel the current call started with.
+    armed_fuel: u64,
 }
 
 /// How a plugin's machine code was obtained.
@@ -406,6 +408,16 @@ impl<K: Kind> Plugin<K> {
             },
             "calls": self.stats.calls.load(Ordering::Relaxed),
             "instantiations": self.stats.instantiations.load(Ordering::Relaxed),
+            "fuel_per_call": {
+                "mean": self.stats.fuel_used.load(Ordering::Relaxed)
+                    / self.stats.calls_returned.load(Ordering::Relaxed).max(1),
+                "max": self.stats.fuel_max.load(Ordering::Relaxed),
+            },
+            "memory_peak_mib": (self.stats.memory_peak.load(Ordering::Relaxed) as f64
+                / f64::from(1u32 << 20)
+                * 10.0)
+                .round()
+                / 10.0,
             "failures": failures,
         })
     }
@@ -443,7 +455,7 @@ impl<K: Kind> Plugin<K> {
         let mut store = Store::new(&self.runtime.engine, state);
         store.limiter(|s| &mut s.limiter);
         store.epoch_deadline_trap();
-        self.arm(
+        let armed_fuel = self.arm(
             &mut store,
             self.limits.init_deadline_ms,
             self.limits.fuel.saturating_mul(20),
@@ -468,6 +480,7 @@ impl<K: Kind> Plugin<K> {
                 bindings,
                 started: None,
                 permit: None,
+                armed_fuel,
             }),
             Ok(Err(message)) => {
                 let err = PluginError::Invalid {
@@ -485,7 +498,8 @@ impl<K: Kind> Plugin<K> {
         }
     }
 
-    fn arm(&self, store: &mut Store<StoreState>, deadline_ms: u64, fuel: u64) {
+    /// Sets the call's deadline and fuel; returns the fuel it starts with.
+    fn arm(&self, store: &mut Store<StoreState>, deadline_ms: u64, fuel: u64) -> u64 {
         store.set_epoch_deadline(self.ticks(deadline_ms));
         let fuel = if self.limits.fuel == 0 {
             u64::MAX
@@ -499,8 +513,10 @@ impl<K: Kind> Plugin<K> {
         state.stderr.clear();
         state.logged = 0;
         state.logs_dropped = 0;
+        state.last_error = None;
         state.embeds = 0;
         state.deadline = Some(std::time::Instant::now() + Duration::from_millis(deadline_ms));
+        fuel
     }
 
     fn take(&self) -> Option<Warm<K>> {
@@ -551,7 +567,7 @@ impl<K: Kind> Plugin<K> {
             Some(w) => w,
             None => self.fresh().await?,
         };
-        self.arm(&mut warm.store, self.limits.deadline_ms, self.limits.fuel);
+        warm.armed_fuel = self.arm(&mut warm.store, self.limits.deadline_ms, self.limits.fuel);
         if self.spend {
             warm.store.data_mut().scope = super::state::CallScope {
                 tenant: req.tenant.clone(),
@@ -589,6 +605,15 @@ impl<K: Kind> Plugin<K> {
         }
         match result {
             Ok(r) => {
+                let used = warm
+                    .armed_fuel
+                    .saturating_sub(warm.store.get_fuel().unwrap_or(0));
+                let s = &self.stats;
+                s.fuel_used.fetch_add(used, Ordering::Relaxed);
+                s.fuel_max.fetch_max(used, Ordering::Relaxed);
+                s.calls_returned.fetch_add(1, Ordering::Relaxed);
+                let peak = warm.store.data().limiter.peak_bytes as u64;
+                s.memory_peak.fetch_max(peak, Ordering::Relaxed);
                 self.put_back(warm);
                 Ok(r)
             }
@@ -633,9 +658,14 @@ impl<K: Kind> Plugin<K> {
                 fuel: self.limits.fuel,
             },
             _ => {
-                let mut message = first_line(&format!("{e:#}"));
+                // The root cause is the trap itself ("wasm `unreachable`
+                // instruction executed"); the context around it is a backtrace.
+                let mut message = first_line(&e.root_cause().to_string());
                 if let Some(said) = store.data().stderr.last_message() {
                     message.push_str(&format!(" (plugin stderr: {said})"));
+                }
+                if let Some(logged) = &store.data().last_error {
+                    message.push_str(&format!(" (plugin log: {logged})"));
                 }
                 PluginError::Trap { plugin, message }
             }

@@ -59,6 +59,10 @@ pub struct StoreState {
     /// Log lines written and dropped during the current call.
     pub(super) logged: u32,
     pub(super) logs_dropped: u32,
+    /// The last error the plugin logged during the current call: a failed
+    /// call's error names it (an interpreter's exception, say), since a trap
+    /// alone says only where the machine code stopped.
+    pub(super) last_error: Option<String>,
     plugin: Arc<str>,
     clock: Arc<dyn Clock>,
     /// Set only for plugins granted `capabilities.spend`.
@@ -101,10 +105,12 @@ impl StoreState {
             limiter: MemoryLimiter {
                 max_bytes: memory_bytes,
                 denied: false,
+                peak_bytes: 0,
             },
             stderr,
             logged: 0,
             logs_dropped: 0,
+            last_error: None,
             plugin,
             clock,
             spend: None,
@@ -130,6 +136,8 @@ impl WasiView for StoreState {
 pub struct MemoryLimiter {
     max_bytes: usize,
     pub(super) denied: bool,
+    /// The largest linear memory granted so far (its initial size included).
+    pub(super) peak_bytes: usize,
 }
 
 impl ResourceLimiter for MemoryLimiter {
@@ -143,6 +151,7 @@ impl ResourceLimiter for MemoryLimiter {
             self.denied = true;
             return Ok(false);
         }
+        self.peak_bytes = self.peak_bytes.max(desired);
         Ok(true)
     }
 
@@ -236,7 +245,10 @@ impl host::Host for StoreState {
             host::Level::Debug => tracing::debug!(plugin, "{msg}"),
             host::Level::Info => tracing::info!(plugin, "{msg}"),
             host::Level::Warn => tracing::warn!(plugin, "{msg}"),
-            host::Level::Error => tracing::error!(plugin, "{msg}"),
+            host::Level::Error => {
+                tracing::error!(plugin, "{msg}");
+                self.last_error = Some(msg.chars().take(300).collect());
+            }
         }
     }
 }

@@ -580,6 +580,9 @@ struct Pair<K: Kind> {
     warm: Plugin<K>,
     fresh: Plugin<K>,
     bytes: usize,
+    /// Loading the second copy: compiled code read from the artifact cache,
+    /// one instantiation and `init` (what a restart with `runtime.cache_dir` costs).
+    cached_load_ms: f64,
 }
 
 async fn pair<K: Kind>(
@@ -595,8 +598,15 @@ async fn pair<K: Kind>(
     let warm: Plugin<K> = load(rt, &s).await?;
     let mut f = s.clone();
     f.reuse_instances = false;
+    let t = Instant::now();
     let fresh: Plugin<K> = load(rt, &f).await?;
-    Ok(Pair { warm, fresh, bytes })
+    let cached_load_ms = t.elapsed().as_secs_f64() * 1000.0;
+    Ok(Pair {
+        warm,
+        fresh,
+        bytes,
+        cached_load_ms,
+    })
 }
 
 /// Compile time, warm and fresh-instance call time (ns), fuel and memory of one plugin.
@@ -615,6 +625,7 @@ fn language_row<K: Kind>(
         "detected_language": d["language"],
         "bytes": p.bytes,
         "compile_ms": round1(p.warm.compiled().ms),
+        "load_from_cache_ms": round1(p.cached_load_ms),
         "warm_call_ns": warm.summary(),
         "fresh_instance_call_ns": fresh.summary(),
         "instantiate_and_init_us": round1((fresh_p50 - warm_p50).max(0.0) / 1000.0),

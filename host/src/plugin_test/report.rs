@@ -236,9 +236,17 @@ impl Report {
             })
             .collect();
         if !shown.is_empty() {
+            let w = |f: &dyn Fn(&CaseResult) -> usize, min: usize| {
+                shown.iter().map(|c| f(c)).max().unwrap_or(0).clamp(min, 40)
+            };
+            let (wi, wd) = (
+                w(&|c| c.id.chars().count(), 4),
+                w(&|c| c.decided.chars().count(), 7),
+            );
+            let we = w(&|c| c.expected.as_deref().map_or(1, |e| e.chars().count()), 8);
             let _ = writeln!(
                 out,
-                "\n{:<16} {:<14} {:<14} {:>9}  detail",
+                "\n{:<wi$} {:<wd$} {:<we$} {:>9}  detail",
                 "case", "decided", "expected", "µs"
             );
             for c in shown {
@@ -249,7 +257,7 @@ impl Report {
                 };
                 let _ = writeln!(
                     out,
-                    "{:<16} {:<14} {:<14} {:>9.1} {mark} {}",
+                    "{:<wi$} {:<wd$} {:<we$} {:>9.1} {mark} {}",
                     c.id,
                     c.decided,
                     c.expected.as_deref().unwrap_or("-"),

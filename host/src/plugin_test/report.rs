@@ -243,7 +243,10 @@ impl Report {
                 w(&|c| c.id.chars().count(), 4),
                 w(&|c| c.decided.chars().count(), 7),
             );
-            let we = w(&|c| c.expected.as_deref().map_or(1, |e| e.chars().count()), 8);
+            let we = w(
+                &|c| c.expected.as_deref().map_or(1, |e| e.chars().count()),
+                8,
+            );
             let _ = writeln!(
                 out,
                 "\n{:<wi$} {:<wd$} {:<we$} {:>9}  detail",

@@ -329,6 +329,37 @@ fn plugin_test_reports_decisions_agreement_and_timing() {
     assert_all_agree(&v);
     assert_eq!(v["plugin"]["language"], "c");
 
+    // A budget rule is shown each case's spend.
+    let budget = dir.path().join("budget.jsonl");
+    let q = r#""request": {"model": "gpt-4o", "max_tokens": 100, "messages": [{"role": "user", "content": "hi"}]}"#;
+    std::fs::write(
+        &budget,
+        format!(
+            "{{\"id\": \"fresh\", \"tenant\": \"acme\", {q}, \"expect\": \"allow\"}}\n\
+             {{\"id\": \"near\", \"tenant\": \"acme\", {q}, \"spend\": {{\"tenant_today_usd\": 9.0}}, \"expect\": \"downgrade\"}}\n\
+             {{\"id\": \"over\", \"tenant\": \"acme\", {q}, \"spend\": {{\"tenant_today_usd\": 10.0}}, \"expect\": \"deny\"}}\n"
+        ),
+    )
+    .unwrap();
+    let budget_cfg = dir.path().join("budget.json");
+    std::fs::write(
+        &budget_cfg,
+        r#"{"daily_usd": 10.0, "downgrade_model": "gpt-4o-mini"}"#,
+    )
+    .unwrap();
+    let v = plugin_test(&[
+        &example("daily_budget.wasm"),
+        "--kind",
+        "budget-rule",
+        "--cases",
+        budget.to_str().unwrap(),
+        "--config",
+        budget_cfg.to_str().unwrap(),
+    ]);
+    assert_all_agree(&v);
+    assert_eq!(v["agreement"]["judged"], 3);
+    assert_eq!(v["plugin"]["language"], "rust");
+
     // A bad case line is named, and a missing plugin is a clear error.
     let bad = dir.path().join("bad.jsonl");
     std::fs::write(
@@ -347,6 +378,22 @@ fn plugin_test_reports_decisions_agreement_and_timing() {
         err.contains("bad.jsonl line 1") && err.contains("messages"),
         "{err}"
     );
+    let cases = root().join("examples/c/cases.jsonl");
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_tollgate"))
+        .args([
+            "plugin",
+            "test",
+            "no-such.wasm",
+            "--kind",
+            "router",
+            "--cases",
+        ])
+        .arg(&cases)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("cannot read plugin no-such.wasm"), "{err}");
 }
 
 #[tokio::test]

@@ -142,14 +142,11 @@ pub async fn run(opts: &Options) -> Result<Report, HarnessError> {
         PluginKind::Router => {
             let p: Plugin<RouterKind> = runtime.load(&slot).await?;
             let load_ms = ms(started);
-            exercise(&p, load_ms, &cases, opts.repeat, |p, c, v| {
-                let candidates = live.candidates(None);
-                let asked = v.model.clone();
-                let catalog = live.catalog.clone();
-                async move {
-                    let d = p.route(&v, &candidates).await;
-                    d.map(|d| route_outcome(&d, &asked, &catalog, &candidates, c))
-                }
+            let candidates = live.candidates(None);
+            let (candidates, catalog) = (&candidates, &live.catalog);
+            exercise(&p, load_ms, &cases, opts.repeat, |p, _, v| async move {
+                let d = p.route(&v, candidates).await;
+                d.map(|d| route_outcome(&d, &v.model, catalog, candidates))
             })
             .await
         }
@@ -270,7 +267,6 @@ fn route_outcome(
     asked: &str,
     catalog: &Catalog,
     candidates: &[ModelInfo],
-    _case: &cases::Case,
 ) -> Outcome {
     let tier = |m: &str| {
         candidates

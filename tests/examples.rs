@@ -203,12 +203,27 @@ fn assert_all_agree(v: &Value) {
     );
 }
 
-fn plugin_test(args: &[&str]) -> Value {
-    let mut all = vec!["plugin", "test"];
-    all.extend_from_slice(args);
-    all.push("--json");
-    let out = tollgate_ok(&all);
-    serde_json::from_slice(&out.stdout).unwrap()
+/// `tollgate plugin test FILE --kind KIND --cases CASES [--config CONFIG] --json`.
+fn plugin_test(
+    file: &str,
+    kind: &str,
+    cases: &std::path::Path,
+    config: Option<&std::path::Path>,
+) -> Value {
+    let mut args = vec![
+        "plugin",
+        "test",
+        file,
+        "--kind",
+        kind,
+        "--cases",
+        cases.to_str().unwrap(),
+        "--json",
+    ];
+    if let Some(c) = config {
+        args.extend(["--config", c.to_str().unwrap()]);
+    }
+    serde_json::from_slice(&tollgate_ok(&args).stdout).unwrap()
 }
 
 #[test]
@@ -224,15 +239,7 @@ fn plugin_test_reports_decisions_agreement_and_timing() {
     let py = example("python_router.wasm");
     let cases = root().join("examples/python/cases.jsonl");
     let cases = cases.to_str().unwrap();
-    let v = plugin_test(&[
-        &py,
-        "--kind",
-        "router",
-        "--cases",
-        cases,
-        "--config",
-        cfg.to_str().unwrap(),
-    ]);
+    let v = plugin_test(&py, "router", cases.as_ref(), Some(&cfg));
     let judged = v["agreement"]["judged"].as_u64().unwrap();
     assert_eq!(judged, v["cases"].as_array().unwrap().len() as u64);
     assert_eq!(v["agreement"]["agreed"], judged, "{:#}", v["cases"]);
@@ -294,13 +301,7 @@ fn plugin_test_reports_decisions_agreement_and_timing() {
     // The JavaScript cache policy on its cases, with answers offered to admit.
     let js = example("js_cache_policy.wasm");
     let cases = root().join("examples/js/cases.jsonl");
-    let v = plugin_test(&[
-        &js,
-        "--kind",
-        "cache-policy",
-        "--cases",
-        cases.to_str().unwrap(),
-    ]);
+    let v = plugin_test(&js, "cache-policy", &cases, None);
     assert_all_agree(&v);
     assert!(
         v["cases"]
@@ -317,15 +318,7 @@ fn plugin_test_reports_decisions_agreement_and_timing() {
     let cfg_c = dir.path().join("squeeze.toml");
     std::fs::write(&cfg_c, "min_chars = 100\n").unwrap();
     let cases = root().join("examples/c/cases.jsonl");
-    let v = plugin_test(&[
-        &c,
-        "--kind",
-        "compressor",
-        "--cases",
-        cases.to_str().unwrap(),
-        "--config",
-        cfg_c.to_str().unwrap(),
-    ]);
+    let v = plugin_test(&c, "compressor", &cases, Some(&cfg_c));
     assert_all_agree(&v);
     assert_eq!(v["plugin"]["language"], "c");
 
@@ -347,15 +340,12 @@ fn plugin_test_reports_decisions_agreement_and_timing() {
         r#"{"daily_usd": 10.0, "downgrade_model": "gpt-4o-mini"}"#,
     )
     .unwrap();
-    let v = plugin_test(&[
+    let v = plugin_test(
         &example("daily_budget.wasm"),
-        "--kind",
         "budget-rule",
-        "--cases",
-        budget.to_str().unwrap(),
-        "--config",
-        budget_cfg.to_str().unwrap(),
-    ]);
+        &budget,
+        Some(&budget_cfg),
+    );
     assert_all_agree(&v);
     assert_eq!(v["agreement"]["judged"], 3);
     assert_eq!(v["plugin"]["language"], "rust");
@@ -415,15 +405,12 @@ async fn plugin_test_reads_cases_from_a_ledger() {
         format!("{cache}[plugins.router]\npath = \"x.wasm\"\ntimeout_ms = 1000\n"),
     )
     .unwrap();
-    let v = plugin_test(&[
+    let v = plugin_test(
         &example("python_router.wasm"),
-        "--kind",
         "router",
-        "--cases",
-        ledger.to_str().unwrap(),
-        "--config",
-        cfg.to_str().unwrap(),
-    ]);
+        &ledger,
+        Some(&cfg),
+    );
     let decided: Vec<&str> = v["cases"]
         .as_array()
         .unwrap()

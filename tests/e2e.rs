@@ -2796,3 +2796,121 @@ async fn the_openai_provider_sends_deferred_requests_through_the_batch_api() {
     }
     assert!(gw.log_contains("batch created"));
 }
+
+#[tokio::test]
+async fn cached_answers_are_invalidated_by_tag_tenant_user_and_prompt_version() {
+    let token = "cache-admin-token";
+    let gw = gateway_env(
+        &format!("[admin]\nlisten = \"127.0.0.1:0\"\n[ledger]\nflush_interval_ms = 20\n{FULL}"),
+        &[("TOLLGATE_ADMIN_TOKEN", token)],
+    );
+    let admin = gw.admin_base();
+    let delete = |query: &'static str| {
+        let admin = admin.clone();
+        async move {
+            admin_call(
+                &admin,
+                token,
+                reqwest::Method::DELETE,
+                format!("/v1/cache{query}"),
+                None,
+            )
+            .await
+        }
+    };
+    let ask_as = |feature: &'static str,
+                  user: &'static str,
+                  extra: &'static [(&'static str, &'static str)],
+                  q: &'static str| {
+        let base = gw.base.clone();
+        async move {
+            let mut h = vec![
+                ("x-tollgate-tenant", "acme"),
+                ("x-tollgate-feature", feature),
+                ("x-tollgate-user", user),
+            ];
+            h.extend_from_slice(extra);
+            chat(&base, &h, ask(q))
+                .await
+                .header("x-tollgate-cache")
+                .to_string()
+        }
+    };
+    let docs = "What file formats can invoices be exported to?";
+    let billing = "Which payment methods are accepted?";
+    for (feature, q) in [("docs", docs), ("billing", billing)] {
+        assert_eq!(ask_as(feature, "ann", &[], q).await, "miss");
+        assert_eq!(ask_as(feature, "bob", &[], q).await, "hit");
+    }
+
+    // By tag: only the docs feature's answers go.
+    let (status, v) = delete("?tag=feature:docs").await;
+    assert_eq!((status, &v), (200, &json!({"removed": 1})));
+    assert_eq!(ask_as("docs", "ann", &[], docs).await, "miss");
+    assert_eq!(ask_as("billing", "ann", &[], billing).await, "hit");
+
+    // By user: a private answer (the `account` feature is personal).
+    let mine = "Which plan is this account on?";
+    assert_eq!(ask_as("account", "ann", &[], mine).await, "miss");
+    assert_eq!(ask_as("account", "ann", &[], mine).await, "hit");
+    let (status, v) = delete("?tenant=acme&user=ann").await;
+    assert_eq!((status, v["removed"].as_u64()), (200, Some(1)));
+    assert_eq!(ask_as("account", "ann", &[], mine).await, "miss");
+    assert_eq!(ask_as("billing", "ann", &[], billing).await, "hit");
+
+    // By a custom tag from x-tollgate-tag-*, then by tenant.
+    let release: &[(&str, &str)] = &[("x-tollgate-tag-release", "r42")];
+    let notes = "What changed in the exporter?";
+    assert_eq!(ask_as("docs", "ann", release, notes).await, "miss");
+    let (_, v) = delete("?tag=release:r42").await;
+    assert_eq!(v["removed"], 1);
+    assert_eq!(ask_as("docs", "ann", release, notes).await, "miss");
+    let (_, v) = delete("?tenant=acme").await;
+    assert!(v["removed"].as_u64().unwrap() >= 3, "{v}");
+    assert_eq!(ask_as("billing", "ann", &[], billing).await, "miss");
+
+    // A new prompt version never gets the old version's answers.
+    let v1: &[(&str, &str)] = &[("x-tollgate-prompt-version", "support-v1")];
+    let v2: &[(&str, &str)] = &[("x-tollgate-prompt-version", "support-v2")];
+    let q = "How long is the refund window?";
+    assert_eq!(ask_as("docs", "ann", v1, q).await, "miss");
+    assert_eq!(ask_as("docs", "bob", v1, q).await, "hit");
+    assert_eq!(ask_as("docs", "bob", v2, q).await, "miss");
+    let (_, v) = delete("?tag=prompt:support-v1").await;
+    assert_eq!(v["removed"], 1);
+
+    // Bad requests are refused, not taken as "everything".
+    for (query, needle) in [
+        ("", "name what to remove"),
+        ("?user=ann", "needs its `tenant`"),
+        ("?colour=red", "unknown parameter `colour`"),
+        ("?tag=", "`tag` is empty"),
+    ] {
+        let (status, v) = delete(query).await;
+        assert_eq!(status, 400, "{query}: {v}");
+        assert!(
+            v["error"]["message"].as_str().unwrap().contains(needle),
+            "{query}: {v}"
+        );
+    }
+    let (status, v) = delete("?all=true").await;
+    assert_eq!(status, 200, "{v}");
+
+    // Every invalidation is in the change log.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let (_, c) = admin_call(
+        &admin,
+        token,
+        reqwest::Method::GET,
+        "/v1/plugins/changes".into(),
+        None,
+    )
+    .await;
+    let n = c["changes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|x| x["slot"] == "cache" && x["action"] == "invalidate")
+        .count();
+    assert_eq!(n, 6, "{c}");
+}

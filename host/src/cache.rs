@@ -41,8 +41,25 @@ const KEY_FIELDS: [&str; 21] = [
 
 pub type CacheKey = [u8; 32];
 
-/// The cache key of a request body within a scope.
-pub fn key(scope: CacheScope, tenant: &str, user: &str, body: &Map<String, Value>) -> CacheKey {
+/// Where an admitted answer goes: its key, how long it is served, and
+/// what it can be invalidated by.
+#[derive(Debug, Clone)]
+pub struct Plan {
+    pub key: CacheKey,
+    pub ttl: Duration,
+    pub labels: EntryLabels,
+}
+
+/// The cache key of a request body within a scope. The prompt version
+/// (`x-tollgate-prompt-version`, else a hash of the system messages) is
+/// part of it: a new version of a prompt never gets the old one's answers.
+pub fn key(
+    scope: CacheScope,
+    tenant: &str,
+    user: &str,
+    prompt_version: &str,
+    body: &Map<String, Value>,
+) -> CacheKey {
     let mut canonical = Map::new();
     for f in KEY_FIELDS {
         if let Some(v) = body.get(f) {
@@ -57,6 +74,7 @@ pub fn key(scope: CacheScope, tenant: &str, user: &str, body: &Map<String, Value
     };
     part(b"tollgate-cache-v1");
     part(tenant.as_bytes());
+    part(prompt_version.as_bytes());
     match scope {
         CacheScope::Tenant => part(b"tenant"),
         CacheScope::TenantUser => {
@@ -84,6 +102,39 @@ pub struct CachedAnswer {
     pub expires_at_ms: u64,
     /// The request whose upstream answer this is (audit, replay scoring).
     pub origin: String,
+    /// What the entry can be invalidated by.
+    pub labels: EntryLabels,
+}
+
+/// Who an entry belongs to and its tags, for invalidation: `tenant:`,
+/// `feature:`, `model:` (the model asked), `prompt:` (the prompt version)
+/// and one `key:value` tag per `x-tollgate-tag-<key>` header of the request
+/// that stored it.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct EntryLabels {
+    pub tenant: String,
+    /// Set for answers private to one user (the tenant-user scope).
+    pub user: Option<String>,
+    pub tags: Vec<String>,
+}
+
+/// Which entries an invalidation removes: those matching every field given.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Invalidation {
+    pub tenant: Option<String>,
+    pub user: Option<String>,
+    pub tag: Option<String>,
+}
+
+impl Invalidation {
+    pub fn matches(&self, l: &EntryLabels) -> bool {
+        self.tenant.as_ref().is_none_or(|t| *t == l.tenant)
+            && self
+                .user
+                .as_ref()
+                .is_none_or(|u| l.user.as_ref() == Some(u))
+            && self.tag.as_ref().is_none_or(|t| l.tags.contains(t))
+    }
 }
 
 /// Where answers live. The in-memory store is the default; a shared store
@@ -91,6 +142,8 @@ pub struct CachedAnswer {
 pub trait AnswerStore: Send + Sync {
     fn get(&self, key: &CacheKey) -> Option<Arc<CachedAnswer>>;
     fn put(&self, key: CacheKey, answer: Arc<CachedAnswer>);
+    /// Removes the entries `which` matches; returns how many.
+    fn invalidate(&self, which: &Invalidation) -> usize;
 }
 
 struct PerEntryTtl;
@@ -145,6 +198,21 @@ impl AnswerStore for MemoryStore {
     fn put(&self, key: CacheKey, answer: Arc<CachedAnswer>) {
         self.inner.insert(key, answer);
     }
+
+    fn invalidate(&self, which: &Invalidation) -> usize {
+        // A walk over every entry: invalidation is an operator's action,
+        // rare next to lookups, which stay a single hash probe.
+        let doomed: Vec<Arc<CacheKey>> = self
+            .inner
+            .iter()
+            .filter(|(_, v)| which.matches(&v.labels))
+            .map(|(k, _)| k)
+            .collect();
+        for k in &doomed {
+            self.inner.invalidate(&**k);
+        }
+        doomed.len()
+    }
 }
 
 #[cfg(test)]
@@ -161,7 +229,7 @@ mod tests {
         let b = body(json!({"model": "m", "messages": [{"role": "user", "content": "q"}]}));
         let mut streamed = b.clone();
         streamed.insert("stream".into(), json!(true));
-        let k = |s, t, u, b: &Map<String, Value>| key(s, t, u, b);
+        let k = |s, t, u, b: &Map<String, Value>| key(s, t, u, "", b);
         assert_eq!(
             k(CacheScope::Tenant, "a", "u1", &b),
             k(CacheScope::Tenant, "a", "u2", &b)
@@ -193,6 +261,11 @@ mod tests {
             k(CacheScope::Tenant, "ab", "", &b),
             k(CacheScope::TenantUser, "a", "b", &b)
         );
+        assert_ne!(
+            key(CacheScope::Tenant, "a", "", "v1", &b),
+            key(CacheScope::Tenant, "a", "", "v2", &b),
+            "a new prompt version misses"
+        );
     }
 
     fn answer(ttl: Duration, expires_at_ms: u64) -> Arc<CachedAnswer> {
@@ -205,7 +278,50 @@ mod tests {
             ttl,
             expires_at_ms,
             origin: "req_1".into(),
+            labels: EntryLabels::default(),
         })
+    }
+
+    #[test]
+    fn invalidation_removes_what_matches_every_field_given() {
+        let s = MemoryStore::new(1 << 20, Arc::new(crate::clock::SystemClock));
+        let put = |k: u8, tenant: &str, user: Option<&str>, tags: &[&str]| {
+            let mut a = answer(Duration::from_secs(60), u64::MAX);
+            Arc::get_mut(&mut a).unwrap().labels = EntryLabels {
+                tenant: tenant.into(),
+                user: user.map(str::to_string),
+                tags: tags.iter().map(|t| t.to_string()).collect(),
+            };
+            s.put([k; 32], a);
+        };
+        put(1, "a", None, &["feature:docs"]);
+        put(2, "a", Some("ann"), &["feature:docs"]);
+        put(3, "a", None, &["feature:billing"]);
+        put(4, "b", None, &["feature:docs"]);
+        let tag = |t: &str| Invalidation {
+            tag: Some(t.into()),
+            ..Default::default()
+        };
+        assert_eq!(
+            s.invalidate(&Invalidation {
+                tenant: Some("a".into()),
+                ..tag("feature:docs")
+            }),
+            2
+        );
+        assert!(s.get(&[1; 32]).is_none() && s.get(&[2; 32]).is_none());
+        assert!(s.get(&[3; 32]).is_some() && s.get(&[4; 32]).is_some());
+        assert_eq!(s.invalidate(&tag("feature:nothing")), 0);
+        put(5, "b", Some("bob"), &[]);
+        let bob = Invalidation {
+            user: Some("bob".into()),
+            ..Default::default()
+        };
+        assert_eq!(s.invalidate(&bob), 1);
+        assert!(
+            s.get(&[4; 32]).is_some(),
+            "shared answers are not the user's"
+        );
     }
 
     #[test]

@@ -16,6 +16,7 @@
 //!   restart, or why the edit was refused.
 
 mod budgets;
+mod cache;
 mod kill;
 mod plugins;
 pub(crate) use plugins::record as record_change;
@@ -331,6 +332,7 @@ async fn dispatch(gw: Arc<Gateway>, req: Request<Incoming>) -> Result<Bytes, Api
         }
         ("/v1/config/reload", Method::POST) => reload_config(&gw, &who).await,
         ("/v1/spend", Method::GET) => spend(gw, query).await,
+        ("/v1/cache", Method::DELETE) => cache::invalidate(&gw, &who, query.as_deref()).await,
         (_, method) => Err(ApiError::new(
             StatusCode::NOT_FOUND,
             "invalid_request_error",

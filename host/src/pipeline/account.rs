@@ -2,14 +2,14 @@
 //! follows from it (spend settled, cache admission, metrics, the log line).
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use bytes::Bytes;
 
 use super::{Gateway, contain, decided};
 use crate::api::{self, WireCompletion};
 use crate::budget::Reservation;
-use crate::cache::{AnswerStore, CacheKey, CachedAnswer};
+use crate::cache::{AnswerStore, CachedAnswer};
 use crate::ledger::{CallRecord, Row};
 use crate::plugins::types::{RequestView, ResponseMeta};
 use crate::pricing::Usage;
@@ -21,7 +21,7 @@ pub struct Accounting {
     pub live: Arc<super::Live>,
     pub view: RequestView,
     pub model: String,
-    pub cache_plan: Option<(CacheKey, Duration)>,
+    pub cache_plan: Option<crate::cache::Plan>,
     pub reservation: Option<Reservation>,
     pub started: Instant,
     pub upstream_started: Instant,
@@ -111,8 +111,7 @@ impl Accounting {
                 .observe(self.upstream_started.elapsed().as_secs_f64());
         }
         let mut admitted = false;
-        if let (Some((key, ttl)), Some(slot)) =
-            (self.cache_plan.take(), &self.live.plugins.cache_policy)
+        if let (Some(plan), Some(slot)) = (self.cache_plan.take(), &self.live.plugins.cache_policy)
             && !estimated
         {
             let meta = ResponseMeta {
@@ -142,8 +141,9 @@ impl Accounting {
                             .to_string(),
                     )
                 });
+                let ttl = plan.ttl;
                 gw.cache.put(
-                    key,
+                    plan.key,
                     Arc::new(CachedAnswer {
                         model: self.model.clone(),
                         content: content.to_string(),
@@ -156,6 +156,7 @@ impl Accounting {
                             .now_ms()
                             .saturating_add(u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX)),
                         origin: self.row.request_id.clone(),
+                        labels: plan.labels,
                     }),
                 );
                 admitted = true;

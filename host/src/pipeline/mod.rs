@@ -646,7 +646,7 @@ impl Gateway {
                         slot,
                         format!("lookup {:?} ttl {}s", l.scope, l.ttl_seconds),
                     );
-                    let key = cache::key(l.scope, &id.tenant, &id.user, &req.body);
+                    let key = cache::key(l.scope, &id.tenant, &id.user, &prompt_version, &req.body);
                     if let Some(hit) = self.cache.get(&key) {
                         self.metrics.cache("hit");
                         tracing::info!(request_id = rid, tenant = %id.tenant, model = %hit.model, "cache hit");
@@ -658,7 +658,11 @@ impl Gateway {
                         return Ok(self.reply_cached(rid, &req, &hit));
                     }
                     let ttl = l.ttl_seconds.min(live.config.cache.max_ttl_seconds);
-                    cache_plan = Some((key, Duration::from_secs(u64::from(ttl))));
+                    cache_plan = Some(cache::Plan {
+                        key,
+                        ttl: Duration::from_secs(u64::from(ttl)),
+                        labels: entry_labels(&id, l.scope, &req.model, &prompt_version),
+                    });
                     cache_outcome = "miss";
                 }
                 Some(CacheDecision::Bypass(reason)) => {
@@ -825,7 +829,7 @@ impl Gateway {
         req: &ChatRequest,
         ladder: Vec<String>,
         view: RequestView,
-        cache_plan: Option<(cache::CacheKey, Duration)>,
+        cache_plan: Option<cache::Plan>,
         reservation: crate::budget::Reservation,
         started: Instant,
         rec: &mut Row,
@@ -1306,6 +1310,29 @@ fn upstream_error(e: &ProviderError) -> ApiError {
 }
 
 /// A time-ordered id, so ids sort by arrival in logs and the ledger.
+/// What a stored answer can be invalidated by (see [`cache::EntryLabels`]).
+fn entry_labels(
+    id: &Identity,
+    scope: crate::plugins::types::CacheScope,
+    model: &str,
+    prompt_version: &str,
+) -> cache::EntryLabels {
+    let mut tags = vec![
+        format!("tenant:{}", id.tenant),
+        format!("feature:{}", id.feature),
+        format!("model:{model}"),
+    ];
+    if !prompt_version.is_empty() {
+        tags.push(format!("prompt:{prompt_version}"));
+    }
+    tags.extend(id.tags.iter().map(|(k, v)| format!("{k}:{v}")));
+    cache::EntryLabels {
+        tenant: id.tenant.clone(),
+        user: (scope == crate::plugins::types::CacheScope::TenantUser).then(|| id.user.clone()),
+        tags,
+    }
+}
+
 pub fn new_request_id() -> String {
     format!("req_{}", uuid::Uuid::now_v7().simple())
 }

@@ -236,8 +236,18 @@ static bool squeeze(const char *text, size_t len, long fold, out_t *o, long *fol
 // ---- the world's exports ---------------------------------------------------
 
 bool exports_compressor_init(compressor_string_t *config, compressor_string_t *err) {
+  // WIT strings are not NUL-terminated; strtol needs a terminated copy.
+  char *text = malloc(config->len + 1);
+  if (!text) {
+    compressor_string_free(config);
+    compressor_string_dup(err, "config: out of memory");
+    return false;
+  }
+  memcpy(text, config->ptr, config->len);
+  text[config->len] = 0;
   parser_t ps;
-  bool ok = parse_config((const char *)config->ptr, config->len, &SETTINGS, &ps);
+  bool ok = parse_config(text, config->len, &SETTINGS, &ps);
+  free(text);
   compressor_string_free(config);
   if (!ok) compressor_string_dup(err, ps.err);
   return ok;

@@ -189,6 +189,8 @@ export function admitAnswer(req, resp, s) {
   if (resp.finishReason !== 'stop') return { admit: false, why: `finished by ${resp.finishReason}` };
   const text = resp.content.trim();
   if (!text) return { admit: false, why: 'empty answer' };
+  // Decided again rather than remembered from lookup: admit may run on
+  // another instance of the plugin than the lookup did.
   const d = decide(req, s);
   if (d.bypass) return { admit: false, why: d.bypass };
   if (hasSecret(text)) return { admit: false, why: 'a secret in the answer' };

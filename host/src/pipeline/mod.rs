@@ -77,7 +77,7 @@ pub(crate) async fn load_embedder(
 }
 
 /// Output tokens assumed for the worst case when a request sets no `max_tokens`.
-pub(crate) const DEFAULT_MAX_OUTPUT: u32 = 4096;
+const DEFAULT_MAX_OUTPUT: u32 = 4096;
 
 /// A response ready for the HTTP layer.
 pub struct Reply {
@@ -136,7 +136,7 @@ impl Live {
     }
 
     /// Worst-case cost of the request on `model` (0 when the model has no price).
-    fn worst_case(&self, model: &str, view: &RequestView) -> f64 {
+    pub(crate) fn worst_case(&self, model: &str, view: &RequestView) -> f64 {
         self.catalog
             .worst_case(
                 model,

@@ -193,14 +193,7 @@ pub async fn run(opts: &Options) -> Result<Report, HarnessError> {
                     tenant_today_usd: c.spend[0],
                     feature_today_usd: c.spend[1],
                     user_today_usd: c.spend[2],
-                    estimated_cost_usd: live
-                        .catalog
-                        .worst_case(
-                            &v.model,
-                            v.prompt_tokens,
-                            v.max_tokens.unwrap_or(crate::pipeline::DEFAULT_MAX_OUTPUT),
-                        )
-                        .unwrap_or(0.0),
+                    estimated_cost_usd: live.worst_case(&v.model, &v),
                 };
                 async move { p.check(&v, &spend).await.map(|d| verdict_outcome(&d)) }
             })

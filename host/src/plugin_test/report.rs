@@ -125,6 +125,15 @@ impl Report {
         self.calls_us[i.min(self.calls_us.len() - 1)]
     }
 
+    /// How many cases got each decision.
+    fn decisions(&self) -> BTreeMap<&str, usize> {
+        let mut n = BTreeMap::new();
+        for c in &self.cases {
+            *n.entry(c.decided.as_str()).or_insert(0) += 1;
+        }
+        n
+    }
+
     /// Expected decisions (rows), decided ones (columns) and the count of each pair.
     fn matrix(&self) -> (Vec<String>, Vec<String>, Pairs) {
         let mut m = BTreeMap::new();
@@ -161,10 +170,7 @@ impl Report {
     pub fn to_json(&self) -> Value {
         let (met, judged) = self.agreement();
         let (_, _, m) = self.matrix();
-        let mut decisions: BTreeMap<&str, usize> = BTreeMap::new();
-        for c in &self.cases {
-            *decisions.entry(c.decided.as_str()).or_insert(0) += 1;
-        }
+        let decisions = self.decisions();
         json!({
             "file": self.file,
             "cases_file": self.cases_file,
@@ -291,11 +297,11 @@ impl Report {
                 out.push('\n');
             }
         } else {
-            let mut decisions: BTreeMap<&str, usize> = BTreeMap::new();
-            for c in &self.cases {
-                *decisions.entry(c.decided.as_str()).or_insert(0) += 1;
-            }
-            let list: Vec<String> = decisions.iter().map(|(d, n)| format!("{d} {n}")).collect();
+            let list: Vec<String> = self
+                .decisions()
+                .iter()
+                .map(|(d, n)| format!("{d} {n}"))
+                .collect();
             let _ = writeln!(out, "decisions  {}", list.join(", "));
         }
         let t = self.timing();

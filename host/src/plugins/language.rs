@@ -29,6 +29,12 @@ impl Language {
         }
     }
 
+    /// Run by an interpreter (CPython, SpiderMonkey) compiled into the
+    /// component, rather than compiled to WebAssembly themselves.
+    fn interpreted(self) -> bool {
+        matches!(self, Language::Python | Language::JavaScript)
+    }
+
     /// Deadline of one call when the slot sets no `timeout_ms`. Measured
     /// here (release, 2 cores): Rust and C policies answer in about a
     /// microsecond; a warm Python router in ~10 µs and a JavaScript cache
@@ -36,10 +42,7 @@ impl Language {
     /// a few milliseconds (lazy compilation of regular expressions and code
     /// paths), which a 5 ms deadline would turn into failures on a busy host.
     pub fn default_timeout_ms(self) -> u64 {
-        match self {
-            Language::Python | Language::JavaScript => 25,
-            Language::Rust | Language::C | Language::Unknown => 5,
-        }
+        if self.interpreted() { 25 } else { 5 }
     }
 
     /// Fuel of one call when the slot sets no `fuel`. An interpreter burns
@@ -48,18 +51,16 @@ impl Language {
     /// 20,000-character document, the Python one 0.5-3 million; Rust and C
     /// policies need tens of thousands. The deadline still bounds every call.
     pub fn default_fuel(self) -> u64 {
-        match self {
-            Language::Python | Language::JavaScript => 500_000_000,
-            Language::Rust | Language::C | Language::Unknown => 50_000_000,
+        if self.interpreted() {
+            500_000_000
+        } else {
+            50_000_000
         }
     }
 
     /// Deadline of instantiation and `init` when the slot sets no `init_timeout_ms`.
     pub fn default_init_timeout_ms(self) -> u64 {
-        match self {
-            Language::Python | Language::JavaScript => 5_000,
-            Language::Rust | Language::C | Language::Unknown => 1_000,
-        }
+        if self.interpreted() { 5_000 } else { 1_000 }
     }
 }
 

@@ -1309,7 +1309,6 @@ fn upstream_error(e: &ProviderError) -> ApiError {
     }
 }
 
-/// A time-ordered id, so ids sort by arrival in logs and the ledger.
 /// What a stored answer can be invalidated by (see [`cache::EntryLabels`]).
 fn entry_labels(
     id: &Identity,
@@ -1333,6 +1332,7 @@ fn entry_labels(
     }
 }
 
+/// A time-ordered id, so ids sort by arrival in logs and the ledger.
 pub fn new_request_id() -> String {
     format!("req_{}", uuid::Uuid::now_v7().simple())
 }

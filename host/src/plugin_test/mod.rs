@@ -224,19 +224,19 @@ where
 {
     let mut results = Vec::with_capacity(cases.len());
     let mut micros = Vec::with_capacity(cases.len() * repeat.max(1) as usize);
+    // Built once (prompt tokens are counted here), handed out as copies.
+    let views: Vec<_> = cases
+        .iter()
+        .map(|c| view::build(&c.id, &c.identity, &c.request))
+        .collect();
     for round in 0..repeat.max(1) {
-        for c in cases {
-            let v = view::build(&c.id, &c.identity, &c.request);
+        for (c, v) in cases.iter().zip(&views) {
+            let v = v.clone();
             let t = Instant::now();
             let out = call(plugin, c, v).await;
             micros.push(t.elapsed().as_secs_f64() * 1e6);
             if round == 0 {
-                let outcome = out.unwrap_or_else(|e| Outcome {
-                    decision: "error".into(),
-                    tier: None,
-                    model: None,
-                    detail: e.to_string(),
-                });
+                let outcome = out.unwrap_or_else(|e| Outcome::plain("error", e.to_string()));
                 results.push((
                     c.id.clone(),
                     c.expect.clone(),

@@ -90,18 +90,18 @@ extern crate self as tollgate_sdk;
 pub mod bindings {
     pub mod imports {
         wit_bindgen::generate!({
-            path: "../wit/v0.1.0",
+            path: "../wit/v0.2.0",
             world: "imports",
             additional_derives: [PartialEq],
         });
     }
     pub mod router {
         wit_bindgen::generate!({
-            path: "../wit/v0.1.0",
+            path: "../wit/v0.2.0",
             world: "router",
             with: {
-                "tollgate:policy/types@0.1.0": tollgate_sdk::bindings::imports::tollgate::policy::types,
-                "tollgate:policy/host@0.1.0": tollgate_sdk::bindings::imports::tollgate::policy::host,
+                "tollgate:policy/types@0.2.0": tollgate_sdk::bindings::imports::tollgate::policy::types,
+                "tollgate:policy/host@0.2.0": tollgate_sdk::bindings::imports::tollgate::policy::host,
             },
             pub_export_macro: true,
             export_macro_name: "__export_router_world",
@@ -110,11 +110,11 @@ pub mod bindings {
     }
     pub mod compressor {
         wit_bindgen::generate!({
-            path: "../wit/v0.1.0",
+            path: "../wit/v0.2.0",
             world: "compressor",
             with: {
-                "tollgate:policy/types@0.1.0": tollgate_sdk::bindings::imports::tollgate::policy::types,
-                "tollgate:policy/host@0.1.0": tollgate_sdk::bindings::imports::tollgate::policy::host,
+                "tollgate:policy/types@0.2.0": tollgate_sdk::bindings::imports::tollgate::policy::types,
+                "tollgate:policy/host@0.2.0": tollgate_sdk::bindings::imports::tollgate::policy::host,
             },
             pub_export_macro: true,
             export_macro_name: "__export_compressor_world",
@@ -123,11 +123,11 @@ pub mod bindings {
     }
     pub mod cache_policy {
         wit_bindgen::generate!({
-            path: "../wit/v0.1.0",
+            path: "../wit/v0.2.0",
             world: "cache-policy",
             with: {
-                "tollgate:policy/types@0.1.0": tollgate_sdk::bindings::imports::tollgate::policy::types,
-                "tollgate:policy/host@0.1.0": tollgate_sdk::bindings::imports::tollgate::policy::host,
+                "tollgate:policy/types@0.2.0": tollgate_sdk::bindings::imports::tollgate::policy::types,
+                "tollgate:policy/host@0.2.0": tollgate_sdk::bindings::imports::tollgate::policy::host,
             },
             pub_export_macro: true,
             export_macro_name: "__export_cache_policy_world",
@@ -136,11 +136,11 @@ pub mod bindings {
     }
     pub mod budget_rule {
         wit_bindgen::generate!({
-            path: "../wit/v0.1.0",
+            path: "../wit/v0.2.0",
             world: "budget-rule",
             with: {
-                "tollgate:policy/types@0.1.0": tollgate_sdk::bindings::imports::tollgate::policy::types,
-                "tollgate:policy/host@0.1.0": tollgate_sdk::bindings::imports::tollgate::policy::host,
+                "tollgate:policy/types@0.2.0": tollgate_sdk::bindings::imports::tollgate::policy::types,
+                "tollgate:policy/host@0.2.0": tollgate_sdk::bindings::imports::tollgate::policy::host,
             },
             pub_export_macro: true,
             export_macro_name: "__export_budget_rule_world",
@@ -151,7 +151,7 @@ pub mod bindings {
 
 pub use bindings::imports::tollgate::policy::types::{
     CacheDecision, CacheLookup, CacheScope, Compression, KeptMessage, Message, ModelInfo,
-    RequestView, ResponseMeta, Rewrite, RouteDecision, SpendSnapshot, Tag, Verdict,
+    RequestView, ResponseMeta, Rewrite, RouteDecision, SemanticMatch, SpendSnapshot, Tag, Verdict,
 };
 
 /// Functions the gateway offers every plugin.

@@ -4,7 +4,8 @@
 use wasmtime::Store;
 use wasmtime::component::InstancePre;
 
-use super::bindings::v0_1_0::{budget_rule, cache_policy, compressor, router};
+use super::bindings::v0_1_0;
+use super::bindings::v0_2_0::{budget_rule, cache_policy, compressor, router};
 use super::runtime::Plugin;
 use super::state::StoreState;
 use super::types::{
@@ -68,13 +69,55 @@ kind!(
     Compressor,
     CompressorPre
 );
-kind!(
-    CachePolicyKind,
-    CachePolicy,
-    cache_policy,
-    CachePolicy,
-    CachePolicyPre
-);
+/// Cache policies come in two interface versions (see `bindings`).
+pub struct CachePolicyKind;
+
+pub enum CachePolicyPre {
+    V2(cache_policy::CachePolicyPre<StoreState>),
+    V1(InstancePre<StoreState>),
+}
+
+pub enum CachePolicyBindings {
+    V2(cache_policy::CachePolicy),
+    V1(v0_1_0::CachePolicy),
+}
+
+impl Kind for CachePolicyKind {
+    const KIND: PluginKind = PluginKind::CachePolicy;
+    type Pre = CachePolicyPre;
+    type Bindings = CachePolicyBindings;
+
+    fn pre(instance_pre: InstancePre<StoreState>) -> wasmtime::Result<Self::Pre> {
+        match cache_policy::CachePolicyPre::new(instance_pre.clone()) {
+            Ok(p) => Ok(CachePolicyPre::V2(p)),
+            Err(_) if v0_1_0::is_cache_policy(&instance_pre) => {
+                Ok(CachePolicyPre::V1(instance_pre))
+            }
+            Err(e) => Err(e),
+        }
+    }
+    async fn instantiate(
+        pre: &Self::Pre,
+        store: &mut Store<StoreState>,
+    ) -> wasmtime::Result<Self::Bindings> {
+        Ok(match pre {
+            CachePolicyPre::V2(p) => CachePolicyBindings::V2(p.instantiate_async(store).await?),
+            CachePolicyPre::V1(p) => {
+                CachePolicyBindings::V1(v0_1_0::CachePolicy::instantiate(p, store).await?)
+            }
+        })
+    }
+    async fn init(
+        b: &Self::Bindings,
+        store: &mut Store<StoreState>,
+        config: &str,
+    ) -> wasmtime::Result<Result<(), String>> {
+        match b {
+            CachePolicyBindings::V2(b) => b.call_init(store, config).await,
+            CachePolicyBindings::V1(b) => b.call_init(store, config).await,
+        }
+    }
+}
 kind!(
     BudgetRuleKind,
     BudgetRule,
@@ -147,12 +190,23 @@ impl Plugin<CompressorKind> {
 impl Plugin<CachePolicyKind> {
     pub async fn lookup(&self, req: &RequestView) -> Result<CacheDecision, PluginError> {
         let mut w = self.acquire(req).await?;
-        let r = w.bindings.call_lookup(&mut w.store, req).await;
+        let r = match &w.bindings {
+            CachePolicyBindings::V2(b) => b.call_lookup(&mut w.store, req).await,
+            CachePolicyBindings::V1(b) => b.call_lookup(&mut w.store, req).await,
+        };
         let d = self.release(w, r)?;
-        if let CacheDecision::Lookup(l) = &d
-            && l.ttl_seconds == 0
-        {
-            return Err(self.invalid("lookup with a TTL of 0 seconds".into()));
+        if let CacheDecision::Lookup(l) = &d {
+            if l.ttl_seconds == 0 {
+                return Err(self.invalid("lookup with a TTL of 0 seconds".into()));
+            }
+            if let Some(s) = &l.semantic
+                && !(s.min_similarity > 0.0 && s.min_similarity <= 1.0)
+            {
+                return Err(self.invalid(format!(
+                    "semantic min-similarity {} is not in (0, 1]",
+                    s.min_similarity
+                )));
+            }
         }
         Ok(d)
     }
@@ -163,7 +217,10 @@ impl Plugin<CachePolicyKind> {
         response: &ResponseMeta,
     ) -> Result<bool, PluginError> {
         let mut w = self.acquire(req).await?;
-        let r = w.bindings.call_admit(&mut w.store, req, response).await;
+        let r = match &w.bindings {
+            CachePolicyBindings::V2(b) => b.call_admit(&mut w.store, req, response).await,
+            CachePolicyBindings::V1(b) => b.call_admit(&mut w.store, req, response).await,
+        };
         self.release(w, r)
     }
 }

@@ -5,7 +5,7 @@ use std::time::Duration;
 use wasmtime::component::{Component, HasSelf, Linker};
 use wasmtime::{Config, Engine, InstanceAllocationStrategy, PoolingAllocationConfig, Store, Trap};
 
-use super::bindings::v0_1_0::Imports;
+use super::bindings::{v0_1_0, v0_2_0};
 use super::kinds::Kind;
 use super::state::StoreState;
 use super::{LoadError, PluginError, PluginStats};
@@ -66,7 +66,10 @@ impl Runtime {
 
         let mut linker = Linker::<StoreState>::new(&engine);
         wasmtime_wasi::p2::add_to_linker_async(&mut linker).map_err(engine_err)?;
-        Imports::add_to_linker::<_, HasSelf<StoreState>>(&mut linker, |s| s).map_err(engine_err)?;
+        v0_2_0::Imports::add_to_linker::<_, HasSelf<StoreState>>(&mut linker, |s| s)
+            .map_err(engine_err)?;
+        v0_1_0::Imports::add_to_linker::<_, HasSelf<StoreState>>(&mut linker, |s| s)
+            .map_err(engine_err)?;
 
         let stop = Arc::new(AtomicBool::new(false));
         let ticker_engine = engine.weak();

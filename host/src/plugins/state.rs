@@ -7,7 +7,8 @@ use wasmtime::ResourceLimiter;
 use wasmtime::component::ResourceTable;
 use wasmtime_wasi::{WasiCtx, WasiCtxBuilder, WasiCtxView, WasiView};
 
-use super::bindings::v0_1_0::tollgate::policy::{embed, host, spend, types};
+use super::bindings::v0_1_0::tollgate::policy as v0_1_0;
+use super::bindings::v0_2_0::tollgate::policy::{embed, host, spend, types};
 use super::stderr::StderrTail;
 use crate::clock::Clock;
 
@@ -250,5 +251,55 @@ impl host::Host for StoreState {
                 self.last_error = Some(msg.chars().take(300).collect());
             }
         }
+    }
+}
+
+// The 0.1.0 imports are the same functions under the older package name.
+
+impl v0_1_0::types::Host for StoreState {}
+
+impl v0_1_0::spend::Host for StoreState {
+    fn today_usd(&mut self, scope: v0_1_0::spend::SpendScope) -> f64 {
+        use v0_1_0::spend::SpendScope as Old;
+        spend::Host::today_usd(
+            self,
+            match scope {
+                Old::Tenant => spend::SpendScope::Tenant,
+                Old::Feature => spend::SpendScope::Feature,
+                Old::User => spend::SpendScope::User,
+            },
+        )
+    }
+}
+
+impl v0_1_0::embed::Host for StoreState {
+    async fn embed(&mut self, text: String) -> Result<Vec<f32>, String> {
+        embed::Host::embed(self, text).await
+    }
+}
+
+impl v0_1_0::host::Host for StoreState {
+    fn count_tokens(&mut self, text: String, model: String) -> u32 {
+        host::Host::count_tokens(self, text, model)
+    }
+
+    fn hash(&mut self, data: Vec<u8>) -> String {
+        host::Host::hash(self, data)
+    }
+
+    fn now_ms(&mut self) -> u64 {
+        host::Host::now_ms(self)
+    }
+
+    fn log(&mut self, level: v0_1_0::host::Level, message: String) {
+        use v0_1_0::host::Level as Old;
+        let level = match level {
+            Old::Trace => host::Level::Trace,
+            Old::Debug => host::Level::Debug,
+            Old::Info => host::Level::Info,
+            Old::Warn => host::Level::Warn,
+            Old::Error => host::Level::Error,
+        };
+        host::Host::log(self, level, message);
     }
 }

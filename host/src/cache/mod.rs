@@ -3,6 +3,9 @@
 //! personal answers. Two tenants can never share an entry, because the
 //! tenant is part of every key.
 
+pub mod near_miss;
+pub mod semantic;
+
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 

@@ -48,7 +48,10 @@ fn main() -> anyhow::Result<()> {
         HashMap::new();
     for line in std::fs::read_to_string(&trace)?.lines() {
         let r: Value = serde_json::from_str(line)?;
-        let msgs = r["request"]["messages"].as_array().cloned().unwrap_or_default();
+        let msgs = r["request"]["messages"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default();
         let Some(last) = msgs.iter().rposition(|m| m["role"] == "user") else {
             continue;
         };
@@ -67,7 +70,11 @@ fn main() -> anyhow::Result<()> {
         }
         let near = label["near_miss_of"]
             .as_array()
-            .map(|a| a.iter().filter_map(|g| g.as_str().map(String::from)).collect())
+            .map(|a| {
+                a.iter()
+                    .filter_map(|g| g.as_str().map(String::from))
+                    .collect()
+            })
             .unwrap_or_default();
         contexts.entry(ctx).or_default().insert(
             text,
@@ -79,7 +86,11 @@ fn main() -> anyhow::Result<()> {
         );
     }
     let mut groups: Vec<Vec<Text>> = Vec::new();
-    let total: usize = contexts.values().filter(|c| c.len() > 1).map(BTreeMap::len).sum();
+    let total: usize = contexts
+        .values()
+        .filter(|c| c.len() > 1)
+        .map(BTreeMap::len)
+        .sum();
     eprintln!("embedding {total} texts in {} contexts", contexts.len());
     let started = std::time::Instant::now();
     for texts in contexts.into_values().filter(|c| c.len() > 1) {
@@ -145,10 +156,8 @@ fn main() -> anyhow::Result<()> {
                         if o.group == m.q.group {
                             refused_r += 1;
                             if (t - 0.85).abs() < 1e-6 && refused_examples.len() < 40 {
-                                refused_examples.push(format!(
-                                    "{s:.3} {why}: {:?} -> {:?}",
-                                    m.q.text, o.text
-                                ));
+                                refused_examples
+                                    .push(format!("{s:.3} {why}: {:?} -> {:?}", m.q.text, o.text));
                             }
                             let rule = format!("{why}");
                             let rule = rule.split(':').next().unwrap_or("").to_string();

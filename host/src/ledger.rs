@@ -53,7 +53,11 @@ CREATE TABLE IF NOT EXISTS requests (
     request_body      TEXT,
     shadow            TEXT NOT NULL DEFAULT '[]',
     prompt_version    TEXT,
-    batch_discount    REAL
+    batch_discount    REAL,
+    embed_ms          REAL,
+    cache_similarity  REAL,
+    cache_saved_usd   REAL,
+    cache_stored_bytes INTEGER
 );
 CREATE INDEX IF NOT EXISTS requests_ts ON requests (ts_ms);
 CREATE INDEX IF NOT EXISTS requests_tenant_ts ON requests (tenant, ts_ms);
@@ -82,13 +86,17 @@ CREATE INDEX IF NOT EXISTS feedback_task ON feedback (tenant, task_id);
 ";
 
 /// Columns added to `requests` since version 1, with their definitions.
-const ADDED_COLUMNS: [(&str, &str); 6] = [
+const ADDED_COLUMNS: [(&str, &str); 10] = [
     ("cache_origin", "TEXT"),
     ("calls", "TEXT NOT NULL DEFAULT '[]'"),
     ("request_body", "TEXT"),
     ("shadow", "TEXT NOT NULL DEFAULT '[]'"),
     ("prompt_version", "TEXT"),
     ("batch_discount", "REAL"),
+    ("embed_ms", "REAL"),
+    ("cache_similarity", "REAL"),
+    ("cache_saved_usd", "REAL"),
+    ("cache_stored_bytes", "INTEGER"),
 ];
 
 /// One plugin's part in a request.
@@ -184,6 +192,15 @@ pub struct Row {
     pub prompt_version: Option<String>,
     /// Fraction off the price when the call went through a batch API.
     pub batch_discount: Option<f64>,
+    /// Time spent embedding the question for a semantic cache lookup.
+    pub embed_ms: Option<f64>,
+    /// For a semantic cache hit: how close the stored question was (cosine).
+    pub cache_similarity: Option<f64>,
+    /// For a cache hit: what the origin's upstream call cost, i.e. what
+    /// serving it from the cache saved.
+    pub cache_saved_usd: Option<f64>,
+    /// For an answer admitted to the cache: the bytes stored.
+    pub cache_stored_bytes: Option<u64>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -396,9 +413,10 @@ fn insert_batch(
              model_asked, model_served, provider, decisions, cache, stream, prompt_tokens, cached_tokens,
              cache_write_tokens, completion_tokens, tokens_saved, chars_before, chars_after, latency_ms,
              upstream_ms, status, error_code, cost_usd, estimated, unpriced, cache_origin, calls, request_body, shadow,
-             prompt_version, batch_discount)
+             prompt_version, batch_discount, embed_ms, cache_similarity, cache_saved_usd, cache_stored_bytes)
              VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19,
-                     ?20, ?21, ?22, ?23, ?24, ?25, ?26, ?27, ?28, ?29, ?30, ?31, ?32, ?33, ?34)",
+                     ?20, ?21, ?22, ?23, ?24, ?25, ?26, ?27, ?28, ?29, ?30, ?31, ?32, ?33, ?34, ?35, ?36,
+                     ?37, ?38)",
         )?;
         for r in rows {
             let decisions = serde_json::to_string(&r.decisions).unwrap_or_else(|_| "[]".into());
@@ -439,6 +457,10 @@ fn insert_batch(
                 shadow,
                 r.prompt_version,
                 r.batch_discount,
+                r.embed_ms,
+                r.cache_similarity,
+                r.cache_saved_usd,
+                r.cache_stored_bytes.map(|b| b as i64),
             ])?;
         }
     }

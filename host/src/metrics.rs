@@ -48,6 +48,8 @@ pub struct Metrics {
     pub upstream_calls: IntCounterVec,
     pub upstream_errors: IntCounterVec,
     pub cache: IntCounterVec,
+    /// Semantic matches above the threshold that the near-miss guard refused.
+    pub cache_near_miss: IntCounter,
     pub budget: IntCounterVec,
     pub tokens: IntCounterVec,
     pub cost_usd: prometheus::CounterVec,
@@ -180,6 +182,11 @@ impl Metrics {
                 &["provider", "model"],
             ),
             cache: counter_vec(&r, "tollgate_cache_total", "Cache outcomes.", &["outcome"]),
+            cache_near_miss: counter(
+                &r,
+                "tollgate_cache_near_miss_refused_total",
+                "Semantic cache matches refused by the near-miss guard.",
+            ),
             budget: counter_vec(
                 &r,
                 "tollgate_budget_verdicts_total",

@@ -53,6 +53,8 @@ pub async fn invalidate(gw: &Gateway, actor: &str, query: Option<&str>) -> Resul
         ));
     }
     let removed = gw.cache.invalidate(&which);
+    // Their questions leave the semantic index too.
+    gw.semantic.retain(|k| gw.cache.get(k).is_some());
     tracing::info!(actor, ?which, removed, "cache entries invalidated");
     let detail = json!({
         "tag": which.tag, "tenant": which.tenant, "user": which.user, "all": all, "removed": removed,

@@ -51,6 +51,17 @@ pub struct Plan {
     pub key: CacheKey,
     pub ttl: Duration,
     pub labels: EntryLabels,
+    /// Set when the lookup was semantic: the answer, once admitted, is
+    /// indexed under this question so rewordings can find it.
+    pub semantic: Option<SemanticPlan>,
+}
+
+/// The question a semantic lookup embedded, to index with the answer.
+#[derive(Debug, Clone)]
+pub struct SemanticPlan {
+    pub context: semantic::ContextKey,
+    pub vector: Arc<[f32]>,
+    pub text: Arc<str>,
 }
 
 /// The cache key of a request body within a scope. The prompt version
@@ -105,6 +116,8 @@ pub struct CachedAnswer {
     pub expires_at_ms: u64,
     /// The request whose upstream answer this is (audit, replay scoring).
     pub origin: String,
+    /// What the upstream call cost: what each hit saves.
+    pub cost_usd: f64,
     /// What the entry can be invalidated by.
     pub labels: EntryLabels,
 }
@@ -281,6 +294,7 @@ mod tests {
             ttl,
             expires_at_ms,
             origin: "req_1".into(),
+            cost_usd: 0.0,
             labels: EntryLabels::default(),
         })
     }

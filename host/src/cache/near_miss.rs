@@ -73,7 +73,10 @@ const CONTRASTS: &[&[&str]] = &[
     ],
     &["start|begin|launch|trigger", "stop|halt|abort"],
     &["up|upward|upwards", "down|downward|downwards"],
-    &["retry|rerun|re-run|restart|redeliver|resend", "cancel|abort|stop"],
+    &[
+        "retry|rerun|re-run|restart|redeliver|resend",
+        "cancel|abort|stop",
+    ],
     &["open|opening", "close|closing"],
     &["lock", "unlock"],
     &["show|display|unhide", "hide"],
@@ -84,26 +87,46 @@ const CONTRASTS: &[&[&str]] = &[
     &["accept|approve|approval", "reject|rejection|decline"],
     &["subscribe|subscription", "unsubscribe"],
     &["join", "leave"],
-    &["install|installation|setup|set up", "uninstall|uninstallation"],
+    &[
+        "install|installation|setup|set up",
+        "uninstall|uninstallation",
+    ],
     &["encrypt|encryption", "decrypt|decryption"],
     &["archive", "unarchive|restore"],
     &["grant", "revoke|revocation"],
     &["charge|bill", "refund|reimburse|credit"],
     &["buy|purchase", "sell"],
-    &["send|sent|outgoing|outbound", "receive|received|incoming|inbound"],
+    &[
+        "send|sent|outgoing|outbound",
+        "receive|received|incoming|inbound",
+    ],
     &["public", "private"],
     &["internal", "external"],
     &["before", "after"],
     &["minimum|min|least", "maximum|max|most"],
     &["first|earliest|oldest", "last|latest|newest"],
-    &["daily|day", "weekly|week", "monthly|month", "annual|annually|yearly|year"],
-    &["login|log in|sign in|signin|logon|log on", "logout|log out|sign out|signout"],
-    &["password|passphrase", "two-factor|2fa|mfa|authenticator|otp"],
+    &[
+        "daily|day",
+        "weekly|week",
+        "monthly|month",
+        "annual|annually|yearly|year",
+    ],
+    &[
+        "login|log in|sign in|signin|logon|log on",
+        "logout|log out|sign out|signout",
+    ],
+    &[
+        "password|passphrase",
+        "two-factor|2fa|mfa|authenticator|otp",
+    ],
     &["billing|invoice|invoices", "login|sign-in"],
     &["email|e-mail", "phone|sms"],
     &["account|profile", "workspace|organization|organisation|org"],
     &["project|repository|repo", "organization|organisation|org"],
-    &["included|include|includes|free", "overage|extra|additional|exceed|exceeded"],
+    &[
+        "included|include|includes|free",
+        "overage|extra|additional|exceed|exceeded",
+    ],
     &["used|spent|consumed", "left|remaining|remain"],
 ];
 
@@ -142,21 +165,167 @@ const NUMBER_WORDS: &[(&str, &str)] = &[
 
 /// Words too common to decide a question, left out of the swapped-word rule.
 const STOPWORDS: &[&str] = &[
-    "a", "an", "the", "i", "me", "my", "mine", "we", "us", "our", "you", "your", "it", "its",
-    "this", "that", "these", "those", "there", "here", "is", "are", "was", "were", "be", "been",
-    "being", "am", "do", "does", "did", "doing", "done", "have", "has", "had", "can", "could",
-    "will", "would", "shall", "should", "may", "might", "must", "to", "of", "in", "on", "at",
-    "for", "from", "with", "by", "about", "as", "into", "onto", "over", "under", "up", "down",
-    "out", "off", "and", "or", "but", "if", "so", "then", "than", "what", "which", "who", "whom",
-    "whose", "when", "where", "why", "how", "any", "some", "all", "each", "every", "just", "also",
-    "please", "thanks", "thank", "hi", "hello", "hey", "get", "got", "need", "want", "like",
-    "know", "tell", "way", "possible", "able", "there's", "it's", "i'm", "i've", "i'd", "what's",
-    "how's", "one", "someone", "anyone", "something", "anything", "again", "still", "now", "new",
-    "us", "them", "they", "their", "he", "she", "his", "her", "him", "ok", "okay", "quick",
-    "question", "help", "guys", "team", "folks", "go", "use", "using", "via", "per", "let",
+    "a",
+    "an",
+    "the",
+    "i",
+    "me",
+    "my",
+    "mine",
+    "we",
+    "us",
+    "our",
+    "you",
+    "your",
+    "it",
+    "its",
+    "this",
+    "that",
+    "these",
+    "those",
+    "there",
+    "here",
+    "is",
+    "are",
+    "was",
+    "were",
+    "be",
+    "been",
+    "being",
+    "am",
+    "do",
+    "does",
+    "did",
+    "doing",
+    "done",
+    "have",
+    "has",
+    "had",
+    "can",
+    "could",
+    "will",
+    "would",
+    "shall",
+    "should",
+    "may",
+    "might",
+    "must",
+    "to",
+    "of",
+    "in",
+    "on",
+    "at",
+    "for",
+    "from",
+    "with",
+    "by",
+    "about",
+    "as",
+    "into",
+    "onto",
+    "over",
+    "under",
+    "up",
+    "down",
+    "out",
+    "off",
+    "and",
+    "or",
+    "but",
+    "if",
+    "so",
+    "then",
+    "than",
+    "what",
+    "which",
+    "who",
+    "whom",
+    "whose",
+    "when",
+    "where",
+    "why",
+    "how",
+    "any",
+    "some",
+    "all",
+    "each",
+    "every",
+    "just",
+    "also",
+    "please",
+    "thanks",
+    "thank",
+    "hi",
+    "hello",
+    "hey",
+    "get",
+    "got",
+    "need",
+    "want",
+    "like",
+    "know",
+    "tell",
+    "way",
+    "possible",
+    "able",
+    "there's",
+    "it's",
+    "i'm",
+    "i've",
+    "i'd",
+    "what's",
+    "how's",
+    "one",
+    "someone",
+    "anyone",
+    "something",
+    "anything",
+    "again",
+    "still",
+    "now",
+    "new",
+    "us",
+    "them",
+    "they",
+    "their",
+    "he",
+    "she",
+    "his",
+    "her",
+    "him",
+    "ok",
+    "okay",
+    "quick",
+    "question",
+    "help",
+    "guys",
+    "team",
+    "folks",
+    "go",
+    "use",
+    "using",
+    "via",
+    "per",
+    "let",
     // Greetings and sign-offs around the question.
-    "thx", "ty", "cheers", "regards", "best", "lot", "advance", "appreciate", "appreciated",
-    "asap", "support", "morning", "afternoon", "evening", "dear", "sorry", "quickly", "kindly",
+    "thx",
+    "ty",
+    "cheers",
+    "regards",
+    "best",
+    "lot",
+    "advance",
+    "appreciate",
+    "appreciated",
+    "asap",
+    "support",
+    "morning",
+    "afternoon",
+    "evening",
+    "dear",
+    "sorry",
+    "quickly",
+    "kindly",
 ];
 
 const DETERMINERS: &[&str] = &[
@@ -289,7 +458,9 @@ fn content(ws: &[String]) -> Vec<&str> {
         .filter(|w| {
             !STOPWORDS.contains(w)
                 && !NEGATIONS.contains(w)
-                && !w.chars().all(|c| c.is_ascii_digit() || c == '.' || c == ',')
+                && !w
+                    .chars()
+                    .all(|c| c.is_ascii_digit() || c == '.' || c == ',')
         })
         .collect();
     c.sort_unstable();
@@ -332,7 +503,12 @@ fn direction(ws: &[String]) -> Option<(&str, &str)> {
         ws[at + 1..]
             .iter()
             .map(String::as_str)
-            .find(|w| !DETERMINERS.contains(w) && !CONTRASTS.iter().any(|g| !senses(&[w.to_string()], g).is_empty()))
+            .find(|w| {
+                !DETERMINERS.contains(w)
+                    && !CONTRASTS
+                        .iter()
+                        .any(|g| !senses(&[w.to_string()], g).is_empty())
+            })
             .map(|w| (at, w))
     };
     let (at, from) = after(0, "from")?;
@@ -375,7 +551,11 @@ pub fn check(a: &str, b: &str, extra: &[Vec<String>]) -> Option<NearMiss> {
         .iter()
         .map(|g| g.iter().map(String::as_str).collect())
         .collect();
-    for group in CONTRASTS.iter().copied().chain(extra.iter().map(Vec::as_slice)) {
+    for group in CONTRASTS
+        .iter()
+        .copied()
+        .chain(extra.iter().map(Vec::as_slice))
+    {
         let (sa, sb) = (senses(&wa, group), senses(&wb, group));
         if !sa.is_empty() && !sb.is_empty() && sa != sb {
             let pick = |s: &[&str], other: &[&str]| {
@@ -419,17 +599,41 @@ mod tests {
                 "How do I cancel my subscription?",
                 "How do I pause my subscription?",
             ),
-            ("How do I reset my password?", "How do I reset two-factor authentication?"),
+            (
+                "How do I reset my password?",
+                "How do I reset two-factor authentication?",
+            ),
             ("How do I upgrade my plan?", "How do I downgrade my plan?"),
             ("How do I add a seat?", "How do I remove a seat?"),
-            ("How do I create an API token?", "How do I revoke an API token?"),
-            ("How do I clear the build cache?", "How do I enable the build cache?"),
-            ("Can I get a refund on a monthly plan?", "Can I get a refund on an annual plan?"),
-            ("How do I change my billing email?", "How do I change my login email?"),
-            ("How do I install the CLI on my laptop?", "How do I install the CLI in a container?"),
-            ("how do i upgradde my plan", "hi, how do i downgrade my plan?"),
+            (
+                "How do I create an API token?",
+                "How do I revoke an API token?",
+            ),
+            (
+                "How do I clear the build cache?",
+                "How do I enable the build cache?",
+            ),
+            (
+                "Can I get a refund on a monthly plan?",
+                "Can I get a refund on an annual plan?",
+            ),
+            (
+                "How do I change my billing email?",
+                "How do I change my login email?",
+            ),
+            (
+                "How do I install the CLI on my laptop?",
+                "How do I install the CLI in a container?",
+            ),
+            (
+                "how do i upgradde my plan",
+                "hi, how do i downgrade my plan?",
+            ),
             ("how to go up a plan", "how to go down a plan"),
-            ("i want to move from team to business, how?", "I want to move from Business down to Team, how?"),
+            (
+                "i want to move from team to business, how?",
+                "I want to move from Business down to Team, how?",
+            ),
         ] {
             assert!(miss(a, b).is_some(), "{a} / {b}");
             assert!(miss(b, a).is_some(), "{b} / {a}");
@@ -440,13 +644,34 @@ mod tests {
     fn paraphrases_pass() {
         for (a, b) in [
             ("How do I reset my password?", "how can i reset my password"),
-            ("How do I reset my password?", "Password reset - how does it work?"),
-            ("What's the refund window?", "How long do I have to ask for a refund?"),
-            ("Hi! How do I add a seat to my team?", "adding a seat to our team, how?"),
-            ("How do I cancel my subscription?", "I'd like to cancel my subscription"),
-            ("I forgot my password, what do I do? Thanks a lot.", "I forgot my password, what do I do? Thank you in advance."),
-            ("How do I change the biilling email?", "how do i change the billinng email?"),
-            ("Hey team, Do guests cont as paid seats?", "Do guests count as paid seats?"),
+            (
+                "How do I reset my password?",
+                "Password reset - how does it work?",
+            ),
+            (
+                "What's the refund window?",
+                "How long do I have to ask for a refund?",
+            ),
+            (
+                "Hi! How do I add a seat to my team?",
+                "adding a seat to our team, how?",
+            ),
+            (
+                "How do I cancel my subscription?",
+                "I'd like to cancel my subscription",
+            ),
+            (
+                "I forgot my password, what do I do? Thanks a lot.",
+                "I forgot my password, what do I do? Thank you in advance.",
+            ),
+            (
+                "How do I change the biilling email?",
+                "how do i change the billinng email?",
+            ),
+            (
+                "Hey team, Do guests cont as paid seats?",
+                "Do guests count as paid seats?",
+            ),
         ] {
             assert_eq!(miss(a, b), None, "{a} / {b}");
         }
@@ -481,9 +706,15 @@ mod tests {
 
     #[test]
     fn a_policy_adds_its_own_contrasts() {
-        let (a, b) = ("What does the gold tier include?", "What does the silver tier include?");
+        let (a, b) = (
+            "What does the gold tier include?",
+            "What does the silver tier include?",
+        );
         assert!(matches!(miss(a, b), Some(NearMiss::Swapped { .. })));
-        let (a, b) = ("Tell me about the gold tier", "Tell me about the silver tier");
+        let (a, b) = (
+            "Tell me about the gold tier",
+            "Tell me about the silver tier",
+        );
         assert_eq!(miss(a, b), None, "one shared content word is too few");
         let extra = vec![vec!["gold".to_string(), "silver".to_string()]];
         assert!(matches!(

@@ -309,12 +309,18 @@ mod tests {
         let g = [1; 32];
         idx.insert(g, [1; 32], &unit(1), "a".into(), 100, 0);
         idx.insert(g, [2; 32], &unit(2), "b".into(), u64::MAX, 0);
-        assert!(idx.nearest(&g, &unit(1), 0.99, 5, 100).is_empty(), "expired");
+        assert!(
+            idx.nearest(&g, &unit(1), 0.99, 5, 100).is_empty(),
+            "expired"
+        );
         idx.insert(g, [3; 32], &unit(3), "c".into(), u64::MAX, 200);
         assert_eq!(idx.len(), 2, "the expired entry made room");
         idx.insert(g, [4; 32], &unit(4), "d".into(), u64::MAX, 200);
         assert_eq!(idx.len(), 2);
-        assert!(idx.nearest(&g, &unit(2), 0.99, 5, 200).is_empty(), "oldest gone");
+        assert!(
+            idx.nearest(&g, &unit(2), 0.99, 5, 200).is_empty(),
+            "oldest gone"
+        );
         idx.insert(g, [4; 32], &unit(5), "d again".into(), u64::MAX, 200);
         assert_eq!(idx.len(), 2, "same key replaced");
         assert_eq!(idx.retain(|k| *k != [3; 32]), 1);

@@ -142,6 +142,11 @@ impl Accounting {
                     )
                 });
                 let ttl = plan.ttl;
+                let expires_at_ms = gw
+                    .clock
+                    .now_ms()
+                    .saturating_add(u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX));
+                self.row.cache_stored_bytes = Some((body.len() + content.len()) as u64);
                 gw.cache.put(
                     plan.key,
                     Arc::new(CachedAnswer {
@@ -151,14 +156,24 @@ impl Accounting {
                         usage,
                         body,
                         ttl,
-                        expires_at_ms: gw
-                            .clock
-                            .now_ms()
-                            .saturating_add(u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX)),
+                        expires_at_ms,
                         origin: self.row.request_id.clone(),
+                        cost_usd: cost.unwrap_or(0.0),
                         labels: plan.labels,
                     }),
                 );
+                // Indexed after the answer is stored, so a search never
+                // finds a question without its answer.
+                if let Some(s) = plan.semantic {
+                    gw.semantic.insert(
+                        s.context,
+                        plan.key,
+                        &s.vector,
+                        s.text,
+                        expires_at_ms,
+                        gw.clock.now_ms(),
+                    );
+                }
                 admitted = true;
             }
         }

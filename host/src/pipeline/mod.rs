@@ -18,6 +18,7 @@
 mod account;
 pub mod deferred;
 pub mod identity;
+mod lookup;
 pub mod resilience;
 mod shadow;
 mod stream;
@@ -35,7 +36,7 @@ use tokio::sync::mpsc;
 
 use crate::api::{self, ApiError, ChatRequest};
 use crate::budget::{Scopes, SpendCounters};
-use crate::cache::{self, AnswerStore, CachedAnswer, MemoryStore};
+use crate::cache::{self, CachedAnswer, MemoryStore};
 use crate::clock::{Clock, utc_day};
 use crate::config::{Config, FailMode};
 use crate::ledger::{self, Decision, Ledger, LedgerOptions, Row};
@@ -188,6 +189,11 @@ pub struct Gateway {
     pub live: ArcSwap<Live>,
     pub runtime: Arc<Runtime>,
     pub cache: MemoryStore,
+    /// Questions of cached answers, for semantic matching.
+    pub semantic: cache::semantic::SemanticIndex,
+    /// The embedding model semantic lookups use (also the plugins' `embed`).
+    pub embedder: Option<crate::plugins::EmbedSource>,
+    semantic_off_warned: std::sync::atomic::AtomicBool,
     pub spend: Arc<SpendCounters>,
     pub clock: Arc<dyn Clock>,
     pub metrics: Metrics,
@@ -219,8 +225,9 @@ impl Gateway {
         let runtime = Runtime::new(&config.runtime, clock.clone())?;
         let spend = Arc::new(SpendCounters::default());
         runtime.set_spend_source(spend.clone());
-        if let Some(src) = load_embedder(&config.embeddings).await {
-            runtime.set_embed_source(src);
+        let embedder = load_embedder(&config.embeddings).await;
+        if let Some(src) = &embedder {
+            runtime.set_embed_source(src.clone());
         }
         let p = &config.plugins;
         let metrics = Metrics::new();
@@ -277,6 +284,11 @@ impl Gateway {
             unpriced_warned: Default::default(),
             reloader: Default::default(),
             cache: MemoryStore::new(config.cache.max_bytes, clock.clone()),
+            semantic: cache::semantic::SemanticIndex::new(
+                config.cache.semantic_max_entries_per_scope,
+            ),
+            embedder,
+            semantic_off_warned: Default::default(),
             runtime,
             live: ArcSwap::from_pointee(Live {
                 config: Arc::new(config.clone()),
@@ -646,23 +658,28 @@ impl Gateway {
                         slot,
                         format!("lookup {:?} ttl {}s", l.scope, l.ttl_seconds),
                     );
-                    let key = cache::key(l.scope, &id.tenant, &id.user, &prompt_version, &req.body);
-                    if let Some(hit) = self.cache.get(&key) {
-                        self.metrics.cache("hit");
-                        tracing::info!(request_id = rid, tenant = %id.tenant, model = %hit.model, "cache hit");
-                        rec.cache = "hit";
-                        rec.model_served = Some(hit.model.clone());
-                        rec.cache_origin = Some(hit.origin.clone());
-                        rec.cost_usd = Some(0.0);
-                        self.record_answered(rec, started);
-                        return Ok(self.reply_cached(rid, &req, &hit));
+                    match self
+                        .lookup(&l, &id, &prompt_version, &req, &view, rec)
+                        .await
+                    {
+                        lookup::Lookup::Hit { answer, similarity } => {
+                            self.metrics.cache(if similarity.is_some() {
+                                "semantic_hit"
+                            } else {
+                                "hit"
+                            });
+                            tracing::info!(request_id = rid, tenant = %id.tenant, model = %answer.model, similarity, "cache hit");
+                            rec.cache = "hit";
+                            rec.model_served = Some(answer.model.clone());
+                            rec.cache_origin = Some(answer.origin.clone());
+                            rec.cache_similarity = similarity.map(f64::from);
+                            rec.cache_saved_usd = Some(answer.cost_usd);
+                            rec.cost_usd = Some(0.0);
+                            self.record_answered(rec, started);
+                            return Ok(self.reply_cached(rid, &req, &answer, similarity));
+                        }
+                        lookup::Lookup::Miss(plan) => cache_plan = Some(plan),
                     }
-                    let ttl = l.ttl_seconds.min(live.config.cache.max_ttl_seconds);
-                    cache_plan = Some(cache::Plan {
-                        key,
-                        ttl: Duration::from_secs(u64::from(ttl)),
-                        labels: entry_labels(&id, l.scope, &req.model, &prompt_version),
-                    });
                     cache_outcome = "miss";
                 }
                 Some(CacheDecision::Bypass(reason)) => {
@@ -1063,12 +1080,25 @@ impl Gateway {
         ))
     }
 
-    fn reply_cached(&self, rid: &str, req: &ChatRequest, hit: &CachedAnswer) -> Reply {
+    fn reply_cached(
+        &self,
+        rid: &str,
+        req: &ChatRequest,
+        hit: &CachedAnswer,
+        similarity: Option<f32>,
+    ) -> Reply {
         let headers = vec![
             ("x-tollgate-request-id", rid.to_string()),
             ("x-tollgate-model", hit.model.clone()),
             ("x-tollgate-cache", "hit".to_string()),
             ("x-tollgate-cache-origin", hit.origin.clone()),
+            (
+                "x-tollgate-cache-match",
+                match similarity {
+                    Some(s) => format!("semantic; similarity={s:.3}"),
+                    None => "exact".to_string(),
+                },
+            ),
             ("x-tollgate-cost-usd", format_cost(Some(0.0))),
         ];
         let body = if req.stream {

@@ -110,8 +110,7 @@ pub mod v0_1_0 {
         use wasmtime::component::types::{ComponentItem, Type};
         let engine = pre.engine();
         let ty = pre.component().component_type();
-        let Some(ComponentItem::ComponentFunc(f)) =
-            ty.get_export(engine, "lookup").map(|e| e.ty)
+        let Some(ComponentItem::ComponentFunc(f)) = ty.get_export(engine, "lookup").map(|e| e.ty)
         else {
             return false;
         };
@@ -119,10 +118,11 @@ pub mod v0_1_0 {
             return false;
         };
         v.cases().any(|c| match (c.name, c.ty) {
-            ("lookup", Some(Type::Record(r))) => r
-                .fields()
-                .map(|f| f.name)
-                .eq(["scope", "ttl-seconds"].into_iter()),
+            ("lookup", Some(Type::Record(r))) => {
+                r.fields()
+                    .map(|f| f.name)
+                    .eq(["scope", "ttl-seconds"].into_iter())
+            }
             _ => false,
         })
     }
@@ -167,9 +167,7 @@ pub mod v0_1_0 {
             store: &mut Store<StoreState>,
             config: &str,
         ) -> wasmtime::Result<Result<(), String>> {
-            let f = self
-                .init
-                .typed::<(&str,), (Result<(), String>,)>(&*store)?;
+            let f = self.init.typed::<(&str,), (Result<(), String>,)>(&*store)?;
             let (r,) = f.call_async(store, (config,)).await?;
             Ok(r)
         }

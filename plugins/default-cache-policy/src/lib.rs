@@ -5,35 +5,77 @@
 //!   `dynamic_features`, or a last user message asking about "now"
 //!   (`dynamic_markers`: today, latest, current ...);
 //! * private to one user (`tenant-user` scope): a feature in
-//!   `personal_features`, a `personal` tag, or a last user message that
-//!   speaks about the user (`personal_markers`: my, me, I ...);
+//!   `personal_features`, a `personal` tag, context the application
+//!   injected as a second system message (account data, say), or a last
+//!   user message that speaks about the user (`personal_markers`: my, me,
+//!   I ...) unless it asks how to do something (`how_to_markers`: "how do
+//!   I", "can I" ... — "how do I reset my password" has one answer for
+//!   everyone);
 //! * otherwise shared by the tenant (`tenant` scope). Answers are never
 //!   shared across tenants: the host always keys the cache by tenant.
 //!
 //! Only answers that finished normally and are not empty are admitted.
 //!
+//! With a `semantic` table, a differently worded question may be served a
+//! stored answer (the host compares embeddings inside the same scope and
+//! context and applies its near-miss guard). Only short questions qualify:
+//! one or two lines up to `max_chars` characters, sampled at most at
+//! `max_temperature`; a message longer than that is a document or a ticket
+//! to process, where "similar" is not "the same answer".
+//!
 //! ```toml
 //! [plugins.cache_policy.config]
 //! ttl_seconds = 3600
+//! feature_ttl_seconds = { pricing = 600 }   # TTL per route (feature)
 //! max_temperature = 0.5          # absent temperature counts as cacheable
 //! personal_features = ["account"]
 //! dynamic_features = ["status"]
+//! semantic = { min_similarity = 0.88, max_chars = 200, max_temperature = 0.5, features = [], contrasts = [["gold", "silver"]] }
 //! ```
+
+use std::collections::HashMap;
 
 use serde::Deserialize;
 use tollgate_sdk::{
-    CacheDecision, CacheLookup, CachePolicy, CacheScope, RequestView, ResponseMeta,
+    CacheDecision, CacheLookup, CachePolicy, CacheScope, RequestView, ResponseMeta, SemanticMatch,
 };
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields, default)]
 struct Config {
     ttl_seconds: u32,
+    feature_ttl_seconds: HashMap<String, u32>,
+    semantic: Option<Semantic>,
     max_temperature: f32,
     personal_features: Vec<String>,
     dynamic_features: Vec<String>,
     personal_markers: Vec<String>,
+    how_to_markers: Vec<String>,
     dynamic_markers: Vec<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct Semantic {
+    min_similarity: f32,
+    max_chars: usize,
+    max_temperature: f32,
+    /// Only these features (routes); empty: every feature.
+    features: Vec<String>,
+    /// Extra word groups for the host's near-miss guard.
+    contrasts: Vec<Vec<String>>,
+}
+
+impl Default for Semantic {
+    fn default() -> Self {
+        Self {
+            min_similarity: 0.88,
+            max_chars: 200,
+            max_temperature: 0.5,
+            features: Vec::new(),
+            contrasts: Vec::new(),
+        }
+    }
 }
 
 impl Default for Config {
@@ -41,11 +83,29 @@ impl Default for Config {
         let words = |w: &[&str]| w.iter().map(|s| s.to_string()).collect();
         Self {
             ttl_seconds: 3600,
+            feature_ttl_seconds: HashMap::new(),
+            semantic: None,
             max_temperature: 0.5,
             personal_features: Vec::new(),
             dynamic_features: Vec::new(),
             personal_markers: words(&[
                 "i", "i'm", "i've", "i'd", "me", "my", "mine", "myself", "our", "ours", "we",
+            ]),
+            how_to_markers: words(&[
+                "how do i",
+                "how can i",
+                "how should i",
+                "how to",
+                "how does",
+                "where do i",
+                "where can i",
+                "where is",
+                "can i",
+                "is it possible",
+                "is there a way",
+                "what do i do",
+                "what happens if",
+                "do i need",
             ]),
             dynamic_markers: words(&[
                 "today",
@@ -67,6 +127,7 @@ pub struct DefaultCachePolicy {
     cfg: Config,
     /// Markers split into lowercase words once, at init.
     personal: Vec<Vec<String>>,
+    how_to: Vec<Vec<String>>,
     dynamic: Vec<Vec<String>>,
 }
 
@@ -102,11 +163,17 @@ fn has_marker(ws: &[&str], markers: &[Vec<String>]) -> bool {
 impl DefaultCachePolicy {
     pub fn from_config(config: &str) -> Result<Self, String> {
         let cfg: Config = tollgate_sdk::config(config)?;
-        if cfg.ttl_seconds == 0 {
-            return Err("ttl_seconds must be at least 1".into());
+        if cfg.ttl_seconds == 0 || cfg.feature_ttl_seconds.values().any(|t| *t == 0) {
+            return Err("TTLs must be at least 1 second".into());
+        }
+        if let Some(s) = &cfg.semantic
+            && !(s.min_similarity > 0.0 && s.min_similarity <= 1.0)
+        {
+            return Err("semantic.min_similarity must be in (0, 1]".into());
         }
         Ok(Self {
             personal: split_markers(&cfg.personal_markers),
+            how_to: split_markers(&cfg.how_to_markers),
             dynamic: split_markers(&cfg.dynamic_markers),
             cfg,
         })
@@ -141,14 +208,42 @@ impl DefaultCachePolicy {
         }
         let personal = personal_tag
             || self.cfg.personal_features.iter().any(|f| f == feature)
-            || has_marker(&ws, &self.personal);
+            || (has_marker(&ws, &self.personal) && !has_marker(&ws, &self.how_to));
         CacheDecision::Lookup(CacheLookup {
             scope: if personal {
                 CacheScope::TenantUser
             } else {
                 CacheScope::Tenant
             },
-            ttl_seconds: self.cfg.ttl_seconds,
+            ttl_seconds: self
+                .cfg
+                .feature_ttl_seconds
+                .get(feature)
+                .copied()
+                .unwrap_or(self.cfg.ttl_seconds),
+            semantic: self.semantic(feature, last_user, temperature),
+            tags: Vec::new(),
+        })
+    }
+
+    /// Semantic matching for short questions on the routes it is on for.
+    fn semantic(
+        &self,
+        feature: &str,
+        last_user: &str,
+        temperature: Option<f32>,
+    ) -> Option<SemanticMatch> {
+        let s = self.cfg.semantic.as_ref()?;
+        let question = last_user.trim();
+        let short = !question.is_empty()
+            && question.chars().count() <= s.max_chars
+            && question.lines().filter(|l| !l.trim().is_empty()).count() <= 2;
+        let cool = temperature.is_none_or(|t| t <= s.max_temperature);
+        let on_route = s.features.is_empty() || s.features.iter().any(|f| f == feature);
+        (short && cool && on_route).then(|| SemanticMatch {
+            min_similarity: s.min_similarity,
+            text: None,
+            contrasts: s.contrasts.clone(),
         })
     }
 }
@@ -159,7 +254,11 @@ impl CachePolicy for DefaultCachePolicy {
     }
 
     fn lookup(&self, req: &RequestView) -> CacheDecision {
-        let personal_tag = matches!(req.tag("personal"), Some("1" | "true" | "yes"));
+        // Injected context (a second system message) is part of the cache
+        // key already; the answer is kept private too, since it is about
+        // whoever that context describes.
+        let injected = req.messages.iter().filter(|m| m.role == "system").count() > 1;
+        let personal_tag = injected || matches!(req.tag("personal"), Some("1" | "true" | "yes"));
         self.decide(
             &req.feature,
             req.last_user_message().unwrap_or(""),
@@ -192,9 +291,18 @@ mod tests {
     #[test]
     fn impersonal_questions_share_the_tenant_scope() {
         let p = DefaultCachePolicy::from_config("").unwrap();
-        let d = p.decide("faq", "How do I reset a password?", None, false, false);
-        // "I" makes it personal: the safe side.
-        assert_eq!(scope(d), Some(CacheScope::TenantUser));
+        let d = p.decide("faq", "How do I reset my password?", None, false, false);
+        assert_eq!(
+            scope(d),
+            Some(CacheScope::Tenant),
+            "a how-to has one answer"
+        );
+        let d = p.decide("faq", "When does my plan renew?", None, false, false);
+        assert_eq!(
+            scope(d),
+            Some(CacheScope::TenantUser),
+            "about the user's own plan"
+        );
         let d = p.decide("faq", "What is the refund window?", Some(0.0), false, false);
         assert_eq!(scope(d), Some(CacheScope::Tenant));
     }
@@ -230,6 +338,40 @@ mod tests {
             scope(p.decide("faq", "Define X", Some(0.9), false, false)),
             None
         );
+    }
+
+    #[test]
+    fn semantic_matching_only_for_short_cool_questions_on_its_routes() {
+        let p = DefaultCachePolicy::from_config(
+            r#"{"semantic": {"min_similarity": 0.9, "features": ["faq"]}, "feature_ttl_seconds": {"faq": 60}}"#,
+        )
+        .unwrap();
+        let semantic = |feature: &str, text: &str, t: Option<f32>| match p
+            .decide(feature, text, t, false, false)
+        {
+            CacheDecision::Lookup(l) => l.semantic.map(|s| (s.min_similarity, l.ttl_seconds)),
+            CacheDecision::Bypass(_) => None,
+        };
+        assert_eq!(
+            semantic("faq", "How is a seat billed?", None),
+            Some((0.9, 60))
+        );
+        assert_eq!(semantic("docs", "How is a seat billed?", None), None);
+        assert_eq!(semantic("faq", "How is a seat billed?", Some(0.7)), None);
+        assert_eq!(semantic("faq", &"long ".repeat(60), None), None);
+        assert_eq!(semantic("faq", "Ticket:\nline one\nline two", None), None);
+        assert!(
+            DefaultCachePolicy::from_config(r#"{"semantic": {"min_similarity": 1.5}}"#).is_err()
+        );
+        let exact_only = DefaultCachePolicy::from_config("").unwrap();
+        assert!(matches!(
+            exact_only.decide("faq", "How is a seat billed?", None, false, false),
+            CacheDecision::Lookup(CacheLookup {
+                semantic: None,
+                ttl_seconds: 3600,
+                ..
+            })
+        ));
     }
 
     #[test]

@@ -11,7 +11,7 @@ WORKLOADS    ?= ../shared/workloads
 POLICY       ?= examples/cost-saver/tollgate.toml
 MODEL_DIR     = target/models/all-MiniLM-L6-v2
 
-WIT           = $(wildcard wit/v0.1.0/*.wit)
+WIT           = $(wildcard wit/*/*.wit)
 TOOLS         = target/tools
 EXAMPLES      = $(PLUGIN_DIR)/python_router.wasm $(PLUGIN_DIR)/js_cache_policy.wasm $(PLUGIN_DIR)/c_squeeze.wasm
 SUDO         := $(shell [ "$$(id -u)" = 0 ] || echo sudo)

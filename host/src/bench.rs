@@ -43,7 +43,8 @@ pub struct BenchArgs {
     /// Fuel per plugin call in the plugin measurement (0 turns fuel off).
     #[arg(long)]
     fuel: Option<u64>,
-    /// Run only one part: `plugins`, `languages`, `http`, `ledger`, `load` or `embed`.
+    /// Run only one part: `plugins`, `languages`, `http`, `ledger`, `load`,
+    /// `embed` or `semantic`.
     #[arg(long)]
     only: Option<String>,
     /// The embedding model (`make model` installs it here).
@@ -755,6 +756,78 @@ fn bench_embed(dir: &std::path::Path) -> Result<Value> {
     Ok(Value::Object(out))
 }
 
+/// The semantic cache: a question's embedding as a lookup pays it (distinct
+/// short questions, so nothing is memoised), and a search of one scope's
+/// index at 10k and 100k entries (random unit vectors: an exact scan costs
+/// the same whatever the vectors hold), with the near-miss guard's check.
+fn bench_semantic(dir: &std::path::Path) -> Result<Value> {
+    use tollgate::cache::{near_miss, semantic};
+    let m = tollgate::embed::Embedder::load(dir, 10_000)?;
+    let verbs = [
+        "reset", "change", "cancel", "pause", "add", "remove", "export", "find", "update",
+        "download", "enable", "disable", "share", "rename", "delete", "restore", "move", "copy",
+        "verify", "upgrade",
+    ];
+    let objects = [
+        "my password", "the billing email", "a seat", "the workspace", "an invoice",
+        "two-factor login", "the API token", "a webhook", "the build cache", "my plan",
+        "a project", "the SSO settings", "an integration", "the audit log", "a guest account",
+    ];
+    let mut embed = Samples::default();
+    let mut vectors = Vec::new();
+    for v in verbs {
+        for o in objects {
+            let q = format!("How do I {v} {o}?");
+            let t = Instant::now();
+            vectors.push(m.embed(&q)?);
+            embed.0.push(t.elapsed().as_secs_f64() * 1000.0);
+        }
+    }
+    let embed_ms = json!({
+        "n": embed.0.len(),
+        "p50": round2(embed.p(0.5)),
+        "p99": round2(embed.p(0.99)),
+    });
+    let mut rng = 0x2545_f491_4f6c_dd1d_u64;
+    let mut unit = || {
+        let mut v: Vec<f32> = (0..semantic::DIMS)
+            .map(|_| {
+                rng ^= rng << 13;
+                rng ^= rng >> 7;
+                rng ^= rng << 17;
+                (rng % 2001) as f32 / 1000.0 - 1.0
+            })
+            .collect();
+        let n = v.iter().map(|x| x * x).sum::<f32>().sqrt();
+        v.iter_mut().for_each(|x| *x /= n);
+        v
+    };
+    let mut lookups = serde_json::Map::new();
+    for entries in [10_000usize, 100_000] {
+        let idx = semantic::SemanticIndex::new(entries);
+        let ctx = [7u8; 32];
+        for i in 0..entries {
+            let mut key = [0u8; 32];
+            key[..8].copy_from_slice(&(i as u64).to_le_bytes());
+            idx.insert(ctx, key, &unit(), "stored question".into(), u64::MAX, 0);
+        }
+        let mut us = Samples::default();
+        for q in vectors.iter().take(200) {
+            let t = Instant::now();
+            let found = idx.nearest(&ctx, q, 0.0, 4, 0);
+            for c in &found {
+                std::hint::black_box(near_miss::check("How do I reset my password?", &c.text, &[]));
+            }
+            us.0.push(t.elapsed().as_secs_f64() * 1e6);
+        }
+        lookups.insert(
+            format!("entries_{entries}"),
+            json!({"n": us.0.len(), "p50_us": round1(us.p(0.5)), "p99_us": round1(us.p(0.99))}),
+        );
+    }
+    Ok(json!({"embed_ms": embed_ms, "lookup": lookups}))
+}
+
 fn round2(x: f64) -> f64 {
     (x * 100.0).round() / 100.0
 }
@@ -794,8 +867,15 @@ pub async fn run(args: BenchArgs) -> Result<()> {
     } else {
         Value::Null
     };
+    let semantic = if want("semantic") {
+        let dir = args.model_dir.clone();
+        tokio::task::spawn_blocking(move || bench_semantic(&dir)).await??
+    } else {
+        Value::Null
+    };
     let out = json!({
         "cpus": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
+        "semantic_cache": semantic,
         "embeddings": embed,
         "plugin_load": load,
         "plugin_calls": plugins,

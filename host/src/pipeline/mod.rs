@@ -5,8 +5,10 @@
 //! 2. budget: the budget-rule plugin sees the spend so far and allows,
 //!    denies or downgrades;
 //! 3. compressors rewrite the prompt (validated, applied, tokens saved counted);
-//! 4. cache policy: bypass, or look up in the tenant (or tenant+user) scope;
-//!    a hit is answered from the cache;
+//! 4. cache policy: bypass, or look up in the tenant (or tenant+user) scope:
+//!    the exact request, then (when the policy asks) the closest reworded
+//!    question of the same context that passes the near-miss guard
+//!    ([`lookup`]); a hit is answered from the cache;
 //! 5. router: a model, a fallback ladder, a fixed answer, or a rejection;
 //! 6. reserve the worst-case cost, call upstream along the ladder;
 //! 7. account: usage, cost, spend settled, answer admitted to the cache,

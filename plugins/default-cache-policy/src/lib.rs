@@ -242,10 +242,49 @@ impl DefaultCachePolicy {
         let on_route = s.features.is_empty() || s.features.iter().any(|f| f == feature);
         (short && cool && on_route).then(|| SemanticMatch {
             min_similarity: s.min_similarity,
-            text: None,
+            text: Some(question_text(question)),
             contrasts: s.contrasts.clone(),
         })
     }
+}
+
+/// Words that only greet, thank or sign off.
+const PLEASANTRIES: &[&str] = &[
+    "hi", "hello", "hey", "hiya", "dear", "team", "there", "all", "folks", "guys", "support",
+    "good", "morning", "afternoon", "evening", "thanks", "thank", "thx", "ty", "you", "so",
+    "much", "a", "lot", "in", "advance", "cheers", "regards", "best", "appreciate", "appreciated",
+    "the", "help", "please", "pls", "asap", "quick", "question", "i", "have", "kind", "kindly",
+];
+
+/// The question as the semantic cache compares it: lowercase, single
+/// spaces, without greetings and sign-offs ("Hi team, ... Thanks a lot!"),
+/// which move an embedding without changing what is asked. Sentences that
+/// say something (context such as "I'm on the annual plan.") are kept.
+fn question_text(text: &str) -> String {
+    let lower = text.to_lowercase().replace('\u{2019}', "'");
+    let only_pleasantries = |part: &str| {
+        let mut ws = part
+            .split(|c: char| !(c.is_alphanumeric() || c == '\''))
+            .filter(|w| !w.is_empty())
+            .peekable();
+        ws.peek().is_some() && ws.all(|w| PLEASANTRIES.contains(&w))
+    };
+    let mut kept = Vec::new();
+    for sentence in lower.split_inclusive(['.', '!', '?', '\n']) {
+        // "Hi team, how do I ..." : a greeting clause before the first comma.
+        let sentence = match sentence.split_once(',') {
+            Some((head, rest)) if only_pleasantries(head) => rest,
+            _ => sentence,
+        };
+        let bare = sentence.trim_matches(|c: char| !c.is_alphanumeric());
+        if !bare.is_empty() && !only_pleasantries(bare) {
+            kept.push(bare.split_whitespace().collect::<Vec<_>>().join(" "));
+        }
+    }
+    if kept.is_empty() {
+        return lower.split_whitespace().collect::<Vec<_>>().join(" ");
+    }
+    kept.join(". ")
 }
 
 impl CachePolicy for DefaultCachePolicy {
@@ -357,6 +396,11 @@ mod tests {
             Some((0.9, 60))
         );
         assert_eq!(semantic("docs", "How is a seat billed?", None), None);
+        assert!(matches!(
+            p.decide("faq", "Hi! How is a seat billed?", None, false, false),
+            CacheDecision::Lookup(CacheLookup { semantic: Some(SemanticMatch { text: Some(t), .. }), .. })
+                if t == "how is a seat billed"
+        ));
         assert_eq!(semantic("faq", "How is a seat billed?", Some(0.7)), None);
         assert_eq!(semantic("faq", &"long ".repeat(60), None), None);
         assert_eq!(semantic("faq", "Ticket:\nline one\nline two", None), None);
@@ -372,6 +416,19 @@ mod tests {
                 ..
             })
         ));
+    }
+
+    #[test]
+    fn the_compared_question_drops_greetings_and_sign_offs() {
+        assert_eq!(
+            question_text("Hi team, How do I reset my password?  Thanks a lot!"),
+            "how do i reset my password"
+        );
+        assert_eq!(
+            question_text("Good morning, I'm on the annual plan. Can I get a refund? Cheers"),
+            "i'm on the annual plan. can i get a refund"
+        );
+        assert_eq!(question_text("Thanks!"), "thanks!");
     }
 
     #[test]

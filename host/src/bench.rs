@@ -769,9 +769,21 @@ fn bench_semantic(dir: &std::path::Path) -> Result<Value> {
         "verify", "upgrade",
     ];
     let objects = [
-        "my password", "the billing email", "a seat", "the workspace", "an invoice",
-        "two-factor login", "the API token", "a webhook", "the build cache", "my plan",
-        "a project", "the SSO settings", "an integration", "the audit log", "a guest account",
+        "my password",
+        "the billing email",
+        "a seat",
+        "the workspace",
+        "an invoice",
+        "two-factor login",
+        "the API token",
+        "a webhook",
+        "the build cache",
+        "my plan",
+        "a project",
+        "the SSO settings",
+        "an integration",
+        "the audit log",
+        "a guest account",
     ];
     let mut embed = Samples::default();
     let mut vectors = Vec::new();
@@ -816,7 +828,11 @@ fn bench_semantic(dir: &std::path::Path) -> Result<Value> {
             let t = Instant::now();
             let found = idx.nearest(&ctx, q, 0.0, 4, 0);
             for c in &found {
-                std::hint::black_box(near_miss::check("How do I reset my password?", &c.text, &[]));
+                std::hint::black_box(near_miss::check(
+                    "How do I reset my password?",
+                    &c.text,
+                    &[],
+                ));
             }
             us.0.push(t.elapsed().as_secs_f64() * 1e6);
         }

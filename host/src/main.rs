@@ -181,6 +181,11 @@ struct ReportArgs {
     /// difference they would have made.
     #[arg(long)]
     shadow: bool,
+    /// The answer cache instead: lookups, hits (semantic among them), hit
+    /// rate, what the hits saved, answers stored and their bytes, embedding
+    /// time, net saving.
+    #[arg(long, conflicts_with = "shadow")]
+    cache: bool,
 }
 
 /// A ledger and the part of it a command reads.
@@ -596,6 +601,19 @@ fn report(args: ReportArgs) -> Result<()> {
         match args.format {
             ReportFormat::Json => println!("{}", serde_json::json!({ "shadows": lines })),
             _ => print!("{}", tollgate::report::shadows_table(&lines)),
+        }
+        return Ok(());
+    }
+    if args.cache {
+        let (lines, total) = tollgate::report::cache::run(&conn, &query)?;
+        match args.format {
+            ReportFormat::Json => {
+                println!("{}", serde_json::json!({ "cache": lines, "total": total }))
+            }
+            _ => {
+                let dims: Vec<&str> = query.group_by.iter().map(|d| d.name()).collect();
+                print!("{}", tollgate::report::cache::table(&dims, &lines, &total));
+            }
         }
         return Ok(());
     }

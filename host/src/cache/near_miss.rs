@@ -631,7 +631,10 @@ mod tests {
                 "hi, how do i downgrade my plan?",
             ),
             ("how to go up a plan", "how to go down a plan"),
-            ("How do I turn on two-factor authentication?", "i'm new to the app. how do i reest two-factor authentication?"),
+            (
+                "How do I turn on two-factor authentication?",
+                "i'm new to the app. how do i reest two-factor authentication?",
+            ),
             (
                 "i want to move from team to business, how?",
                 "I want to move from Business down to Team, how?",

@@ -14,6 +14,8 @@ use rusqlite::Connection;
 use serde::Serialize;
 
 use crate::clock::utc_day;
+
+pub mod cache;
 use crate::pricing::Catalog;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -186,6 +188,42 @@ fn route_of(decisions: &str) -> String {
         .unwrap_or_else(|| "-".into())
 }
 
+/// The ledger columns a group key is made of.
+pub(crate) struct Grouping<'a> {
+    pub tenant: &'a str,
+    pub user: &'a str,
+    pub feature: &'a str,
+    pub asked: &'a str,
+    pub served: Option<&'a str>,
+    pub decisions: &'a str,
+    pub provider: Option<&'a str>,
+    pub ts: i64,
+}
+
+impl Grouping<'_> {
+    pub fn key(&self, dims: &[Dim]) -> Vec<String> {
+        // Requests refused before their body was read have no model.
+        let model = || {
+            self.served
+                .filter(|m| !m.is_empty())
+                .or((!self.asked.is_empty()).then_some(self.asked))
+                .unwrap_or("-")
+                .to_string()
+        };
+        dims.iter()
+            .map(|d| match d {
+                Dim::Tenant => self.tenant.to_string(),
+                Dim::User => self.user.to_string(),
+                Dim::Feature => self.feature.to_string(),
+                Dim::Model => model(),
+                Dim::Route => route_of(self.decisions),
+                Dim::Provider => self.provider.unwrap_or("-").to_string(),
+                Dim::Day => utc_day(self.ts.max(0) as u64),
+            })
+            .collect()
+    }
+}
+
 /// Runs a report over the ledger.
 pub fn run(conn: &Connection, catalog: &Catalog, q: &Query) -> Result<Report, ReportError> {
     let verdicts = feedback(conn)?;
@@ -220,25 +258,17 @@ pub fn run(conn: &Connection, catalog: &Catalog, q: &Query) -> Result<Report, Re
         let completion = r.get::<_, i64>(16)?.max(0) as u64;
         let saved = r.get::<_, i64>(17)?.max(0) as u64;
 
-        // Requests refused before their body was read have no model.
-        let model = served
-            .clone()
-            .filter(|m| !m.is_empty())
-            .or_else(|| (!asked.is_empty()).then(|| asked.clone()))
-            .unwrap_or_else(|| "-".into());
-        let key: Vec<String> = q
-            .group_by
-            .iter()
-            .map(|d| match d {
-                Dim::Tenant => tenant.clone(),
-                Dim::User => user.clone(),
-                Dim::Feature => feature.clone(),
-                Dim::Model => model.clone(),
-                Dim::Route => route_of(&decisions),
-                Dim::Provider => provider.clone().unwrap_or_else(|| "-".into()),
-                Dim::Day => utc_day(ts.max(0) as u64),
-            })
-            .collect();
+        let key = Grouping {
+            tenant: &tenant,
+            user: &user,
+            feature: &feature,
+            asked: &asked,
+            served: served.as_deref(),
+            decisions: &decisions,
+            provider: provider.as_deref(),
+            ts,
+        }
+        .key(&q.group_by);
         let price = served.as_deref().and_then(|m| catalog.get(m));
         let cache_savings = price.map_or(0.0, |p| {
             cached as f64 * (p.input - p.cached_input()).max(0.0) / 1e6

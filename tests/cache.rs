@@ -224,3 +224,95 @@ async fn without_model_files_semantic_matching_is_off_and_exact_still_works() {
         "the first semantic lookup says why it is off"
     );
 }
+
+/// Anthropic's prompt cache through the Messages API (served by `tollgate
+/// sim`): with `prompt_caching` the stable prefix gets breakpoints, the
+/// first request writes it (billed at the write price), later ones read it
+/// (billed at the cached price), streamed or not; without, nothing is cached.
+#[tokio::test]
+async fn anthropic_prompt_caching_writes_then_reads_the_stable_prefix() {
+    let sim = sim_server();
+    let gw = gateway(&format!(
+        r#"
+[ledger]
+flush_interval_ms = 20
+[providers.claude]
+kind = "anthropic"
+base_url = "{base}/v1"
+api_key_env = ""
+[providers.claude_plain]
+kind = "anthropic"
+base_url = "{base}/v1"
+api_key_env = ""
+prompt_caching = false
+[models."claude-sonnet-4-5"]
+provider = "claude"
+[models."claude-haiku-4-5"]
+provider = "claude_plain"
+"#,
+        base = sim.base
+    ));
+    let system = "You answer questions about the Team plan. ".repeat(160);
+    let body = |model: &str, q: &str, stream: bool| {
+        json!({"model": model, "stream": stream, "max_tokens": 50, "messages": [
+            {"role": "system", "content": system},
+            {"role": "user", "content": q}]})
+    };
+    let mut ids = Vec::new();
+    for (model, q, stream) in [
+        ("claude-sonnet-4-5", "How many seats?", false),
+        ("claude-sonnet-4-5", "What does a seat cost?", false),
+        ("claude-sonnet-4-5", "Can I pay yearly?", true),
+        ("claude-haiku-4-5", "How many seats?", false),
+        ("claude-haiku-4-5", "What does a seat cost?", false),
+    ] {
+        let r = chat(&gw.base, &[], body(model, q, stream)).await;
+        assert_eq!(r.status, 200, "{}", r.text);
+        if stream {
+            let (events, done, _) = sse_events(&r.text);
+            assert!(done && !stream_content(&events).is_empty());
+        } else {
+            assert!(!content(&r).is_empty());
+        }
+        ids.push(r.header("x-tollgate-request-id").to_string());
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let conn = tollgate::ledger::open_db(&gw._dir.path().join("tollgate-ledger.sqlite")).unwrap();
+    let row = |id: &str| -> (i64, i64, i64, f64) {
+        conn.query_row(
+            "SELECT prompt_tokens, cached_tokens, cache_write_tokens, cost_usd FROM requests WHERE request_id = ?1",
+            [id],
+            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)),
+        )
+        .unwrap()
+    };
+    let (p1, read1, write1, cost1) = row(&ids[0]);
+    assert!(write1 >= 1024 && read1 == 0, "first call writes: {write1}");
+    assert!(p1 > write1);
+    let (_, read2, write2, cost2) = row(&ids[1]);
+    assert_eq!((read2, write2), (write1, 0), "second call reads the prefix");
+    assert!(
+        cost2 < cost1 * 0.6,
+        "reads are billed at a tenth: {cost2} vs {cost1}"
+    );
+    // Write at 3.75 $/M, read at 0.30 $/M, the rest at 3.00 $/M, output 15 $/M.
+    let (p2, ..) = row(&ids[1]);
+    let expected_input = (read2 as f64 * 0.30 + (p2 - read2) as f64 * 3.00) / 1e6;
+    assert!(
+        cost2 > expected_input && cost2 < expected_input + 50.0 * 15.0 / 1e6 + 1e-9,
+        "{cost2}"
+    );
+    let (_, read3, ..) = row(&ids[2]);
+    assert_eq!(
+        read3, write1,
+        "a streamed call reads it too, and its usage is counted"
+    );
+    for id in &ids[3..] {
+        let (_, read, write, _) = row(id);
+        assert_eq!(
+            (read, write),
+            (0, 0),
+            "without breakpoints nothing is cached"
+        );
+    }
+}

@@ -15,12 +15,17 @@
 //! threshold, how many would-be hits are right and wrong without and with
 //! the guard, and which guard rules fired on paraphrases.
 
+#![allow(clippy::print_stdout, clippy::print_stderr)] // the report is the output
+
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 
 use serde_json::Value;
 use tollgate::cache::near_miss;
 use tollgate::embed::{Embedder, cosine};
+
+/// A text's group, kind and near-miss groups, from the trace's labels.
+type Labels = (String, String, Vec<String>);
 
 struct Text {
     text: String,
@@ -44,8 +49,7 @@ fn main() -> anyhow::Result<()> {
     let model_dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/models/all-MiniLM-L6-v2");
     let embedder = Embedder::load(&model_dir, 100_000)?;
 
-    let mut contexts: HashMap<String, BTreeMap<String, (String, String, Vec<String>)>> =
-        HashMap::new();
+    let mut contexts: HashMap<String, BTreeMap<String, Labels>> = HashMap::new();
     for line in std::fs::read_to_string(&trace)?.lines() {
         let r: Value = serde_json::from_str(line)?;
         let msgs = r["request"]["messages"]

@@ -104,6 +104,41 @@ pub enum ProviderConfig {
     Sim(SimConfig),
     /// Any OpenAI-compatible `/chat/completions` API.
     Openai(OpenAiConfig),
+    /// Anthropic's Messages API; clients still speak the OpenAI format.
+    Anthropic(AnthropicConfig),
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct AnthropicConfig {
+    pub base_url: String,
+    /// Environment variable holding the API key; empty sends no key.
+    pub api_key_env: Option<String>,
+    pub timeout_ms: u64,
+    pub connect_timeout_ms: u64,
+    /// Mark the stable prefix (tool schemas, system prompt) with
+    /// `cache_control` breakpoints, so repeats of it are read from
+    /// Anthropic's prompt cache at a tenth of the input price (the first
+    /// request writes it at 1.25x).
+    pub prompt_caching: bool,
+    /// Serve from the built-in simulator when the key variable is unset.
+    pub sim_when_no_key: bool,
+    /// Simulator settings used when `sim_when_no_key` applies.
+    pub sim: SimConfig,
+}
+
+impl Default for AnthropicConfig {
+    fn default() -> Self {
+        Self {
+            base_url: "https://api.anthropic.com/v1".into(),
+            api_key_env: Some("ANTHROPIC_API_KEY".into()),
+            timeout_ms: 120_000,
+            connect_timeout_ms: 5_000,
+            prompt_caching: true,
+            sim_when_no_key: false,
+            sim: SimConfig::default(),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Deserialize, PartialEq)]

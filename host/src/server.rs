@@ -338,6 +338,9 @@ pub fn sim_handler(
                     None => not_found(&path),
                 };
             }
+            if path == "/v1/messages" {
+                return sim_messages(&sim, req).await;
+            }
             if path != "/v1/chat/completions" && path != "/chat/completions" {
                 return not_found(&path);
             }
@@ -415,6 +418,49 @@ pub fn sim_handler(
 }
 
 use futures_util::StreamExt as _;
+
+/// The simulator's Anthropic Messages endpoint.
+async fn sim_messages(sim: &SimProvider, req: Request<Incoming>) -> Response<Body> {
+    if req.method() != Method::POST {
+        return method_not_allowed(req.method(), "/v1/messages");
+    }
+    let (parts, body) = match read_body(req, 64 << 20).await {
+        Ok(x) => x,
+        Err(e) => return error_response(&e),
+    };
+    let output_tokens = parts
+        .headers
+        .get("x-tollgate-sim-output-tokens")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse().ok());
+    match crate::providers::sim_anthropic::answer(sim, &body, output_tokens) {
+        Ok((msg, false)) => json_response(StatusCode::OK, Bytes::from(msg.to_string())),
+        Ok((msg, true)) => {
+            let events = crate::providers::sim_anthropic::stream_events(&msg);
+            let s = futures_util::stream::iter(events).map(|e| Ok::<_, Infallible>(Frame::data(e)));
+            let mut r = Response::new(BodyExt::boxed_unsync(StreamBody::new(s)));
+            r.headers_mut().insert(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("text/event-stream"),
+            );
+            r
+        }
+        Err(crate::providers::ProviderError::Status {
+            status, message, ..
+        }) => error_response(&ApiError::new(
+            StatusCode::from_u16(status).unwrap_or(StatusCode::BAD_REQUEST),
+            "invalid_request_error",
+            "simulated",
+            message,
+        )),
+        Err(e) => error_response(&ApiError::new(
+            StatusCode::BAD_GATEWAY,
+            "api_error",
+            "simulated",
+            e.to_string(),
+        )),
+    }
+}
 
 /// Binds `addr`, with a clear error when it is taken.
 pub async fn bind(addr: &str) -> std::io::Result<TcpListener> {

@@ -688,10 +688,7 @@ mod tests {
             miss("Can I export my data?", "Why can't I export my data?"),
             Some(NearMiss::Negation)
         );
-        assert!(matches!(
-            miss("What do 5 seats cost?", "What do five seats cost?"),
-            None
-        ));
+        assert!(miss("What do 5 seats cost?", "What do five seats cost?").is_none());
         assert!(matches!(
             miss("What do 5 seats cost?", "What do 10 seats cost?"),
             Some(NearMiss::Number { .. })

@@ -119,9 +119,7 @@ pub mod v0_1_0 {
         };
         v.cases().any(|c| match (c.name, c.ty) {
             ("lookup", Some(Type::Record(r))) => {
-                r.fields()
-                    .map(|f| f.name)
-                    .eq(["scope", "ttl-seconds"].into_iter())
+                r.fields().map(|f| f.name).eq(["scope", "ttl-seconds"])
             }
             _ => false,
         })

@@ -1,9 +1,11 @@
 //! Upstream clients behind one trait: an OpenAI-compatible HTTP API and the
 //! built-in simulator. The pipeline never knows which one it talks to.
 
+mod anthropic;
 mod openai;
 mod openai_batch;
 pub mod sim;
+pub mod sim_anthropic;
 pub mod sim_batch;
 pub mod sse;
 
@@ -15,6 +17,7 @@ use bytes::Bytes;
 use futures_util::Stream;
 use serde_json::{Map, Value};
 
+pub use anthropic::AnthropicProvider;
 pub use openai::OpenAiProvider;
 pub use sim::SimProvider;
 
@@ -139,37 +142,33 @@ impl Providers {
                     Arc::new(SimProvider::new(s.clone(), catalog.clone(), clock.clone()))
                 }
                 ProviderConfig::Openai(o) => {
-                    let key = match o.api_key_env.as_deref().filter(|v| !v.is_empty()) {
-                        Some(var) => match std::env::var(var) {
-                            Ok(k) if !k.is_empty() => Some(k),
-                            _ if o.sim_when_no_key => None,
-                            _ => {
-                                return Err(ProviderSetupError::MissingKey {
-                                    name: name.clone(),
-                                    var: var.to_string(),
-                                });
-                            }
-                        },
-                        None => None,
-                    };
-                    if key.is_none() && o.sim_when_no_key {
-                        tracing::warn!(
-                            provider = %name,
-                            "{} is not set: provider {name} answers from the built-in simulator",
-                            o.api_key_env.as_deref().unwrap_or("the API key")
-                        );
-                        Arc::new(SimProvider::new(
+                    match api_key(name, o.api_key_env.as_deref(), o.sim_when_no_key)? {
+                        None if o.sim_when_no_key => Arc::new(SimProvider::new(
                             o.sim.clone(),
                             catalog.clone(),
                             clock.clone(),
-                        ))
-                    } else {
-                        Arc::new(OpenAiProvider::new(o, key).map_err(|message| {
+                        )),
+                        key => Arc::new(OpenAiProvider::new(o, key).map_err(|message| {
                             ProviderSetupError::Client {
                                 name: name.clone(),
                                 message,
                             }
-                        })?)
+                        })?),
+                    }
+                }
+                ProviderConfig::Anthropic(a) => {
+                    match api_key(name, a.api_key_env.as_deref(), a.sim_when_no_key)? {
+                        None if a.sim_when_no_key => Arc::new(SimProvider::new(
+                            a.sim.clone(),
+                            catalog.clone(),
+                            clock.clone(),
+                        )),
+                        key => Arc::new(AnthropicProvider::new(a, key).map_err(|message| {
+                            ProviderSetupError::Client {
+                                name: name.clone(),
+                                message,
+                            }
+                        })?),
                     }
                 }
             };
@@ -202,6 +201,33 @@ impl Providers {
         let mut v: Vec<&str> = self.models.keys().map(String::as_str).collect();
         v.sort_unstable();
         v
+    }
+}
+
+/// The API key from the environment variable `var`; None when no variable
+/// is configured, or when it is unset and the provider may fall back to the
+/// simulator (logged). Unset otherwise is an error at start.
+fn api_key(
+    name: &str,
+    var: Option<&str>,
+    sim_when_no_key: bool,
+) -> Result<Option<String>, ProviderSetupError> {
+    let Some(var) = var.filter(|v| !v.is_empty()) else {
+        return Ok(None);
+    };
+    match std::env::var(var) {
+        Ok(k) if !k.is_empty() => Ok(Some(k)),
+        _ if sim_when_no_key => {
+            tracing::warn!(
+                provider = %name,
+                "{var} is not set: provider {name} answers from the built-in simulator"
+            );
+            Ok(None)
+        }
+        _ => Err(ProviderSetupError::MissingKey {
+            name: name.to_string(),
+            var: var.to_string(),
+        }),
     }
 }
 

@@ -160,6 +160,19 @@ impl SimProvider {
         })
     }
 
+    /// Whether `key` (a prompt prefix) was sent within the prompt cache's
+    /// idle time; records it as just used.
+    pub fn seen_prefix(&self, key: &[u8]) -> bool {
+        let now = self.clock.now_ms();
+        let k = *blake3::hash(key).as_bytes();
+        let hit = self
+            .prefixes
+            .get(&k)
+            .is_some_and(|last| now.saturating_sub(last) <= self.cfg.prompt_cache_ttl_ms);
+        self.prefixes.insert(k, now);
+        hit
+    }
+
     /// Tokens of the longest prefix (≥ 1,024 tokens, in 128 token steps) of
     /// this prompt sent to this model within the cache's idle time; records
     /// this prompt's prefixes as just used.

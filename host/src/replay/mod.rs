@@ -171,6 +171,7 @@ pub fn replay_config(mut config: Config, ledger_path: &Path) -> Config {
         let prompt_cache_ttl_ms = match p {
             ProviderConfig::Sim(s) => s.prompt_cache_ttl_ms,
             ProviderConfig::Openai(o) => o.sim.prompt_cache_ttl_ms,
+            ProviderConfig::Anthropic(a) => a.sim.prompt_cache_ttl_ms,
         };
         *p = ProviderConfig::Sim(SimConfig {
             latency_ms: 0,

@@ -316,3 +316,43 @@ provider = "claude_plain"
         );
     }
 }
+
+#[tokio::test]
+async fn invalidated_answers_leave_the_semantic_index_too() {
+    let token = "cache-admin-token-1";
+    let gw = gateway_env(
+        &format!(
+            "[admin]\nlisten = \"127.0.0.1:0\"\n{}",
+            config(&model_dir())
+        ),
+        &[("TOLLGATE_ADMIN_TOKEN", token)],
+    );
+    assert_eq!(
+        ask_as(&gw, "acme", "ann", "How do I export my data?")
+            .await
+            .cache,
+        "miss"
+    );
+    assert_eq!(
+        ask_as(&gw, "acme", "bob", "how can i export my data")
+            .await
+            .cache,
+        "hit"
+    );
+    let (status, v) = admin_call(
+        &gw.admin_base(),
+        token,
+        reqwest::Method::DELETE,
+        "/v1/cache?tenant=acme".to_string(),
+        None,
+    )
+    .await;
+    assert_eq!((status, v["removed"].as_u64()), (200, Some(1)));
+    assert_eq!(
+        ask_as(&gw, "acme", "cy", "how could i export my data")
+            .await
+            .cache,
+        "miss",
+        "a rewording does not find the removed answer"
+    );
+}

@@ -686,7 +686,11 @@ mod tests {
                 .replace(",\n    request_body      TEXT", "")
                 .replace(",\n    shadow            TEXT NOT NULL DEFAULT '[]'", "")
                 .replace(",\n    prompt_version    TEXT", "")
-                .replace(",\n    batch_discount    REAL", "");
+                .replace(",\n    batch_discount    REAL", "")
+                .replace(",\n    embed_ms          REAL", "")
+                .replace(",\n    cache_similarity  REAL", "")
+                .replace(",\n    cache_saved_usd   REAL", "")
+                .replace(",\n    cache_stored_bytes INTEGER", "");
             assert!(!v1.contains("calls"));
             c.execute_batch(&v1).unwrap();
             c.pragma_update(None, "user_version", 1).unwrap();

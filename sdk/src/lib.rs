@@ -9,7 +9,7 @@
 //! |---|---|---|---|
 //! | router | [`Router`] | [`export_router!`] | which model answers (or a fixed answer, or a rejection) |
 //! | compressor | [`Compressor`] | [`export_compressor!`] | how the prompt is shortened |
-//! | cache policy | [`CachePolicy`] | [`export_cache_policy!`] | whether and in which scope the cache is used |
+//! | cache policy | [`CachePolicy`] | [`export_cache_policy!`] | whether and in which scope the cache is used, and whether a reworded question may match ([`SemanticMatch`]) |
 //! | budget rule | [`BudgetRule`] | [`export_budget_rule!`] | allow, deny or downgrade given what was spent |
 //!
 //! # A complete router

@@ -658,7 +658,13 @@ impl Gateway {
                     decided(
                         rec,
                         slot,
-                        format!("lookup {:?} ttl {}s", l.scope, l.ttl_seconds),
+                        match &l.semantic {
+                            Some(s) => format!(
+                                "lookup {:?} ttl {}s semantic >= {}",
+                                l.scope, l.ttl_seconds, s.min_similarity
+                            ),
+                            None => format!("lookup {:?} ttl {}s", l.scope, l.ttl_seconds),
+                        },
                     );
                     match self
                         .lookup(&l, &id, &prompt_version, &req, &view, rec)

@@ -7,14 +7,26 @@
 //! Two tenants, two users' private answers, or the same question with
 //! different injected data (an account snapshot, a status page) never meet.
 //!
-//! Search is exact: a scan of one group's vectors, stored contiguously.
+//! Search is exact — a scan of one group's vectors, stored contiguously —
+//! until a group holds `cache.semantic_ann_from` entries; from then on an
+//! HNSW graph (hnsw_rs) answers it, built on a background thread while the
+//! scan goes on serving, then kept up to date on every insert. Removed
+//! entries stay in the graph as tombstones, filtered out of every search,
+//! until they are half of it and the graph is rebuilt. The graph is
+//! approximate: it may miss the closest stored question (a miss, one more
+//! upstream call), never serve a farther one below the threshold, since
+//! every candidate is rescored exactly and the guard still applies.
+//!
 //! Groups are bounded (`cache.semantic_max_entries_per_scope`); at the
 //! bound the oldest entry makes room. The answers themselves live in the
 //! [`super::AnswerStore`]: an index entry whose answer expired or was
 //! invalidated is dropped when a search meets it.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, RwLock};
+
+use hnsw_rs::prelude::{Distance, FilterT, Hnsw};
 
 use serde_json::{Map, Value};
 
@@ -62,11 +74,60 @@ struct Meta {
     seq: u64,
 }
 
+/// 1 - cosine of unit vectors, never negative (rounding can put a dot
+/// product of a vector with itself just above 1).
+struct CosineDistance;
+
+impl Distance<f32> for CosineDistance {
+    fn eval(&self, a: &[f32], b: &[f32]) -> f32 {
+        (1.0 - dot(a, b)).max(0.0)
+    }
+}
+
+/// Graph width and effort: 16 links per node, 64 candidates explored when
+/// inserting and 4 x k (at least 64) when searching.
+const ANN_LINKS: usize = 16;
+const ANN_EF_CONSTRUCTION: usize = 64;
+const ANN_EF_SEARCH: usize = 64;
+
+/// A group's HNSW graph. Nodes are labelled with the entries' `seq`.
+struct Ann {
+    graph: Hnsw<'static, f32, CosineDistance>,
+    /// Nodes in the graph, removed entries included.
+    nodes: usize,
+}
+
+impl Ann {
+    fn build(points: &[(Vec<f32>, u64)], capacity: usize) -> Self {
+        let graph = Hnsw::new(
+            ANN_LINKS,
+            capacity.max(points.len()),
+            16,
+            ANN_EF_CONSTRUCTION,
+            CosineDistance,
+        );
+        let data: Vec<(&[f32], usize)> = points
+            .iter()
+            .map(|(v, seq)| (v.as_slice(), *seq as usize))
+            .collect();
+        graph.parallel_insert_slice(&data);
+        Self {
+            graph,
+            nodes: points.len(),
+        }
+    }
+}
+
 #[derive(Default)]
 struct Group {
     /// `metas.len() * dims` floats, entry `i` at `i * dims`.
     vectors: Vec<f32>,
     metas: Vec<Meta>,
+    /// Where each live entry is in `metas`, by `seq` (kept only with a graph).
+    position: HashMap<u64, usize>,
+    ann: Option<Ann>,
+    /// A graph is being built on a background thread.
+    building: Arc<AtomicBool>,
 }
 
 impl Group {
@@ -77,13 +138,95 @@ impl Group {
             head[i * dims..(i + 1) * dims].copy_from_slice(&tail[..dims]);
         }
         self.vectors.truncate(last * dims);
-        self.metas.swap_remove(i);
+        let gone = self.metas.swap_remove(i);
+        if self.ann.is_some() {
+            self.position.remove(&gone.seq);
+            if let Some(moved) = self.metas.get(i) {
+                self.position.insert(moved.seq, i);
+            }
+        }
+    }
+
+    fn push(&mut self, vector: &[f32], meta: Meta) {
+        if let Some(ann) = &mut self.ann {
+            // The graph library asserts its invariants; should one fail,
+            // the group goes back to scanning rather than failing a request.
+            let inserted = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                ann.graph.insert_slice((vector, meta.seq as usize));
+            }));
+            if inserted.is_ok() {
+                ann.nodes += 1;
+                self.position.insert(meta.seq, self.metas.len());
+            } else {
+                tracing::error!("semantic index: graph insert failed; the group is scanned");
+                self.ann = None;
+                self.position.clear();
+            }
+        }
+        self.vectors.extend_from_slice(vector);
+        self.metas.push(meta);
+    }
+
+    /// Takes a graph built from a snapshot: entries added since are
+    /// inserted into it, entries removed since are tombstones.
+    fn attach(&mut self, ann: Ann, snapshot_seq: u64) {
+        let mut ann = ann;
+        self.position = self
+            .metas
+            .iter()
+            .enumerate()
+            .map(|(i, m)| (m.seq, i))
+            .collect();
+        for (i, m) in self.metas.iter().enumerate() {
+            if m.seq > snapshot_seq {
+                ann.graph
+                    .insert_slice((&self.vectors[i * DIMS..(i + 1) * DIMS], m.seq as usize));
+                ann.nodes += 1;
+            }
+        }
+        self.ann = Some(ann);
+    }
+
+    /// Candidates (similarity, position) at least `min` close, from the
+    /// graph when there is one, else from a scan.
+    fn search(&self, query: &[f32], min: f32, k: usize, now_ms: u64) -> Vec<(f32, usize)> {
+        let keep = |s: f32, i: usize| s >= min && self.metas[i].expires_at_ms > now_ms;
+        let from_graph = self.ann.as_ref().and_then(|ann| {
+            let live = |seq: &usize| self.position.contains_key(&(*seq as u64));
+            let filter: &dyn FilterT = &live;
+            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                ann.graph
+                    .search_filter(query, k, ANN_EF_SEARCH.max(4 * k), Some(filter))
+            }))
+            .inspect_err(|_| tracing::error!("semantic index: graph search failed; scanning"))
+            .ok()
+        });
+        let mut found: Vec<(f32, usize)> = match from_graph {
+            Some(neighbours) => neighbours
+                .into_iter()
+                .filter_map(|n| self.position.get(&(n.d_id as u64)).copied())
+                .map(|i| (dot(&self.vectors[i * DIMS..(i + 1) * DIMS], query), i))
+                .filter(|&(s, i)| keep(s, i))
+                .collect(),
+            None => self
+                .vectors
+                .chunks_exact(DIMS)
+                .enumerate()
+                .map(|(i, v)| (dot(v, query), i))
+                .filter(|&(s, i)| keep(s, i))
+                .collect(),
+        };
+        found.sort_by(|a, b| b.0.total_cmp(&a.0));
+        found.truncate(k);
+        found
     }
 }
 
 pub struct SemanticIndex {
     groups: RwLock<HashMap<ContextKey, Arc<RwLock<Group>>>>,
     max_per_group: usize,
+    /// Groups this large are searched through a graph.
+    ann_from: usize,
     seq: std::sync::atomic::AtomicU64,
 }
 
@@ -91,10 +234,11 @@ pub struct SemanticIndex {
 pub const DIMS: usize = 384;
 
 impl SemanticIndex {
-    pub fn new(max_per_group: usize) -> Self {
+    pub fn new(max_per_group: usize, ann_from: usize) -> Self {
         Self {
             groups: RwLock::default(),
             max_per_group: max_per_group.max(1),
+            ann_from: ann_from.max(1),
             seq: Default::default(),
         }
     }
@@ -114,7 +258,8 @@ impl SemanticIndex {
         expires_at_ms: u64,
         now_ms: u64,
     ) {
-        if vector.len() != DIMS {
+        // Non-finite values would poison every distance (the graph panics on NaN).
+        if vector.len() != DIMS || !vector.iter().all(|x| x.is_finite()) {
             return;
         }
         let group = {
@@ -148,14 +293,89 @@ impl SemanticIndex {
                 }
             }
         }
-        g.vectors.extend_from_slice(vector);
-        let seq = self.seq.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        g.metas.push(Meta {
-            key,
-            text,
-            expires_at_ms,
-            seq,
-        });
+        let seq = self.seq.fetch_add(1, Ordering::Relaxed);
+        g.push(
+            vector,
+            Meta {
+                key,
+                text,
+                expires_at_ms,
+                seq,
+            },
+        );
+        let stale = g
+            .ann
+            .as_ref()
+            .is_some_and(|a| a.nodes > 2 * g.metas.len().max(self.ann_from / 2));
+        let wanted = (g.ann.is_none() && g.metas.len() >= self.ann_from) || stale;
+        if wanted && !g.building.swap(true, Ordering::AcqRel) {
+            self.build_in_background(&group, &g);
+        }
+    }
+
+    /// Builds a graph of the group's current entries on a thread of its
+    /// own; the group is searched by scanning until it is attached.
+    fn build_in_background(&self, group: &Arc<RwLock<Group>>, g: &Group) {
+        let points: Vec<(Vec<f32>, u64)> = g
+            .vectors
+            .chunks_exact(DIMS)
+            .zip(&g.metas)
+            .map(|(v, m)| (v.to_vec(), m.seq))
+            .collect();
+        let snapshot_seq = g.metas.iter().map(|m| m.seq).max().unwrap_or(0);
+        let capacity = self.max_per_group;
+        let group = Arc::downgrade(group);
+        let building = g.building.clone();
+        let spawned = std::thread::Builder::new()
+            .name("semantic-ann".into())
+            .spawn(move || {
+                let started = std::time::Instant::now();
+                let built = std::panic::catch_unwind(|| Ann::build(&points, capacity));
+                let Ok(ann) = built else {
+                    tracing::error!("semantic index: graph build failed; searches stay exact");
+                    building.store(false, Ordering::Release);
+                    return;
+                };
+                if let Some(group) = group.upgrade() {
+                    let mut g = group.write().unwrap_or_else(|p| p.into_inner());
+                    g.attach(ann, snapshot_seq);
+                    tracing::info!(
+                        entries = g.metas.len(),
+                        ms = started.elapsed().as_millis(),
+                        "semantic index: graph built"
+                    );
+                }
+                building.store(false, Ordering::Release);
+            });
+        if let Err(e) = spawned {
+            tracing::warn!("semantic index: cannot start a graph build ({e}); searches stay exact");
+            g.building.store(false, Ordering::Release);
+        }
+    }
+
+    /// Waits until no graph is being built (tests and benchmarks).
+    pub fn wait_for_builds(&self) {
+        loop {
+            let busy = {
+                let groups = self.groups.read().unwrap_or_else(|p| p.into_inner());
+                groups.values().any(|g| {
+                    g.read()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .building
+                        .load(Ordering::Acquire)
+                })
+            };
+            if !busy {
+                return;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+    }
+
+    /// Whether `ctx`'s group is searched through a graph.
+    pub fn uses_graph(&self, ctx: &ContextKey) -> bool {
+        self.group(ctx)
+            .is_some_and(|g| g.read().unwrap_or_else(|p| p.into_inner()).ann.is_some())
     }
 
     /// Up to `k` stored questions of the group at least `min_similarity`
@@ -168,23 +388,14 @@ impl SemanticIndex {
         k: usize,
         now_ms: u64,
     ) -> Vec<Candidate> {
-        if query.len() != DIMS {
+        if query.len() != DIMS || !query.iter().all(|x| x.is_finite()) {
             return Vec::new();
         }
         let Some(group) = self.group(ctx) else {
             return Vec::new();
         };
         let g = group.read().unwrap_or_else(|p| p.into_inner());
-        let mut found: Vec<(f32, usize)> = Vec::new();
-        for (i, v) in g.vectors.chunks_exact(DIMS).enumerate() {
-            let s = dot(v, query);
-            if s >= min_similarity && g.metas[i].expires_at_ms > now_ms {
-                found.push((s, i));
-            }
-        }
-        found.sort_by(|a, b| b.0.total_cmp(&a.0));
-        found.truncate(k);
-        found
+        g.search(query, min_similarity, k, now_ms)
             .into_iter()
             .map(|(s, i)| Candidate {
                 key: g.metas[i].key,
@@ -290,7 +501,7 @@ mod tests {
 
     #[test]
     fn nearest_is_closest_first_within_its_group_only() {
-        let idx = SemanticIndex::new(100);
+        let idx = SemanticIndex::new(100, 1_000_000);
         let (a, b) = ([1; 32], [2; 32]);
         idx.insert(a, [10; 32], &unit(1), "one".into(), u64::MAX, 0);
         idx.insert(a, [11; 32], &unit(2), "two".into(), u64::MAX, 0);
@@ -304,8 +515,42 @@ mod tests {
     }
 
     #[test]
+    fn a_large_group_is_searched_through_a_graph_that_finds_the_same_neighbours() {
+        let idx = SemanticIndex::new(10_000, 500);
+        let g = [9; 32];
+        for i in 0..1_000u32 {
+            let mut key = [0u8; 32];
+            key[..4].copy_from_slice(&i.to_le_bytes());
+            idx.insert(g, key, &unit(i), format!("q{i}").into(), u64::MAX, 0);
+        }
+        idx.wait_for_builds();
+        assert!(idx.uses_graph(&g));
+        let mut agree = 0;
+        for i in (0..1_000u32).step_by(10) {
+            let hits = idx.nearest(&g, &unit(i), 0.0, 1, 0);
+            agree += usize::from(hits.first().is_some_and(|c| *c.text == format!("q{i}")));
+        }
+        assert!(
+            agree >= 95,
+            "the graph found {agree} of 100 exact neighbours"
+        );
+        // Removed entries are never returned.
+        let mut gone = [0u8; 32];
+        gone[..4].copy_from_slice(&7u32.to_le_bytes());
+        idx.forget(&g, &gone);
+        assert!(
+            idx.nearest(&g, &unit(7), 0.0, 4, 0)
+                .iter()
+                .all(|c| c.key != gone)
+        );
+        // Inserts after the build are searchable at once.
+        idx.insert(g, [200; 32], &unit(5_000), "late".into(), u64::MAX, 0);
+        assert_eq!(&*idx.nearest(&g, &unit(5_000), 0.99, 1, 0)[0].text, "late");
+    }
+
+    #[test]
     fn bound_expiry_replacement_and_retain() {
-        let idx = SemanticIndex::new(2);
+        let idx = SemanticIndex::new(2, 1_000_000);
         let g = [1; 32];
         idx.insert(g, [1; 32], &unit(1), "a".into(), 100, 0);
         idx.insert(g, [2; 32], &unit(2), "b".into(), u64::MAX, 0);

@@ -288,6 +288,7 @@ impl Gateway {
             cache: MemoryStore::new(config.cache.max_bytes, clock.clone()),
             semantic: cache::semantic::SemanticIndex::new(
                 config.cache.semantic_max_entries_per_scope,
+                config.cache.semantic_ann_from,
             ),
             embedder,
             semantic_off_warned: Default::default(),

@@ -810,8 +810,7 @@ fn bench_semantic(dir: &std::path::Path) -> Result<Value> {
                 (rng % 2001) as f32 / 1000.0 - 1.0
             })
             .collect();
-        let n = v.iter().map(|x| x * x).sum::<f32>().sqrt();
-        v.iter_mut().for_each(|x| *x /= n);
+        normalise(&mut v);
         v
     };
     let mut lookups = serde_json::Map::new();
@@ -828,8 +827,7 @@ fn bench_semantic(dir: &std::path::Path) -> Result<Value> {
                     .zip(&noise)
                     .map(|(a, b)| a + 0.6 * b)
                     .collect();
-                let n = v.iter().map(|x| x * x).sum::<f32>().sqrt();
-                v.iter_mut().for_each(|x| *x /= n);
+                normalise(&mut v);
                 v
             })
             .collect();
@@ -843,8 +841,7 @@ fn bench_semantic(dir: &std::path::Path) -> Result<Value> {
                     .zip(&noise)
                     .map(|(a, b)| a + 0.35 * b)
                     .collect();
-                let n = q.iter().map(|x| x * x).sum::<f32>().sqrt();
-                q.iter_mut().for_each(|x| *x /= n);
+                normalise(&mut q);
                 q
             })
             .collect();
@@ -895,6 +892,12 @@ fn bench_semantic(dir: &std::path::Path) -> Result<Value> {
         lookups.insert(format!("entries_{entries}"), Value::Object(row));
     }
     Ok(json!({"embed_ms": embed_ms, "lookup": lookups}))
+}
+
+/// Scales `v` to unit length.
+fn normalise(v: &mut [f32]) {
+    let n = v.iter().map(|x| x * x).sum::<f32>().sqrt();
+    v.iter_mut().for_each(|x| *x /= n);
 }
 
 fn round2(x: f64) -> f64 {

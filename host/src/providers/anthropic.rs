@@ -36,12 +36,7 @@ pub struct AnthropicProvider {
 
 impl AnthropicProvider {
     pub fn new(cfg: &AnthropicConfig, key: Option<String>) -> Result<Self, String> {
-        let client = super::http_client()
-            .connect_timeout(Duration::from_millis(cfg.connect_timeout_ms))
-            .pool_idle_timeout(Duration::from_secs(90))
-            .tcp_nodelay(true)
-            .build()
-            .map_err(|e| e.to_string())?;
+        let client = super::upstream_client(cfg.connect_timeout_ms)?;
         Ok(Self {
             client,
             url: format!("{}/messages", cfg.base_url.trim_end_matches('/')),
@@ -49,16 +44,6 @@ impl AnthropicProvider {
             timeout: Duration::from_millis(cfg.timeout_ms),
             prompt_caching: cfg.prompt_caching,
         })
-    }
-
-    fn classify(&self, e: reqwest::Error) -> ProviderError {
-        if e.is_timeout() {
-            ProviderError::Timeout(self.timeout.as_millis() as u64)
-        } else if e.is_connect() {
-            ProviderError::Connect(e.to_string())
-        } else {
-            ProviderError::Protocol(e.to_string())
-        }
     }
 }
 
@@ -87,20 +72,9 @@ impl super::Provider for AnthropicProvider {
         let resp = tokio::time::timeout(self.timeout, req.send())
             .await
             .map_err(|_| ProviderError::Timeout(self.timeout.as_millis() as u64))?
-            .map_err(|e| self.classify(e))?;
-        let status = resp.status();
-        if !status.is_success() {
-            let retry_after_s = resp
-                .headers()
-                .get("retry-after")
-                .and_then(|v| v.to_str().ok())
-                .and_then(|v| v.parse().ok());
-            let body = resp.bytes().await.unwrap_or_default();
-            return Err(ProviderError::Status {
-                status: status.as_u16(),
-                message: super::error_message(&body),
-                retry_after_s,
-            });
+            .map_err(|e| super::classify(e, self.timeout))?;
+        if !resp.status().is_success() {
+            return Err(super::status_error(resp).await);
         }
         if call.stream {
             let mut translate = StreamTranslator::default();
@@ -129,7 +103,7 @@ impl super::Provider for AnthropicProvider {
         let body = tokio::time::timeout(self.timeout, resp.bytes())
             .await
             .map_err(|_| ProviderError::Timeout(self.timeout.as_millis() as u64))?
-            .map_err(|e| self.classify(e))?;
+            .map_err(|e| super::classify(e, self.timeout))?;
         let msg: Value = serde_json::from_slice(&body)
             .map_err(|e| ProviderError::Protocol(format!("not JSON: {e}")))?;
         Ok(UpstreamReply::Complete(Bytes::from(

@@ -239,6 +239,46 @@ pub fn http_client() -> reqwest::ClientBuilder {
     reqwest::Client::builder()
 }
 
+/// The HTTP client of an upstream API: pooled connections kept 90 s,
+/// no Nagle delay.
+pub(crate) fn upstream_client(connect_timeout_ms: u64) -> Result<reqwest::Client, String> {
+    http_client()
+        .connect_timeout(std::time::Duration::from_millis(connect_timeout_ms))
+        .pool_idle_timeout(std::time::Duration::from_secs(90))
+        .tcp_nodelay(true)
+        .build()
+        .map_err(|e| e.to_string())
+}
+
+/// A transport error as the pipeline sees it: a timeout (after `timeout`),
+/// no connection, or a broken exchange.
+pub(crate) fn classify(e: reqwest::Error, timeout: std::time::Duration) -> ProviderError {
+    if e.is_timeout() {
+        ProviderError::Timeout(timeout.as_millis() as u64)
+    } else if e.is_connect() {
+        ProviderError::Connect(e.to_string())
+    } else {
+        ProviderError::Protocol(e.to_string())
+    }
+}
+
+/// The error of a non-success answer: its status, the message of its body
+/// and its `Retry-After`, if any.
+pub(crate) async fn status_error(resp: reqwest::Response) -> ProviderError {
+    let status = resp.status().as_u16();
+    let retry_after_s = resp
+        .headers()
+        .get("retry-after")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse().ok());
+    let body = resp.bytes().await.unwrap_or_default();
+    ProviderError::Status {
+        status,
+        message: error_message(&body),
+        retry_after_s,
+    }
+}
+
 /// The message of an OpenAI-style error body, or the body itself.
 pub fn error_message(body: &[u8]) -> String {
     serde_json::from_slice::<Value>(body)

@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use futures_util::StreamExt;
 
-use super::{ProviderError, UpstreamCall, UpstreamReply, error_message};
+use super::{ProviderError, UpstreamCall, UpstreamReply};
 use crate::config::OpenAiConfig;
 
 pub struct OpenAiProvider {
@@ -23,12 +23,7 @@ pub struct OpenAiProvider {
 
 impl OpenAiProvider {
     pub fn new(cfg: &OpenAiConfig, key: Option<String>) -> Result<Self, String> {
-        let client = super::http_client()
-            .connect_timeout(Duration::from_millis(cfg.connect_timeout_ms))
-            .pool_idle_timeout(Duration::from_secs(90))
-            .tcp_nodelay(true)
-            .build()
-            .map_err(|e| e.to_string())?;
+        let client = super::upstream_client(cfg.connect_timeout_ms)?;
         Ok(Self {
             client,
             url: format!("{}/chat/completions", cfg.base_url.trim_end_matches('/')),
@@ -42,13 +37,7 @@ impl OpenAiProvider {
     }
 
     pub(super) fn classify(&self, e: reqwest::Error) -> ProviderError {
-        if e.is_timeout() {
-            ProviderError::Timeout(self.timeout.as_millis() as u64)
-        } else if e.is_connect() {
-            ProviderError::Connect(e.to_string())
-        } else {
-            ProviderError::Protocol(e.to_string())
-        }
+        super::classify(e, self.timeout)
     }
 }
 
@@ -92,19 +81,8 @@ impl super::Provider for OpenAiProvider {
             .await
             .map_err(|_| ProviderError::Timeout(self.timeout.as_millis() as u64))?
             .map_err(|e| self.classify(e))?;
-        let status = resp.status();
-        if !status.is_success() {
-            let retry_after_s = resp
-                .headers()
-                .get("retry-after")
-                .and_then(|v| v.to_str().ok())
-                .and_then(|v| v.parse().ok());
-            let body = resp.bytes().await.unwrap_or_default();
-            return Err(ProviderError::Status {
-                status: status.as_u16(),
-                message: error_message(&body),
-                retry_after_s,
-            });
+        if !resp.status().is_success() {
+            return Err(super::status_error(resp).await);
         }
         if call.stream {
             let stream = resp

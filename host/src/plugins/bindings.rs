@@ -83,7 +83,7 @@ pub mod v0_1_0 {
         imports: { "tollgate:policy/embed.embed": async },
     });
 
-    use tollgate::policy::types as old;
+    use self::tollgate::policy::types as old;
 
     impl From<old::CacheDecision> for CacheDecision {
         fn from(d: old::CacheDecision) -> Self {

@@ -41,14 +41,11 @@ impl Gateway {
                 similarity: None,
             };
         }
-        let ttl = l
-            .ttl_seconds
-            .min(self.live.load().config.cache.max_ttl_seconds);
         let mut labels = entry_labels(id, l.scope, &req.model, prompt_version);
         labels.tags.extend(l.tags.iter().cloned());
         let mut plan = cache::Plan {
             key,
-            ttl: Duration::from_secs(u64::from(ttl)),
+            ttl: Duration::from_secs(u64::from(l.ttl_seconds)),
             labels,
             semantic: None,
         };

@@ -655,7 +655,7 @@ impl Gateway {
             let decision = contain(slot, slot.plugin.lookup(&view).await, rec)?;
             shadow::cache(&plugins, &view, decision.as_ref(), rec).await;
             match decision {
-                Some(CacheDecision::Lookup(l)) => {
+                Some(CacheDecision::Lookup(mut l)) => {
                     decided(
                         rec,
                         slot,
@@ -667,6 +667,7 @@ impl Gateway {
                             None => format!("lookup {:?} ttl {}s", l.scope, l.ttl_seconds),
                         },
                     );
+                    l.ttl_seconds = l.ttl_seconds.min(live.config.cache.max_ttl_seconds);
                     match self
                         .lookup(&l, &id, &prompt_version, &req, &view, rec)
                         .await

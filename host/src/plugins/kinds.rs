@@ -82,6 +82,43 @@ pub enum CachePolicyBindings {
     V1(v0_1_0::CachePolicy),
 }
 
+/// One call per export, whichever version the plugin speaks.
+impl CachePolicyBindings {
+    async fn call_init(
+        &self,
+        store: &mut Store<StoreState>,
+        config: &str,
+    ) -> wasmtime::Result<Result<(), String>> {
+        match self {
+            Self::V2(b) => b.call_init(store, config).await,
+            Self::V1(b) => b.call_init(store, config).await,
+        }
+    }
+
+    async fn call_lookup(
+        &self,
+        store: &mut Store<StoreState>,
+        req: &RequestView,
+    ) -> wasmtime::Result<CacheDecision> {
+        match self {
+            Self::V2(b) => b.call_lookup(store, req).await,
+            Self::V1(b) => b.call_lookup(store, req).await,
+        }
+    }
+
+    async fn call_admit(
+        &self,
+        store: &mut Store<StoreState>,
+        req: &RequestView,
+        response: &ResponseMeta,
+    ) -> wasmtime::Result<bool> {
+        match self {
+            Self::V2(b) => b.call_admit(store, req, response).await,
+            Self::V1(b) => b.call_admit(store, req, response).await,
+        }
+    }
+}
+
 impl Kind for CachePolicyKind {
     const KIND: PluginKind = PluginKind::CachePolicy;
     type Pre = CachePolicyPre;
@@ -112,10 +149,7 @@ impl Kind for CachePolicyKind {
         store: &mut Store<StoreState>,
         config: &str,
     ) -> wasmtime::Result<Result<(), String>> {
-        match b {
-            CachePolicyBindings::V2(b) => b.call_init(store, config).await,
-            CachePolicyBindings::V1(b) => b.call_init(store, config).await,
-        }
+        b.call_init(store, config).await
     }
 }
 kind!(
@@ -190,10 +224,7 @@ impl Plugin<CompressorKind> {
 impl Plugin<CachePolicyKind> {
     pub async fn lookup(&self, req: &RequestView) -> Result<CacheDecision, PluginError> {
         let mut w = self.acquire(req).await?;
-        let r = match &w.bindings {
-            CachePolicyBindings::V2(b) => b.call_lookup(&mut w.store, req).await,
-            CachePolicyBindings::V1(b) => b.call_lookup(&mut w.store, req).await,
-        };
+        let r = w.bindings.call_lookup(&mut w.store, req).await;
         let d = self.release(w, r)?;
         if let CacheDecision::Lookup(l) = &d {
             if l.ttl_seconds == 0 {
@@ -217,10 +248,7 @@ impl Plugin<CachePolicyKind> {
         response: &ResponseMeta,
     ) -> Result<bool, PluginError> {
         let mut w = self.acquire(req).await?;
-        let r = match &w.bindings {
-            CachePolicyBindings::V2(b) => b.call_admit(&mut w.store, req, response).await,
-            CachePolicyBindings::V1(b) => b.call_admit(&mut w.store, req, response).await,
-        };
+        let r = w.bindings.call_admit(&mut w.store, req, response).await;
         self.release(w, r)
     }
 }

@@ -31,6 +31,7 @@ use hnsw_rs::prelude::{Distance, FilterT, Hnsw};
 use serde_json::{Map, Value};
 
 use super::CacheKey;
+use crate::embed::cosine;
 use crate::plugins::types::CacheScope;
 
 pub type ContextKey = [u8; 32];
@@ -80,7 +81,7 @@ struct CosineDistance;
 
 impl Distance<f32> for CosineDistance {
     fn eval(&self, a: &[f32], b: &[f32]) -> f32 {
-        (1.0 - dot(a, b)).max(0.0)
+        (1.0 - cosine(a, b)).max(0.0)
     }
 }
 
@@ -120,7 +121,7 @@ impl Ann {
 
 #[derive(Default)]
 struct Group {
-    /// `metas.len() * dims` floats, entry `i` at `i * dims`.
+    /// `metas.len() * DIMS` floats, entry `i` at `i * DIMS`.
     vectors: Vec<f32>,
     metas: Vec<Meta>,
     /// Where each live entry is in `metas`, by `seq` (kept only with a graph).
@@ -131,13 +132,13 @@ struct Group {
 }
 
 impl Group {
-    fn remove(&mut self, i: usize, dims: usize) {
+    fn remove(&mut self, i: usize) {
         let last = self.metas.len() - 1;
         if i != last {
-            let (head, tail) = self.vectors.split_at_mut(last * dims);
-            head[i * dims..(i + 1) * dims].copy_from_slice(&tail[..dims]);
+            let (head, tail) = self.vectors.split_at_mut(last * DIMS);
+            head[i * DIMS..(i + 1) * DIMS].copy_from_slice(&tail[..DIMS]);
         }
-        self.vectors.truncate(last * dims);
+        self.vectors.truncate(last * DIMS);
         let gone = self.metas.swap_remove(i);
         if self.ann.is_some() {
             self.position.remove(&gone.seq);
@@ -205,14 +206,14 @@ impl Group {
             Some(neighbours) => neighbours
                 .into_iter()
                 .filter_map(|n| self.position.get(&(n.d_id as u64)).copied())
-                .map(|i| (dot(&self.vectors[i * DIMS..(i + 1) * DIMS], query), i))
+                .map(|i| (cosine(&self.vectors[i * DIMS..(i + 1) * DIMS], query), i))
                 .filter(|&(s, i)| keep(s, i))
                 .collect(),
             None => self
                 .vectors
                 .chunks_exact(DIMS)
                 .enumerate()
-                .map(|(i, v)| (dot(v, query), i))
+                .map(|(i, v)| (cosine(v, query), i))
                 .filter(|&(s, i)| keep(s, i))
                 .collect(),
         };
@@ -268,14 +269,14 @@ impl SemanticIndex {
         };
         let mut g = group.write().unwrap_or_else(|p| p.into_inner());
         if let Some(i) = g.metas.iter().position(|m| m.key == key) {
-            g.remove(i, DIMS);
+            g.remove(i);
         }
         if g.metas.len() >= self.max_per_group {
             // Expired first, then the oldest.
             let mut i = 0;
             while i < g.metas.len() {
                 if g.metas[i].expires_at_ms <= now_ms {
-                    g.remove(i, DIMS);
+                    g.remove(i);
                 } else {
                     i += 1;
                 }
@@ -288,7 +289,7 @@ impl SemanticIndex {
                     .min_by_key(|(_, m)| m.seq)
                     .map(|(i, _)| i);
                 match oldest {
-                    Some(i) => g.remove(i, DIMS),
+                    Some(i) => g.remove(i),
                     None => break,
                 }
             }
@@ -419,7 +420,7 @@ impl SemanticIndex {
                 if keep(&g.metas[i].key) {
                     i += 1;
                 } else {
-                    g.remove(i, DIMS);
+                    g.remove(i);
                     dropped += 1;
                 }
             }
@@ -434,7 +435,7 @@ impl SemanticIndex {
         if let Some(group) = self.group(ctx) {
             let mut g = group.write().unwrap_or_else(|p| p.into_inner());
             if let Some(i) = g.metas.iter().position(|m| m.key == *key) {
-                g.remove(i, DIMS);
+                g.remove(i);
             }
         }
     }
@@ -451,18 +452,6 @@ impl SemanticIndex {
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
-}
-
-/// Dot product in eight independent lanes, which the compiler turns into
-/// SIMD multiply-adds.
-fn dot(a: &[f32], b: &[f32]) -> f32 {
-    let mut acc = [0f32; 8];
-    for (x, y) in a.chunks_exact(8).zip(b.chunks_exact(8)) {
-        for l in 0..8 {
-            acc[l] += x[l] * y[l];
-        }
-    }
-    acc.iter().sum()
 }
 
 #[cfg(test)]

@@ -172,9 +172,21 @@ impl Embedder {
     }
 }
 
-/// Cosine similarity of two unit-length vectors (their dot product).
+/// Cosine similarity of two unit-length vectors (their dot product),
+/// summed in eight independent lanes, which the compiler turns into SIMD
+/// multiply-adds: the semantic index calls it once per stored question.
 pub fn cosine(a: &[f32], b: &[f32]) -> f32 {
-    a.iter().zip(b).map(|(x, y)| x * y).sum()
+    let n = a.len().min(b.len());
+    let (a, b) = (&a[..n], &b[..n]);
+    let mut acc = [0f32; 8];
+    for (x, y) in a.chunks_exact(8).zip(b.chunks_exact(8)) {
+        for l in 0..8 {
+            acc[l] += x[l] * y[l];
+        }
+    }
+    let tail = n - n % 8;
+    let rest: f32 = a[tail..].iter().zip(&b[tail..]).map(|(x, y)| x * y).sum();
+    acc.iter().sum::<f32>() + rest
 }
 
 fn cut(text: &str, max: usize) -> &str {

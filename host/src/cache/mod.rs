@@ -74,12 +74,27 @@ pub fn key(
     prompt_version: &str,
     body: &Map<String, Value>,
 ) -> CacheKey {
+    key_of_canonical(scope, tenant, user, prompt_version, canonical(body))
+}
+
+/// The fields of `body` that change the answer.
+fn canonical(body: &Map<String, Value>) -> Map<String, Value> {
     let mut canonical = Map::new();
     for f in KEY_FIELDS {
         if let Some(v) = body.get(f) {
             canonical.insert(f.to_string(), v.clone());
         }
     }
+    canonical
+}
+
+fn key_of_canonical(
+    scope: CacheScope,
+    tenant: &str,
+    user: &str,
+    prompt_version: &str,
+    canonical: Map<String, Value>,
+) -> CacheKey {
     let json = Value::Object(canonical).to_string();
     let mut h = blake3::Hasher::new();
     let mut part = |bytes: &[u8]| {

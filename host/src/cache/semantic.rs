@@ -46,7 +46,7 @@ pub fn context_key(
     prompt_version: &str,
     body: &Map<String, Value>,
 ) -> ContextKey {
-    let mut body = body.clone();
+    let mut body = super::canonical(body);
     if let Some(Value::Array(messages)) = body.get_mut("messages")
         && let Some(last) = messages
             .iter_mut()
@@ -56,7 +56,7 @@ pub fn context_key(
     {
         m.insert("content".into(), Value::String("\u{0}compared".into()));
     }
-    super::key(scope, tenant, user, prompt_version, &body)
+    super::key_of_canonical(scope, tenant, user, prompt_version, body)
 }
 
 /// A stored question close enough to be considered.

@@ -302,14 +302,19 @@ pub fn message_text(m: &Value) -> (String, bool) {
     }
 }
 
-/// `usage` object in OpenAI's shape.
+/// `usage` object in OpenAI's shape; prompt-cache writes (an Anthropic
+/// upstream's) as `cache_creation_input_tokens`, when there were any.
 pub fn usage_json(u: &Usage) -> Value {
-    json!({
+    let mut v = json!({
         "prompt_tokens": u.prompt_tokens,
         "completion_tokens": u.completion_tokens,
         "total_tokens": u.prompt_tokens + u.completion_tokens,
         "prompt_tokens_details": {"cached_tokens": u.cached_tokens},
-    })
+    });
+    if u.cache_write_tokens > 0 {
+        v["cache_creation_input_tokens"] = json!(u.cache_write_tokens);
+    }
+    v
 }
 
 /// A complete (non-streamed) chat completion written by the gateway.

@@ -133,17 +133,9 @@ fn bad(msg: impl Into<String>) -> ProviderError {
     }
 }
 
-/// The text of an OpenAI message's content (a string, or text parts).
-fn text_of(content: Option<&Value>) -> String {
-    match content {
-        Some(Value::String(s)) => s.clone(),
-        Some(Value::Array(parts)) => parts
-            .iter()
-            .filter_map(|p| p.get("text").and_then(Value::as_str))
-            .collect::<Vec<_>>()
-            .join("\n"),
-        _ => String::new(),
-    }
+/// The text of an OpenAI message (its content string, or its text parts).
+fn text_of(m: &Value) -> String {
+    crate::api::message_text(m).0
 }
 
 /// An OpenAI chat request as a Messages request. System messages become the
@@ -176,16 +168,13 @@ pub fn messages_request(
         let role = m.get("role").and_then(Value::as_str).unwrap_or("");
         let (role, blocks) = match role {
             "system" | "developer" => {
-                system.push(json!({"type": "text", "text": text_of(m.get("content"))}));
+                system.push(json!({"type": "text", "text": text_of(m)}));
                 continue;
             }
-            "user" => (
-                "user",
-                vec![json!({"type": "text", "text": text_of(m.get("content"))})],
-            ),
+            "user" => ("user", vec![json!({"type": "text", "text": text_of(m)})]),
             "assistant" => {
                 let mut blocks = Vec::new();
-                let text = text_of(m.get("content"));
+                let text = text_of(m);
                 if !text.is_empty() {
                     blocks.push(json!({"type": "text", "text": text}));
                 }
@@ -211,7 +200,7 @@ pub fn messages_request(
                 vec![json!({
                     "type": "tool_result",
                     "tool_use_id": m.get("tool_call_id").cloned().unwrap_or(Value::Null),
-                    "content": text_of(m.get("content")),
+                    "content": text_of(m),
                 })],
             ),
             other => return Err(bad(format!("message role {other:?} is not supported"))),
@@ -303,26 +292,13 @@ fn finish_reason(stop: Option<&str>) -> &'static str {
     }
 }
 
-/// Anthropic's usage as an OpenAI usage object: `prompt_tokens` counts every
-/// prompt token (Anthropic's `input_tokens` leaves out cache reads and
-/// writes), the reads are `cached_tokens`, and the writes stay in
-/// `cache_creation_input_tokens` for the write price.
+/// Anthropic's usage as an OpenAI usage object, through the gateway's own
+/// reading of Anthropic's shape (`input_tokens` leaves out cache reads and
+/// writes; `prompt_tokens` counts them all): reads become `cached_tokens`,
+/// writes stay in `cache_creation_input_tokens` for the write price.
 fn usage(u: &Value) -> Value {
-    let n = |k: &str| u.get(k).and_then(Value::as_u64).unwrap_or(0);
-    let (input, read, written) = (
-        n("input_tokens"),
-        n("cache_read_input_tokens"),
-        n("cache_creation_input_tokens"),
-    );
-    let output = n("output_tokens");
-    json!({
-        "prompt_tokens": input + read + written,
-        "completion_tokens": output,
-        "total_tokens": input + read + written + output,
-        "prompt_tokens_details": {"cached_tokens": read},
-        "cache_read_input_tokens": read,
-        "cache_creation_input_tokens": written,
-    })
+    let wire = serde_json::from_value::<crate::api::WireUsage>(u.clone()).unwrap_or_default();
+    crate::api::usage_json(&wire.into())
 }
 
 /// A Messages answer as a chat completion.

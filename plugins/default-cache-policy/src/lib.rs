@@ -221,16 +221,18 @@ impl DefaultCachePolicy {
                 .get(feature)
                 .copied()
                 .unwrap_or(self.cfg.ttl_seconds),
-            semantic: self.semantic(feature, last_user, temperature),
+            semantic: self.semantic(feature, last_user, &lower, temperature),
             tags: Vec::new(),
         })
     }
 
     /// Semantic matching for short questions on the routes it is on for.
+    /// `lower` is `last_user` lowercased ([`lowered`]).
     fn semantic(
         &self,
         feature: &str,
         last_user: &str,
+        lower: &str,
         temperature: Option<f32>,
     ) -> Option<SemanticMatch> {
         let s = self.cfg.semantic.as_ref()?;
@@ -242,7 +244,7 @@ impl DefaultCachePolicy {
         let on_route = s.features.is_empty() || s.features.iter().any(|f| f == feature);
         (short && cool && on_route).then(|| SemanticMatch {
             min_similarity: s.min_similarity,
-            text: Some(question_text(question)),
+            text: Some(question_text(lower)),
             contrasts: s.contrasts.clone(),
         })
     }
@@ -298,14 +300,11 @@ const PLEASANTRIES: &[&str] = &[
 /// spaces, without greetings and sign-offs ("Hi team, ... Thanks a lot!"),
 /// which move an embedding without changing what is asked. Sentences that
 /// say something (context such as "I'm on the annual plan.") are kept.
-fn question_text(text: &str) -> String {
-    let lower = text.to_lowercase().replace('\u{2019}', "'");
+/// `lower` is the message lowercased ([`lowered`]).
+fn question_text(lower: &str) -> String {
     let only_pleasantries = |part: &str| {
-        let mut ws = part
-            .split(|c: char| !(c.is_alphanumeric() || c == '\''))
-            .filter(|w| !w.is_empty())
-            .peekable();
-        ws.peek().is_some() && ws.all(|w| PLEASANTRIES.contains(&w))
+        let ws = words(part);
+        !ws.is_empty() && ws.iter().all(|w| PLEASANTRIES.contains(w))
     };
     let mut kept = Vec::new();
     for sentence in lower.split_inclusive(['.', '!', '?', '\n']) {
@@ -459,14 +458,18 @@ mod tests {
     #[test]
     fn the_compared_question_drops_greetings_and_sign_offs() {
         assert_eq!(
-            question_text("Hi team, How do I reset my password?  Thanks a lot!"),
+            question_text(&lowered(
+                "Hi team, How do I reset my password?  Thanks a lot!"
+            )),
             "how do i reset my password"
         );
         assert_eq!(
-            question_text("Good morning, I'm on the annual plan. Can I get a refund? Cheers"),
+            question_text(&lowered(
+                "Good morning, I'm on the annual plan. Can I get a refund? Cheers"
+            )),
             "i'm on the annual plan. can i get a refund"
         );
-        assert_eq!(question_text("Thanks!"), "thanks!");
+        assert_eq!(question_text(&lowered("Thanks!")), "thanks!");
     }
 
     #[test]

@@ -381,43 +381,52 @@ pub fn sim_handler(
             };
             match sim.chat(call).await {
                 Ok(UpstreamReply::Complete(b)) => json_response(StatusCode::OK, b),
-                Ok(UpstreamReply::Stream(s)) => {
-                    let s = s.map(|r| Ok::<_, Infallible>(Frame::data(r.unwrap_or_default())));
-                    let mut r = Response::new(BodyExt::boxed_unsync(StreamBody::new(s)));
-                    r.headers_mut().insert(
-                        header::CONTENT_TYPE,
-                        HeaderValue::from_static("text/event-stream"),
-                    );
-                    r
-                }
-                Err(crate::providers::ProviderError::Status {
-                    status,
-                    message,
-                    retry_after_s,
-                }) => {
-                    let code =
-                        StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
-                    let mut r =
-                        error_response(&ApiError::new(code, "api_error", "simulated", message));
-                    if let Some(s) = retry_after_s
-                        && let Ok(v) = HeaderValue::from_str(&s.to_string())
-                    {
-                        r.headers_mut().insert(header::RETRY_AFTER, v);
-                    }
-                    r
-                }
-                Err(e) => error_response(&ApiError::new(
-                    StatusCode::BAD_GATEWAY,
-                    "api_error",
-                    "simulated",
-                    e.to_string(),
-                )),
+                Ok(UpstreamReply::Stream(s)) => sim_events(s.map(Result::unwrap_or_default)),
+                Err(e) => sim_error(e, "api_error"),
             }
         })
     }
 }
 
 use futures_util::StreamExt as _;
+
+/// A simulated stream of server-sent events.
+fn sim_events(events: impl futures_util::Stream<Item = Bytes> + Send + 'static) -> Response<Body> {
+    let s = events.map(|e| Ok::<_, Infallible>(Frame::data(e)));
+    let mut r = Response::new(BodyExt::boxed_unsync(StreamBody::new(s)));
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/event-stream"),
+    );
+    r
+}
+
+/// A simulated failure: its status, message and `Retry-After`, or 502 when
+/// it has no status.
+fn sim_error(e: crate::providers::ProviderError, kind: &'static str) -> Response<Body> {
+    match e {
+        crate::providers::ProviderError::Status {
+            status,
+            message,
+            retry_after_s,
+        } => {
+            let code = StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+            let mut r = error_response(&ApiError::new(code, kind, "simulated", message));
+            if let Some(s) = retry_after_s
+                && let Ok(v) = HeaderValue::from_str(&s.to_string())
+            {
+                r.headers_mut().insert(header::RETRY_AFTER, v);
+            }
+            r
+        }
+        e => error_response(&ApiError::new(
+            StatusCode::BAD_GATEWAY,
+            "api_error",
+            "simulated",
+            e.to_string(),
+        )),
+    }
+}
 
 /// The simulator's Anthropic Messages endpoint.
 async fn sim_messages(sim: &SimProvider, req: Request<Incoming>) -> Response<Body> {
@@ -435,30 +444,10 @@ async fn sim_messages(sim: &SimProvider, req: Request<Incoming>) -> Response<Bod
         .and_then(|v| v.parse().ok());
     match crate::providers::sim_anthropic::answer(sim, &body, output_tokens) {
         Ok((msg, false)) => json_response(StatusCode::OK, Bytes::from(msg.to_string())),
-        Ok((msg, true)) => {
-            let events = crate::providers::sim_anthropic::stream_events(&msg);
-            let s = futures_util::stream::iter(events).map(|e| Ok::<_, Infallible>(Frame::data(e)));
-            let mut r = Response::new(BodyExt::boxed_unsync(StreamBody::new(s)));
-            r.headers_mut().insert(
-                header::CONTENT_TYPE,
-                HeaderValue::from_static("text/event-stream"),
-            );
-            r
-        }
-        Err(crate::providers::ProviderError::Status {
-            status, message, ..
-        }) => error_response(&ApiError::new(
-            StatusCode::from_u16(status).unwrap_or(StatusCode::BAD_REQUEST),
-            "invalid_request_error",
-            "simulated",
-            message,
+        Ok((msg, true)) => sim_events(futures_util::stream::iter(
+            crate::providers::sim_anthropic::stream_events(&msg),
         )),
-        Err(e) => error_response(&ApiError::new(
-            StatusCode::BAD_GATEWAY,
-            "api_error",
-            "simulated",
-            e.to_string(),
-        )),
+        Err(e) => sim_error(e, "invalid_request_error"),
     }
 }
 

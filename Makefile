@@ -18,7 +18,7 @@ SUDO         := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 # Installs Debian packages that are missing (the lists are refreshed first).
 APT_INSTALL   = dpkg -s $(1) >/dev/null 2>&1 || { $(SUDO) apt-get update -q && $(SUDO) apt-get install -y -q --no-install-recommends $(1); }
 
-.PHONY: run build plugins examples model setup test test-rust test-python test-examples lint fmt bench score clean
+.PHONY: run build plugins examples model setup test test-rust test-python test-examples lint fmt bench bench-compare bench-micro score clean
 
 run: build
 	./target/release/tollgate serve --config $(CONFIG)
@@ -115,6 +115,7 @@ fmt:
 lint: setup
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy -p tollgate --all-targets -- -D warnings
+	$(CARGO) clippy -p tollgate-bench --all-targets -- -D warnings
 	$(CARGO) clippy --target wasm32-wasip2 $(addprefix -p ,tollgate-sdk $(PLUGIN_CRATES)) -- -D warnings
 	$(CARGO) clippy -p tier-router --examples -- -D warnings
 	$(CARGO) clippy -p wasi-adapter -- -D warnings
@@ -125,6 +126,7 @@ test: lint plugins examples test-examples test-rust test-python
 # the end-to-end tests in tests/ that start the real binary.
 test-rust: plugins examples model
 	$(CARGO) test -p tollgate -p tollgate-sdk $(addprefix -p ,$(PLUGIN_CRATES))
+	$(CARGO) test -p tollgate-bench
 
 # The official openai Python package against the real binary.
 $(VENV)/.ok:
@@ -139,6 +141,28 @@ test-python: plugins $(VENV)/.ok
 bench: plugins examples
 	$(CARGO) build --release -p tollgate
 	./target/release/tollgate bench --plugins $(PLUGIN_DIR)
+
+# The contenders the comparison measures Tollgate against: LiteLLM's proxy,
+# and Python tiktoken for token counting (LiteLLM ships its vocabularies).
+BENCH_VENV = target/bench-venv
+$(BENCH_VENV)/.ok:
+	python3 -m venv $(BENCH_VENV)
+	$(BENCH_VENV)/bin/pip install --quiet --disable-pip-version-check "litellm[proxy]==1.106.2" "tiktoken==0.14.0"
+	touch $@
+
+# Direct, a bare forwarder, Tollgate without and with its four plugins and
+# the ledger, and LiteLLM, on one simulator upstream, in one run (~15 min).
+# Writes bench/results/<date>.json and .png. BENCH_ARGS=--help for settings.
+bench-compare: plugins $(BENCH_VENV)/.ok
+	@$(call APT_INSTALL,fonts-dejavu-core)
+	$(CARGO) build --release -p tollgate
+	$(CARGO) build --release -p tollgate-bench
+	./target/release/tollgate-bench compare $(BENCH_ARGS)
+
+# Criterion micro-benchmarks: token counting, hashing, each plugin call,
+# the chain, the ledger.
+bench-micro: plugins
+	$(CARGO) bench -p tollgate --bench hot_path
 
 clean:
 	$(CARGO) clean

@@ -20,8 +20,12 @@ use anyhow::{Context, Result};
 use serde_json::{Value, json};
 use tollgate::clock::SystemClock;
 use tollgate::config::{Config, PluginSlotConfig, RuntimeConfig, SimConfig};
+
+use crate::bench_fixtures::{
+    BUDGET_CFG, CACHE_CFG, ROUTER_CFG, bench_candidates, sample_meta, sample_row, sample_spend,
+    sample_view, slot,
+};
 use tollgate::pipeline::Gateway;
-use tollgate::plugins::types::{Message, ModelInfo, RequestView, ResponseMeta, SpendSnapshot};
 use tollgate::plugins::{
     BudgetRuleKind, CachePolicyKind, CompressorKind, Kind, Plugin, RouterKind, Runtime,
 };
@@ -44,120 +48,16 @@ pub struct BenchArgs {
     #[arg(long)]
     fuel: Option<u64>,
     /// Run only one part: `plugins`, `languages`, `http`, `ledger`, `load`,
-    /// `embed` or `semantic`.
+    /// `embed`, `semantic` or `tokens`.
     #[arg(long)]
     only: Option<String>,
+    /// Text for the token-counting part: counted whole and as chat
+    /// messages (one per paragraph).
+    #[arg(long, default_value = "README.md")]
+    text: PathBuf,
     /// The embedding model (`make model` installs it here).
     #[arg(long, default_value = tollgate::embed::DEFAULT_MODEL_DIR)]
     model_dir: PathBuf,
-}
-
-const ROUTER_CFG: &str = r#"
-default = "gpt-4o-mini"
-[[rules]]
-regex = "(?i)^(hi|hello)!*$"
-respond = "Hello!"
-[[rules]]
-keywords = ["step by step", "prove", "analyze"]
-model = "gpt-4o"
-[[rules]]
-min_prompt_tokens = 3000
-model = "gpt-4.1-mini"
-"#;
-const CACHE_CFG: &str = "ttl_seconds = 600\npersonal_features = [\"account\"]";
-const BUDGET_CFG: &str = "daily_usd = 1000000.0\ndowngrade_model = \"gpt-4o-mini\"";
-
-fn slot(
-    dir: &std::path::Path,
-    file: &str,
-    config: &str,
-    fuel: Option<u64>,
-) -> Result<PluginSlotConfig> {
-    let mut s = PluginSlotConfig::new(dir.join(file));
-    if let Some(f) = fuel {
-        s.fuel = Some(f);
-    }
-    if !config.is_empty() {
-        s.config = Some(toml::from_str(config)?);
-    }
-    Ok(s)
-}
-
-/// A support-chat request: system prompt, one earlier turn, a question.
-fn sample_view() -> RequestView {
-    let msgs = [
-        (
-            "system",
-            "You are the support assistant of Acme Cloud. Answer briefly and precisely; cite the help centre article when one applies.",
-        ),
-        ("user", "My invoices page shows two charges for November."),
-        (
-            "assistant",
-            "One is the monthly plan and one is the storage add-on; they are billed separately.",
-        ),
-        (
-            "user",
-            "How do I download a PDF copy of the storage invoice for my accountant?",
-        ),
-    ];
-    let messages: Vec<Message> = msgs
-        .iter()
-        .map(|(r, c)| Message {
-            role: r.to_string(),
-            content: c.to_string(),
-            text_only: true,
-        })
-        .collect();
-    let prompt_tokens = tollgate::tokens::count_messages(
-        "gpt-4o",
-        messages
-            .iter()
-            .map(|m| (m.role.as_str(), m.content.as_str())),
-    );
-    RequestView {
-        request_id: "req_bench".into(),
-        tenant: "acme".into(),
-        user: "u42".into(),
-        feature: "support".into(),
-        task: String::new(),
-        step: 0,
-        model: "gpt-4o".into(),
-        messages,
-        prompt_tokens,
-        max_tokens: Some(256),
-        temperature: Some(0.0),
-        stream: false,
-        has_tools: false,
-        json_mode: false,
-        tags: vec![],
-    }
-}
-
-/// The three simulator tiers as router candidates.
-fn bench_candidates() -> Vec<ModelInfo> {
-    ["gpt-4o-mini", "gpt-4.1-mini", "gpt-4o"]
-        .iter()
-        .enumerate()
-        .map(|(i, m)| ModelInfo {
-            name: m.to_string(),
-            provider: "sim".into(),
-            tier: i as u8 + 1,
-            input_per_mtok: 1.0,
-            cached_input_per_mtok: 0.5,
-            output_per_mtok: 4.0,
-        })
-        .collect()
-}
-
-/// An upstream answer to the sample request, for a cache policy's `admit`.
-fn sample_meta(view: &RequestView) -> ResponseMeta {
-    ResponseMeta {
-        model: "gpt-4o-mini".into(),
-        prompt_tokens: view.prompt_tokens,
-        completion_tokens: 60,
-        finish_reason: "stop".into(),
-        content: "Open Billing, select the storage invoice and choose Download PDF.".into(),
-    }
 }
 
 /// Latencies, and how many calls failed (a wall-clock deadline can fire
@@ -241,13 +141,7 @@ async fn bench_plugins(args: &BenchArgs) -> Result<Value> {
 
     let view = sample_view();
     let candidates = bench_candidates();
-    let spend = SpendSnapshot {
-        day: "2026-11-23".into(),
-        tenant_today_usd: 12.5,
-        feature_today_usd: 3.0,
-        user_today_usd: 0.2,
-        estimated_cost_usd: 0.003,
-    };
+    let spend = sample_spend();
     let meta = sample_meta(&view);
     let n = args.plugin_calls;
     let err = |e: tollgate::plugins::PluginError| anyhow::anyhow!(e);
@@ -465,36 +359,12 @@ async fn bench_http(args: &BenchArgs) -> Result<Value> {
 /// Rows per second the ledger writer absorbs: queue many rows, wait for the
 /// commit of the last one.
 fn bench_ledger_writer() -> Result<Value> {
-    use tollgate::ledger::{Decision, Ledger, LedgerOptions, Row};
+    use tollgate::ledger::{Ledger, LedgerOptions};
     let dir = tempfile_dir()?.join("writer");
     std::fs::create_dir_all(&dir)?;
     let ledger = Ledger::open(&dir.join("ledger.sqlite"), LedgerOptions::default())?;
     let n = 100_000usize;
-    let template = Row {
-        request_hash: "0123456789abcdef01234567".into(),
-        ts_ms: 1_795_449_600_000,
-        tenant: "acme".into(),
-        user: "u42".into(),
-        feature: "support".into(),
-        task: "t-1".into(),
-        model_asked: "gpt-4o".into(),
-        model_served: Some("gpt-4o-mini".into()),
-        provider: Some("sim".into()),
-        decisions: vec![Decision {
-            kind: "router",
-            plugin: "rules_router".into(),
-            digest: "b8b71c637c21cc1aff284e15f823fde90e5c039afa21a145b0dddfd15774a44c".into(),
-            decision: "UseModel(\"gpt-4o-mini\")".into(),
-        }],
-        cache: "miss",
-        prompt_tokens: 85,
-        completion_tokens: 40,
-        latency_ms: 0.3,
-        upstream_ms: Some(0.1),
-        status: 200,
-        cost_usd: Some(0.0000367),
-        ..Row::default()
-    };
+    let template = sample_row();
     let t = Instant::now();
     for i in 0..n {
         let mut r = template.clone();
@@ -894,6 +764,56 @@ fn bench_semantic(dir: &std::path::Path) -> Result<Value> {
     Ok(json!({"embed_ms": embed_ms, "lookup": lookups}))
 }
 
+/// o200k token counting on one thread, the way the gateway counts a
+/// request: each chat message (here, each paragraph of `path`) on its own;
+/// and the whole text at once. Best of five rounds of at least 200 ms.
+/// `bench/tiktoken_throughput.py` measures Python tiktoken the same way.
+fn bench_tokens(path: &std::path::Path) -> Result<Value> {
+    let text = std::fs::read_to_string(path).with_context(|| format!("{}", path.display()))?;
+    let messages: Vec<&str> = text
+        .split("\n\n")
+        .map(str::trim)
+        .filter(|p| !p.is_empty())
+        .collect();
+    let message_bytes: usize = messages.iter().map(|m| m.len()).sum();
+    let count_all = || -> u64 {
+        messages
+            .iter()
+            .map(|m| u64::from(tollgate::tokens::count(std::hint::black_box(m), "gpt-4o")))
+            .sum()
+    };
+    let tokens = count_all();
+    let best_mb_per_s = |bytes: usize, f: &dyn Fn() -> u64| {
+        (0..5)
+            .map(|_| {
+                let t = Instant::now();
+                let mut n = 0u64;
+                while t.elapsed() < Duration::from_millis(200) {
+                    std::hint::black_box(f());
+                    n += 1;
+                }
+                (bytes as u64 * n) as f64 / t.elapsed().as_secs_f64() / 1e6
+            })
+            .fold(0.0, f64::max)
+    };
+    let whole = || {
+        u64::from(tollgate::tokens::count(
+            std::hint::black_box(&text),
+            "gpt-4o",
+        ))
+    };
+    Ok(json!({
+        "encoding": "o200k_base",
+        "messages": messages.len(),
+        "message_bytes": message_bytes,
+        "tokens": tokens,
+        "messages_mb_per_s": round2(best_mb_per_s(message_bytes, &count_all)),
+        "whole_text_bytes": text.len(),
+        "whole_text_tokens": whole(),
+        "whole_text_mb_per_s": round2(best_mb_per_s(text.len(), &whole)),
+    }))
+}
+
 /// Scales `v` to unit length.
 fn normalise(v: &mut [f32]) {
     let n = v.iter().map(|x| x * x).sum::<f32>().sqrt();
@@ -945,8 +865,14 @@ pub async fn run(args: BenchArgs) -> Result<()> {
     } else {
         Value::Null
     };
+    let tokens = if want("tokens") {
+        bench_tokens(&args.text)?
+    } else {
+        Value::Null
+    };
     let out = json!({
         "cpus": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
+        "token_counting": tokens,
         "semantic_cache": semantic,
         "embeddings": embed,
         "plugin_load": load,

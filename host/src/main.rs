@@ -14,6 +14,7 @@ use tollgate::providers::SimProvider;
 use tollgate::server;
 
 mod bench;
+mod bench_fixtures;
 
 /// glibc's per-thread arenas grow and shrink their heaps with mprotect on
 /// nearly every request (seen with strace), and each mprotect interrupts the

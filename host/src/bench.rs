@@ -808,6 +808,12 @@ fn bench_tokens(path: &std::path::Path) -> Result<Value> {
         "message_bytes": message_bytes,
         "tokens": tokens,
         "messages_mb_per_s": round2(best_mb_per_s(message_bytes, &count_all)),
+        // Every pass starts with an empty piece memo: only the words that
+        // repeat within the text itself are found there.
+        "messages_first_sight_mb_per_s": round2(best_mb_per_s(message_bytes, &|| {
+            tollgate::tokens::forget_memo();
+            count_all()
+        })),
         "whole_text_bytes": text.len(),
         "whole_text_tokens": whole(),
         "whole_text_mb_per_s": round2(best_mb_per_s(text.len(), &whole)),

@@ -221,6 +221,9 @@ fn toml_str(p: &Path) -> String {
 
 /// The gateway's config: one OpenAI-compatible provider (the simulator),
 /// and optionally the four first-party plugins and the ledger.
+/// The answer cache's bound in the bench.
+const CACHE_BYTES: u64 = 16 << 20;
+
 fn tollgate_config(port: u16, sim: u16, plugins: Option<(&Path, &Path)>) -> String {
     let mut s = format!(
         "[server]\nlisten = \"127.0.0.1:{port}\"\n\
@@ -230,8 +233,13 @@ fn tollgate_config(port: u16, sim: u16, plugins: Option<(&Path, &Path)>) -> Stri
     );
     match plugins {
         None => s.push_str("[ledger]\nenabled = false\n"),
+        // Every bench request is unique, so every answer is admitted: the
+        // cache is bounded at 16 MiB (the default is 256 MiB) so that the
+        // resident set shows the gateway, not how much answer text it was
+        // allowed to keep.
         Some((dir, ledger)) => s.push_str(&format!(
-            "[ledger]\nenabled = true\npath = {}\n\
+            "[cache]\nmax_bytes = {CACHE_BYTES}\n\
+             [ledger]\nenabled = true\npath = {}\n\
              [plugins.router]\npath = {}\nconfig = {{ default = \"gpt-4o-mini\", rules = [{{ keywords = [\"step by step\"], model = \"gpt-4o\" }}] }}\n\
              [plugins.compressor]\npath = {}\n\
              [plugins.cache_policy]\npath = {}\nconfig = {{ ttl_seconds = 600 }}\n\
@@ -494,6 +502,7 @@ pub fn run(rt: &Handle, args: &CompareArgs) -> Result<()> {
         "summary": summary,
         "targets": targets,
         "peak_rss_mib": peak_rss,
+        "tollgate_cache_max_bytes": CACHE_BYTES,
         "token_counting": tokens,
         "runs": bench.runs,
     });

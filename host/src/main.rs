@@ -255,7 +255,23 @@ struct ServeArgs {
     listen: Option<String>,
 }
 
+/// mimalloc's `purge_delay` option (its index in mimalloc v3's option enum).
+const MI_OPTION_PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;
+
+/// Freed memory goes back to the OS at once instead of after a delay that
+/// only expires when the freeing thread allocates again: the threads that
+/// compile plugins at start-up never do, and kept ~80 MB resident. Measured
+/// at saturation, the CPU per request did not change. MIMALLOC_PURGE_DELAY
+/// in the environment still wins.
+#[allow(unsafe_code)]
+fn release_freed_memory_promptly() {
+    // SAFETY: called first thing in main, before any other thread exists;
+    // the option is a plain integer mimalloc reads on each purge.
+    unsafe { libmimalloc_sys::mi_option_set_default(MI_OPTION_PURGE_DELAY, 0) };
+}
+
 fn main() -> Result<()> {
+    release_freed_memory_promptly();
     let cli = Cli::parse();
     // A replay logs only what goes wrong: thousands of per-request lines
     // would bury the summary.

@@ -137,6 +137,25 @@ pub struct CachedAnswer {
     pub labels: EntryLabels,
 }
 
+impl CachedAnswer {
+    /// What the entry keeps resident, so `[cache] max_bytes` bounds memory
+    /// rather than only answer text: its strings, plus the struct, the
+    /// allocator's rounding and moka's per-entry bookkeeping (key, queue
+    /// nodes, expiry timer), which measured about 600 bytes per entry.
+    fn resident_bytes(&self) -> usize {
+        const FIXED: usize = 600;
+        FIXED
+            + self.body.len()
+            + self.content.len()
+            + self.model.len()
+            + self.finish.len()
+            + self.origin.len()
+            + self.labels.tenant.len()
+            + self.labels.user.as_ref().map_or(0, String::len)
+            + self.labels.tags.iter().map(|t| t.len() + 24).sum::<usize>()
+    }
+}
+
 /// Who an entry belongs to and its tags, for invalidation: `tenant:`,
 /// `feature:`, `model:` (the model asked), `prompt:` (the prompt version)
 /// and one `key:value` tag per `x-tollgate-tag-<key>` header of the request
@@ -203,8 +222,7 @@ impl MemoryStore {
         let inner = moka::sync::Cache::builder()
             .max_capacity(max_bytes)
             .weigher(|_k: &CacheKey, v: &Arc<CachedAnswer>| {
-                u32::try_from(v.body.len() + v.content.len() + v.model.len() + 128)
-                    .unwrap_or(u32::MAX)
+                u32::try_from(v.resident_bytes()).unwrap_or(u32::MAX)
             })
             .expire_after(PerEntryTtl)
             .build();

@@ -130,7 +130,11 @@ impl Accounting {
                 decided(&mut self.row, slot, format!("admit: {a}"));
             }
             if let Ok(Some(true)) = admit {
-                let body = body.unwrap_or_else(|| {
+                // A copy, not the upstream's `Bytes`: that one is a slice of
+                // the connection's read buffer, and holding it would keep the
+                // whole buffer (8 KiB and more) alive per entry, ten times
+                // what the cache's byte bound counts.
+                let body = body.map(|b| Bytes::copy_from_slice(&b)).unwrap_or_else(|| {
                     let id = format!(
                         "chatcmpl-{}",
                         self.row.request_id.trim_start_matches("req_")

@@ -28,7 +28,8 @@ const API_VERSION: &str = "2023-06-01";
 
 pub struct AnthropicProvider {
     client: reqwest::Client,
-    url: String,
+    /// Parsed once: parsing it per request showed in profiles.
+    url: reqwest::Url,
     key: Option<String>,
     timeout: Duration,
     prompt_caching: bool,
@@ -39,7 +40,8 @@ impl AnthropicProvider {
         let client = super::upstream_client(cfg.connect_timeout_ms)?;
         Ok(Self {
             client,
-            url: format!("{}/messages", cfg.base_url.trim_end_matches('/')),
+            url: reqwest::Url::parse(&format!("{}/messages", cfg.base_url.trim_end_matches('/')))
+                .map_err(|e| format!("base_url {:?}: {e}", cfg.base_url))?,
             key,
             timeout: Duration::from_millis(cfg.timeout_ms),
             prompt_caching: cfg.prompt_caching,
@@ -59,7 +61,7 @@ impl super::Provider for AnthropicProvider {
             serde_json::to_vec(&body).map_err(|e| ProviderError::Protocol(e.to_string()))?;
         let mut req = self
             .client
-            .post(&self.url)
+            .post(self.url.clone())
             .header("content-type", "application/json")
             .header("anthropic-version", API_VERSION)
             .body(bytes);

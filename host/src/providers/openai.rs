@@ -10,7 +10,8 @@ use crate::config::OpenAiConfig;
 
 pub struct OpenAiProvider {
     pub(super) client: reqwest::Client,
-    url: String,
+    /// Parsed once: parsing it per request showed in profiles.
+    url: reqwest::Url,
     /// The API root (`.../v1`), for the files and batches endpoints.
     pub(super) base: String,
     pub(super) key: Option<String>,
@@ -26,7 +27,11 @@ impl OpenAiProvider {
         let client = super::upstream_client(cfg.connect_timeout_ms)?;
         Ok(Self {
             client,
-            url: format!("{}/chat/completions", cfg.base_url.trim_end_matches('/')),
+            url: reqwest::Url::parse(&format!(
+                "{}/chat/completions",
+                cfg.base_url.trim_end_matches('/')
+            ))
+            .map_err(|e| format!("base_url {:?}: {e}", cfg.base_url))?,
             base: cfg.base_url.trim_end_matches('/').to_string(),
             batch: cfg.batch_api,
             batch_poll: Duration::from_millis(cfg.batch_poll_ms.max(1)),
@@ -59,7 +64,7 @@ impl super::Provider for OpenAiProvider {
             serde_json::to_vec(&call.body).map_err(|e| ProviderError::Protocol(e.to_string()))?;
         let mut req = self
             .client
-            .post(&self.url)
+            .post(self.url.clone())
             .header("content-type", "application/json")
             .body(body);
         if let Some(k) = &self.key {

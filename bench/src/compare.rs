@@ -219,11 +219,11 @@ fn toml_str(p: &Path) -> String {
     format!("{:?}", p.display().to_string())
 }
 
-/// The gateway's config: one OpenAI-compatible provider (the simulator),
-/// and optionally the four first-party plugins and the ledger.
 /// The answer cache's bound in the bench.
 const CACHE_BYTES: u64 = 16 << 20;
 
+/// The gateway's config: one OpenAI-compatible provider (the simulator),
+/// and optionally the four first-party plugins and the ledger.
 fn tollgate_config(port: u16, sim: u16, plugins: Option<(&Path, &Path)>) -> String {
     let mut s = format!(
         "[server]\nlisten = \"127.0.0.1:{port}\"\n\

@@ -406,7 +406,8 @@ fn default_true() -> bool {
 #[derive(Debug, Clone, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct CacheConfig {
-    /// Upper bound of cached answer bytes in memory.
+    /// Upper bound of the memory cached answers hold: their bytes plus
+    /// ~600 bytes of bookkeeping per entry.
     pub max_bytes: u64,
     /// Upper bound of any TTL a cache policy asks for.
     pub max_ttl_seconds: u32,

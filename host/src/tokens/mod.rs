@@ -8,14 +8,14 @@ use std::sync::LazyLock;
 
 use bpe_openai::Tokenizer;
 use bpe_openai::byte_pair_encoding::BytePairEncoding;
-pub use vocab::Vocab;
+use vocab::Vocab;
 
 /// One of OpenAI's encodings: its pre-tokenizer and its vocabulary.
 pub struct Encoding {
     /// bpe-openai's pre-tokenizer, built over a 256-byte vocabulary: only
     /// its `split` is used, so its large tables are never built.
     pre: Tokenizer,
-    pub vocab: Vocab,
+    vocab: Vocab,
     /// Tells the two encodings apart in the per-thread memo's keys.
     memo_tag: u8,
 }
@@ -36,7 +36,7 @@ impl Encoding {
 
     /// The pieces the encoding's regex splits `text` into; tokens never
     /// cross them.
-    pub fn split<'a>(&'a self, text: &'a str) -> impl Iterator<Item = &'a str> {
+    fn split<'a>(&'a self, text: &'a str) -> impl Iterator<Item = &'a str> {
         self.pre.split(text)
     }
 }

@@ -62,12 +62,9 @@ impl Vocab {
         Vocab { ranks }
     }
 
+    #[cfg(test)]
     pub fn len(&self) -> usize {
         self.ranks.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.ranks.is_empty()
     }
 
     fn rank(&self, bytes: &[u8]) -> Option<u32> {

@@ -579,6 +579,37 @@ async fn sigterm_drains_a_stream_in_flight_then_exits_cleanly() {
     assert!(status.success(), "{status:?}");
 }
 
+#[tokio::test]
+async fn a_client_that_hangs_up_mid_call_still_leaves_its_accounted_row() {
+    let mut gw = gateway("[providers.sim]\nkind = \"sim\"\nlatency_ms = 600\n");
+    let gone = http()
+        .post(format!("{}/v1/chat/completions", gw.base))
+        .header("x-tollgate-tenant", "quitter")
+        .json(&ask("an answer nobody waits for"))
+        .timeout(Duration::from_millis(150))
+        .send()
+        .await;
+    assert!(gone.is_err(), "the client gave up before the answer");
+    // The upstream call finishes after the client left; then it is recorded.
+    let db = gw.ledger();
+    let t = Instant::now();
+    while count_rows(&db, "WHERE tenant = 'quitter'") == 0 {
+        assert!(t.elapsed() < Duration::from_secs(10), "no row for the call");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(gw.sigterm_and_wait().success());
+    let (status, cost): (i64, Option<f64>) = gw
+        .ledger()
+        .query_row(
+            "SELECT status, cost_usd FROM requests WHERE tenant = 'quitter'",
+            [],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )
+        .unwrap();
+    assert_eq!(status, 200);
+    assert!(cost.unwrap() > 0.0, "the billed call is priced");
+}
+
 impl Proc {
     fn ledger(&self) -> rusqlite::Connection {
         tollgate::ledger::open_db(&self._dir.path().join("tollgate-ledger.sqlite")).unwrap()

@@ -442,6 +442,10 @@ pub struct LedgerConfig {
     pub flush_interval_ms: u64,
     /// Rows per transaction at most.
     pub batch_rows: usize,
+    /// Rows waiting for the writer beyond which new requests wait for room
+    /// (the gateway slows to what the ledger can record rather than buffer
+    /// without bound or drop rows).
+    pub max_pending_rows: usize,
     /// Keep each request body (as the client sent it) in the ledger, so
     /// `tollgate export-trace` can turn recorded traffic into a replayable
     /// trace. Off by default: prompts can hold personal data.
@@ -455,6 +459,7 @@ impl Default for LedgerConfig {
             path: PathBuf::from("tollgate-ledger.sqlite"),
             flush_interval_ms: 100,
             batch_rows: 1000,
+            max_pending_rows: 20_000,
             record_bodies: false,
         }
     }
@@ -681,10 +686,13 @@ impl Config {
                 ));
             }
         }
-        if self.ledger.flush_interval_ms == 0 || self.ledger.batch_rows == 0 {
+        if self.ledger.flush_interval_ms == 0
+            || self.ledger.batch_rows == 0
+            || self.ledger.max_pending_rows == 0
+        {
             return Err(self.invalid(
                 "ledger.flush_interval_ms",
-                "flush_interval_ms and batch_rows must be at least 1",
+                "flush_interval_ms, batch_rows and max_pending_rows must be at least 1",
             ));
         }
         if self.runtime.epoch_tick_ms == 0 {

@@ -6,6 +6,13 @@
 //! the channel and commits before the process exits, so every request that
 //! was answered has its row. After a crash (SIGKILL) the WAL keeps the
 //! database intact; at most the last flush interval is lost.
+//!
+//! The backlog is bounded without dropping rows: when more than
+//! `max_pending` rows wait for the writer (the disk or the writer's share of
+//! the CPU cannot keep up with the request rate), new requests wait for room
+//! before they start ([`Ledger::room`]). Throughput then settles at what the
+//! ledger can record instead of memory growing until the process is killed,
+//! which would lose the whole backlog.
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -14,6 +21,7 @@ use std::time::{Duration, Instant};
 
 use rusqlite::{Connection, params};
 use serde::Serialize;
+use tokio::sync::Notify;
 
 /// Bumped when the schema changes; older files are migrated on open.
 const SCHEMA_VERSION: i64 = 2;
@@ -292,6 +300,16 @@ pub struct LedgerStats {
     pub queued: AtomicU64,
     pub written: AtomicU64,
     pub failed: AtomicU64,
+    /// Requests that waited for room in a full backlog before starting.
+    pub throttled: AtomicU64,
+}
+
+impl LedgerStats {
+    /// Rows queued and not yet committed (or failed).
+    pub fn pending(&self) -> u64 {
+        let done = self.written.load(Ordering::Relaxed) + self.failed.load(Ordering::Relaxed);
+        self.queued.load(Ordering::Relaxed).saturating_sub(done)
+    }
 }
 
 /// Handle to the ledger; cheap to clone.
@@ -299,8 +317,12 @@ pub struct LedgerStats {
 pub struct Ledger {
     tx: mpsc::Sender<Msg>,
     stats: Arc<LedgerStats>,
-    /// The writer thread, unparked for flushes.
+    /// The writer thread, unparked for flushes and full batches.
     writer: std::thread::Thread,
+    /// Signalled by the writer after each commit, for requests waiting for room.
+    drained: Arc<Notify>,
+    wake_rows: u64,
+    max_pending: u64,
     path: PathBuf,
 }
 
@@ -308,6 +330,8 @@ pub struct LedgerOptions {
     pub flush_interval: Duration,
     /// Rows per transaction at most (a backlog is written in several).
     pub batch_rows: usize,
+    /// Rows waiting for the writer beyond which new requests wait for room.
+    pub max_pending: usize,
 }
 
 impl Default for LedgerOptions {
@@ -315,6 +339,7 @@ impl Default for LedgerOptions {
         Self {
             flush_interval: Duration::from_millis(100),
             batch_rows: 1000,
+            max_pending: 20_000,
         }
     }
 }
@@ -474,7 +499,12 @@ impl Ledger {
         let (tx, rx) = mpsc::channel::<Msg>();
         let stats = Arc::new(LedgerStats::default());
         let wstats = stats.clone();
+        let drained = Arc::new(Notify::new());
+        let wdrained = drained.clone();
         let ledger_path = path.display().to_string();
+        // A full batch, or a full backlog with requests waiting for room,
+        // is written without waiting for the flush interval.
+        let wake_rows = opts.batch_rows.min(opts.max_pending).max(1);
         let writer = std::thread::Builder::new()
             .name("tollgate-ledger".into())
             .spawn(move || {
@@ -509,7 +539,7 @@ impl Ledger {
                     let due = Instant::now() >= deadline;
                     let pending = batch.len() + feedback.len();
                     if pending > 0
-                        && (due || closed || !waiting.is_empty() || pending >= opts.batch_rows)
+                        && (due || closed || !waiting.is_empty() || pending >= wake_rows)
                     {
                         let mut fb: &[Feedback] = &feedback;
                         for chunk in batch.chunks(opts.batch_rows.max(1)) {
@@ -524,6 +554,7 @@ impl Ledger {
                                 }
                             }
                             fb = &[];
+                            wdrained.notify_waiters();
                         }
                         if batch.is_empty()
                             && !fb.is_empty()
@@ -550,8 +581,31 @@ impl Ledger {
             tx,
             stats,
             writer: writer.thread().clone(),
+            drained,
+            wake_rows: wake_rows as u64,
+            max_pending: opts.max_pending.max(1) as u64,
             path: path.to_path_buf(),
         })
+    }
+
+    /// Returns at once while the backlog has room; otherwise waits (without
+    /// holding a thread) until the writer has committed enough rows.
+    pub async fn room(&self) {
+        if self.stats.pending() < self.max_pending {
+            return;
+        }
+        self.stats.throttled.fetch_add(1, Ordering::Relaxed);
+        loop {
+            let drained = self.drained.notified();
+            tokio::pin!(drained);
+            // Registered before the check, so a commit in between is not missed.
+            drained.as_mut().enable();
+            if self.stats.pending() < self.max_pending {
+                return;
+            }
+            self.writer.unpark();
+            drained.await;
+        }
     }
 
     pub fn path(&self) -> &Path {
@@ -564,10 +618,16 @@ impl Ledger {
 
     /// Queues a row; never blocks on the disk.
     pub fn record(&self, row: Row) {
-        self.stats.queued.fetch_add(1, Ordering::Relaxed);
+        let queued = self.stats.queued.fetch_add(1, Ordering::Relaxed) + 1;
         if self.tx.send(Msg::Row(Box::new(row))).is_err() {
             self.stats.failed.fetch_add(1, Ordering::Relaxed);
             tracing::error!("ledger writer is gone; a row was not recorded");
+            return;
+        }
+        // A full batch is worth writing before the flush interval ends: one
+        // wake per `batch_rows` rows keeps the backlog short under load.
+        if queued.is_multiple_of(self.wake_rows) {
+            self.writer.unpark();
         }
     }
 
@@ -766,6 +826,7 @@ mod tests {
             LedgerOptions {
                 flush_interval: Duration::from_millis(20),
                 batch_rows: 1000,
+                max_pending: 20_000,
             },
         )
         .unwrap();
@@ -782,5 +843,45 @@ mod tests {
             assert!(t.elapsed() < Duration::from_secs(5));
             std::thread::sleep(Duration::from_millis(5));
         }
+    }
+
+    #[tokio::test]
+    async fn a_full_backlog_makes_new_requests_wait_until_the_writer_catches_up() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("l.sqlite");
+        let l = Ledger::open(
+            &path,
+            LedgerOptions {
+                flush_interval: Duration::from_secs(60),
+                batch_rows: 1000,
+                max_pending: 5,
+            },
+        )
+        .unwrap();
+        // Another process holds the write lock: the writer cannot commit.
+        let blocker = open_db(&path).unwrap();
+        blocker.execute_batch("BEGIN IMMEDIATE").unwrap();
+        for i in 0..4 {
+            l.record(row(&format!("r{i}")));
+        }
+        // Room while under the bound.
+        tokio::time::timeout(Duration::from_secs(1), l.room())
+            .await
+            .expect("room below the bound");
+        l.record(row("r4"));
+        let waiting = tokio::time::timeout(Duration::from_millis(300), l.room()).await;
+        assert!(waiting.is_err(), "a full backlog must hold new requests");
+        assert_eq!(l.stats().throttled.load(Ordering::Relaxed), 1);
+        blocker.execute_batch("ROLLBACK").unwrap();
+        tokio::time::timeout(Duration::from_secs(10), l.room())
+            .await
+            .expect("room once the writer commits");
+        // Nothing was dropped, and no flush interval had to pass.
+        let n: i64 = open_db(&path)
+            .unwrap()
+            .query_row("SELECT COUNT(*) FROM requests", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(n, 5);
+        assert_eq!(l.stats().pending(), 0);
     }
 }

@@ -59,6 +59,7 @@ pub struct Metrics {
     plugin_failures: IntGaugeVec,
     plugin_logs_dropped: IntGaugeVec,
     ledger_rows: IntGaugeVec,
+    ledger_throttled: IntGaugeVec,
     embeddings: IntGaugeVec,
     config_reloads: IntCounterVec,
     killed: IntCounter,
@@ -237,6 +238,12 @@ impl Metrics {
                 "Ledger rows by state.",
                 &["state"],
             ),
+            ledger_throttled: gauge_vec(
+                &r,
+                "tollgate_ledger_throttled_requests_total",
+                "Requests that waited for room because the ledger's backlog was full.",
+                &[],
+            ),
             retries: counter(
                 &r,
                 "tollgate_upstream_retries_total",
@@ -395,6 +402,9 @@ impl Metrics {
                     .with_label_values(&[state])
                     .set(c.load(Ordering::Relaxed) as i64);
             }
+            self.ledger_throttled
+                .with_label_values(&[] as &[&str])
+                .set(l.throttled.load(Ordering::Relaxed) as i64);
         }
         let mut buf = Vec::new();
         let _ = TextEncoder::new().encode(&self.registry.gather(), &mut buf);

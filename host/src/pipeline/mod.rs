@@ -19,6 +19,7 @@
 
 mod account;
 pub mod deferred;
+mod detach;
 pub mod identity;
 mod lookup;
 pub mod resilience;
@@ -27,11 +28,13 @@ mod stream;
 mod task_guard;
 pub mod view;
 
+use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
 use bytes::Bytes;
+use futures_util::FutureExt;
 use http::StatusCode;
 use serde_json::Value;
 use tokio::sync::mpsc;
@@ -256,6 +259,7 @@ impl Gateway {
                 LedgerOptions {
                     flush_interval: Duration::from_millis(config.ledger.flush_interval_ms),
                     batch_rows: config.ledger.batch_rows,
+                    max_pending: config.ledger.max_pending_rows,
                 },
             )?;
             tracing::info!(path = %l.path().display(), "ledger open");
@@ -317,9 +321,9 @@ impl Gateway {
     /// Answers one chat completion request; never fails: errors become
     /// OpenAI-style error replies.
     ///
-    /// The request runs in its own task: if the client disconnects while the
-    /// upstream is answering, the call still completes and is accounted
-    /// (the upstream bills it either way).
+    /// If the client disconnects while the upstream is answering, the call
+    /// still completes and is accounted (the upstream bills it either way):
+    /// see [`detach::Completing`].
     pub async fn chat(self: &Arc<Self>, id: Identity, raw: Bytes) -> Reply {
         let started = Instant::now();
         let reply = self.chat_inner(id, raw).await;
@@ -329,25 +333,36 @@ impl Gateway {
     }
 
     async fn chat_inner(self: &Arc<Self>, id: Identity, raw: Bytes) -> Reply {
+        if let Some(l) = &self.ledger {
+            l.room().await;
+        }
         let request_id = new_request_id();
         let gw = self.clone();
         let rid = request_id.clone();
-        let task = tokio::spawn(async move {
-            let started = Instant::now();
-            let mut rec = gw.new_row(&rid, &id);
-            let result = gw.handle(&rid, id, &raw, &mut rec).await;
-            if let Err(e) = &result {
-                gw.record_error(rec, e, started);
-            }
-            result
-        });
+        let task = detach::Completing::new(
+            AssertUnwindSafe(async move {
+                let started = Instant::now();
+                let mut rec = gw.new_row(&rid, &id);
+                let result = gw.handle(&rid, id, &raw, &mut rec).await;
+                if let Err(e) = &result {
+                    gw.record_error(rec, e, started);
+                }
+                result
+            })
+            .catch_unwind(),
+        );
         match task.await {
             Ok(Ok(reply)) => reply,
             Ok(Err(e)) => self.error_reply(&request_id, &e),
-            Err(join) => {
+            Err(panic) => {
                 // Unreachable by design (no panics on the request path); if
                 // it happens anyway the client still gets a proper error.
-                tracing::error!(request_id, "request task failed: {join}");
+                let what = panic
+                    .downcast_ref::<&str>()
+                    .map(|s| s.to_string())
+                    .or_else(|| panic.downcast_ref::<String>().cloned())
+                    .unwrap_or_default();
+                tracing::error!(request_id, "request failed with a panic: {what}");
                 let e = ApiError::new(
                     StatusCode::INTERNAL_SERVER_ERROR,
                     "api_error",

@@ -254,6 +254,21 @@ fn tollgate_config(port: u16, sim: u16, plugins: Option<(&Path, &Path)>) -> Stri
     s
 }
 
+/// After a run with errors, waits until the server answers again: an
+/// overloaded Python server keeps working through requests whose clients
+/// gave up, and the next run would otherwise measure only that backlog.
+fn settle(rt: &Handle, client: &load::Http, c: &mut Contender, run: &Value) {
+    if run["errors"].as_u64().unwrap_or(0) == 0 {
+        return;
+    }
+    let target = c.target.clone();
+    if let Some(server) = c.server.as_mut()
+        && let Err(e) = server.wait_ready(rt, client, &target, Duration::from_secs(300))
+    {
+        eprintln!("  {} did not recover after an overloaded run: {e:#}", c.name);
+    }
+}
+
 const LITELLM_KEY: &str = "sk-tollgate-bench-master-key";
 
 fn litellm_config(sim: u16) -> String {
@@ -451,7 +466,7 @@ pub fn run(rt: &Handle, args: &CompareArgs) -> Result<()> {
                 &[("authorization", &format!("Bearer {LITELLM_KEY}"))],
             )?;
             server.wait_ready(rt, &bench.client, &t, ready)?;
-            let c = Contender {
+            let mut c = Contender {
                 name,
                 server: Some(server),
                 target: t,
@@ -460,13 +475,15 @@ pub fn run(rt: &Handle, args: &CompareArgs) -> Result<()> {
             for repeat in 0..args.repeats {
                 for rate in &args.rates {
                     let run = bench.measure(&c, &Load::Rate(*rate), repeat);
+                    settle(rt, &bench.client, &mut c, &run);
                     // Far past what it can serve: higher rates would only
                     // pile up timeouts.
                     if run["error_rate"].as_f64().unwrap_or(1.0) > 0.1 {
                         break;
                     }
                 }
-                bench.measure(&c, &Load::Max, repeat);
+                let run = bench.measure(&c, &Load::Max, repeat);
+                settle(rt, &bench.client, &mut c, &run);
             }
         }
     } else {

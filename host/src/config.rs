@@ -116,6 +116,10 @@ pub struct AnthropicConfig {
     pub api_key_env: Option<String>,
     pub timeout_ms: u64,
     pub connect_timeout_ms: u64,
+    /// Idle connections kept open to this upstream for reuse; those beyond
+    /// it are closed when a call ends. A burst opens as many connections
+    /// as calls in flight, and each holds buffers until it is closed.
+    pub max_idle_connections: usize,
     /// Mark the stable prefix (tool schemas, system prompt) with
     /// `cache_control` breakpoints, so repeats of it are read from
     /// Anthropic's prompt cache at a tenth of the input price (the first
@@ -134,6 +138,7 @@ impl Default for AnthropicConfig {
             api_key_env: Some("ANTHROPIC_API_KEY".into()),
             timeout_ms: 120_000,
             connect_timeout_ms: 5_000,
+            max_idle_connections: 256,
             prompt_caching: true,
             sim_when_no_key: false,
             sim: SimConfig::default(),
@@ -193,6 +198,10 @@ pub struct OpenAiConfig {
     pub api_key_env: Option<String>,
     pub timeout_ms: u64,
     pub connect_timeout_ms: u64,
+    /// Idle connections kept open to this upstream for reuse; those beyond
+    /// it are closed when a call ends. A burst opens as many connections
+    /// as calls in flight, and each holds buffers until it is closed.
+    pub max_idle_connections: usize,
     /// Serve from the built-in simulator when the key variable is unset
     /// (the quickstart's behaviour) instead of failing at start.
     pub sim_when_no_key: bool,
@@ -214,6 +223,7 @@ impl Default for OpenAiConfig {
             api_key_env: Some("OPENAI_API_KEY".into()),
             timeout_ms: 120_000,
             connect_timeout_ms: 5_000,
+            max_idle_connections: 256,
             sim_when_no_key: false,
             forward_sim_headers: false,
             sim: SimConfig::default(),

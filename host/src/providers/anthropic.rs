@@ -37,7 +37,7 @@ pub struct AnthropicProvider {
 
 impl AnthropicProvider {
     pub fn new(cfg: &AnthropicConfig, key: Option<String>) -> Result<Self, String> {
-        let client = super::upstream_client(cfg.connect_timeout_ms)?;
+        let client = super::upstream_client(cfg.connect_timeout_ms, cfg.max_idle_connections)?;
         Ok(Self {
             client,
             url: reqwest::Url::parse(&format!("{}/messages", cfg.base_url.trim_end_matches('/')))

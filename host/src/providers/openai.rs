@@ -24,7 +24,7 @@ pub struct OpenAiProvider {
 
 impl OpenAiProvider {
     pub fn new(cfg: &OpenAiConfig, key: Option<String>) -> Result<Self, String> {
-        let client = super::upstream_client(cfg.connect_timeout_ms)?;
+        let client = super::upstream_client(cfg.connect_timeout_ms, cfg.max_idle_connections)?;
         Ok(Self {
             client,
             url: reqwest::Url::parse(&format!(

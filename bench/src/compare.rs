@@ -265,7 +265,10 @@ fn settle(rt: &Handle, client: &load::Http, c: &mut Contender, run: &Value) {
     if let Some(server) = c.server.as_mut()
         && let Err(e) = server.wait_ready(rt, client, &target, Duration::from_secs(300))
     {
-        eprintln!("  {} did not recover after an overloaded run: {e:#}", c.name);
+        eprintln!(
+            "  {} did not recover after an overloaded run: {e:#}",
+            c.name
+        );
     }
 }
 

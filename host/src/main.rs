@@ -270,6 +270,35 @@ fn release_freed_memory_promptly() {
     unsafe { libmimalloc_sys::mi_option_set_default(MI_OPTION_PURGE_DELAY, 0) };
 }
 
+/// Logs to stderr. The gateway writes a line per request: written from the
+/// request path that cost ~20-30 µs of CPU per request at 3,000 requests/s
+/// (one unbuffered write each), so `serve` hands lines to a background
+/// thread that writes them in batches. If the log sink stalls until 128k
+/// lines wait, further lines are dropped rather than stall requests (the
+/// ledger keeps every request). Other commands write directly.
+fn init_logging(level: &str, serving: bool) -> Option<tracing_appender::non_blocking::WorkerGuard> {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level));
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let fmt = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(ansi);
+    if serving {
+        let (writer, guard) = tracing_appender::non_blocking::NonBlockingBuilder::default()
+            .lossy(true)
+            .thread_name("tollgate-log")
+            .finish(std::io::BufWriter::with_capacity(
+                64 << 10,
+                std::io::stderr(),
+            ));
+        fmt.with_writer(writer).init();
+        Some(guard)
+    } else {
+        fmt.with_writer(std::io::stderr).init();
+        None
+    }
+}
+
 fn main() -> Result<()> {
     release_freed_memory_promptly();
     let cli = Cli::parse();
@@ -279,14 +308,9 @@ fn main() -> Result<()> {
         Some(Command::Replay(_) | Command::Plugin(PluginCommand::Test(_))) => "warn",
         _ => "info",
     };
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level)),
-        )
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
+    let serving = matches!(cli.command, None | Some(Command::Serve(_)));
+    // Flushed (on drop) when main returns.
+    let _log_flush = init_logging(level, serving);
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

@@ -43,7 +43,24 @@ impl Proc {
         line[i..].split_whitespace().next().unwrap().to_string()
     }
 
+    /// Whether a log line holds `needle`, waiting up to 5 s for it: the
+    /// gateway writes its log from a background thread, so a line can come
+    /// a moment after what it reports is visible.
     pub fn log_contains(&self, needle: &str) -> bool {
+        let t = std::time::Instant::now();
+        loop {
+            if self.logged_so_far(needle) {
+                return true;
+            }
+            if t.elapsed() > Duration::from_secs(5) {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Whether a line holding `needle` has been logged yet (no waiting).
+    pub fn logged_so_far(&self, needle: &str) -> bool {
         self.log.lock().unwrap().iter().any(|l| l.contains(needle))
     }
 }

@@ -25,7 +25,7 @@ use crate::pipeline::{Gateway, Live};
 use crate::plugins::{Kind, LoadError, PluginSet, SlotId};
 use crate::providers::{ProviderSetupError, Providers};
 
-/// How often the watched config file's metadata is compared.
+/// How often the watched config file is compared with what was last seen.
 const CONFIG_POLL: Duration = Duration::from_millis(250);
 
 #[derive(Debug, thiserror::Error)]
@@ -134,8 +134,10 @@ impl Reloader {
         outcome
     }
 
-    /// Polls the file's metadata and reloads once writes settle; a file
-    /// replaced by renaming (as editors save) is seen too. Keep the
+    /// Polls the file and reloads once writes settle; a file replaced by
+    /// renaming (as editors save) is seen too. Contents are compared, not
+    /// only the modification time, which the poller keeps in whole seconds:
+    /// two edits within a second would otherwise look like one. Keep the
     /// returned watcher alive.
     ///
     /// Polling, not inotify: a watch on the file's directory wakes the
@@ -156,7 +158,9 @@ impl Reloader {
                     let _ = tx.send(());
                 }
             },
-            notify::Config::default().with_poll_interval(CONFIG_POLL),
+            notify::Config::default()
+                .with_poll_interval(CONFIG_POLL)
+                .with_compare_contents(true),
         )
         .map_err(err)?;
         watcher

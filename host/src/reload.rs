@@ -17,9 +17,8 @@ use std::time::Duration;
 
 use notify::Watcher;
 use serde::Serialize;
-use tokio::sync::mpsc;
 
-use crate::admin::watch::next_burst;
+use crate::admin::watch::{changes, next_burst};
 use crate::config::{Config, ConfigError, PluginSlotConfig};
 use crate::pipeline::{Gateway, Live};
 use crate::plugins::{Kind, LoadError, PluginSet, SlotId};
@@ -149,15 +148,9 @@ impl Reloader {
             path: self.path.display().to_string(),
             message: e.to_string(),
         };
-        let (tx, mut rx) = mpsc::unbounded_channel::<()>();
+        let (handler, mut rx) = changes(|_| Some(()));
         let mut watcher = notify::PollWatcher::new(
-            move |res: notify::Result<notify::Event>| {
-                if let Ok(event) = res
-                    && (event.kind.is_create() || event.kind.is_modify())
-                {
-                    let _ = tx.send(());
-                }
-            },
+            handler,
             notify::Config::default()
                 .with_poll_interval(CONFIG_POLL)
                 .with_compare_contents(true),

@@ -48,8 +48,19 @@ pub fn watch_dir<T: Send + 'static>(
     dir: &Path,
     pick: impl Fn(&Path) -> Option<T> + Send + 'static,
 ) -> notify::Result<(notify::RecommendedWatcher, mpsc::UnboundedReceiver<T>)> {
+    let (handler, rx) = changes(pick);
+    let mut watcher = notify::recommended_watcher(handler)?;
+    watcher.watch(dir, RecursiveMode::NonRecursive)?;
+    Ok((watcher, rx))
+}
+
+/// An event handler for any watcher that sends what `pick` makes of each
+/// created or modified path (None: ignored), and the receiving end.
+pub fn changes<T: Send + 'static>(
+    pick: impl Fn(&Path) -> Option<T> + Send + 'static,
+) -> (impl notify::EventHandler, mpsc::UnboundedReceiver<T>) {
     let (tx, rx) = mpsc::unbounded_channel::<T>();
-    let mut watcher = notify::recommended_watcher(move |res: notify::Result<notify::Event>| {
+    let handler = move |res: notify::Result<notify::Event>| {
         if let Ok(event) = res
             && (event.kind.is_create() || event.kind.is_modify())
         {
@@ -57,9 +68,8 @@ pub fn watch_dir<T: Send + 'static>(
                 let _ = tx.send(item);
             }
         }
-    })?;
-    watcher.watch(dir, RecursiveMode::NonRecursive)?;
-    Ok((watcher, rx))
+    };
+    (handler, rx)
 }
 
 /// The next burst of changes: waits for one, then takes more until none

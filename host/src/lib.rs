@@ -13,6 +13,7 @@ pub mod config;
 pub mod embed;
 pub mod kill;
 pub mod ledger;
+pub mod log_writer;
 pub mod metrics;
 pub mod pipeline;
 pub mod plugin_test;

@@ -276,7 +276,7 @@ fn release_freed_memory_promptly() {
 /// thread that writes them in batches. If the log sink stalls until 128k
 /// lines wait, further lines are dropped rather than stall requests (the
 /// ledger keeps every request). Other commands write directly.
-fn init_logging(level: &str, serving: bool) -> Option<tracing_appender::non_blocking::WorkerGuard> {
+fn init_logging(level: &str, serving: bool) -> Option<tollgate::log_writer::FlushGuard> {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level));
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
@@ -284,19 +284,17 @@ fn init_logging(level: &str, serving: bool) -> Option<tracing_appender::non_bloc
         .with_env_filter(filter)
         .with_ansi(ansi);
     if serving {
-        let (writer, guard) = tracing_appender::non_blocking::NonBlockingBuilder::default()
-            .lossy(true)
-            .thread_name("tollgate-log")
-            .finish(std::io::BufWriter::with_capacity(
-                64 << 10,
-                std::io::stderr(),
-            ));
-        fmt.with_writer(writer).init();
-        Some(guard)
-    } else {
-        fmt.with_writer(std::io::stderr).init();
-        None
+        use tollgate::log_writer::{BatchedWriter, FLUSH_EVERY, MAX_PENDING_BYTES};
+        match BatchedWriter::new(std::io::stderr(), FLUSH_EVERY, MAX_PENDING_BYTES) {
+            Ok((writer, guard)) => {
+                fmt.with_writer(writer).init();
+                return Some(guard);
+            }
+            Err(e) => eprintln!("tollgate: cannot start the log writer ({e}): logging directly"),
+        }
     }
+    fmt.with_writer(std::io::stderr).init();
+    None
 }
 
 fn main() -> Result<()> {

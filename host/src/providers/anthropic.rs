@@ -16,8 +16,10 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use futures_util::StreamExt;
+use http::{HeaderName, HeaderValue, Uri};
 use serde_json::{Map, Value, json};
 
+use super::client::{self as upstream, UpstreamHttp};
 use super::sse::{SseSplitter, event_data};
 use super::{ProviderError, UpstreamCall, UpstreamReply};
 use crate::config::AnthropicConfig;
@@ -26,24 +28,30 @@ use crate::config::AnthropicConfig;
 const DEFAULT_MAX_TOKENS: u64 = 4096;
 const API_VERSION: &str = "2023-06-01";
 
+const API_KEY: HeaderName = HeaderName::from_static("x-api-key");
+const ANTHROPIC_VERSION: HeaderName = HeaderName::from_static("anthropic-version");
+const SIM_OUTPUT_TOKENS: HeaderName = HeaderName::from_static("x-tollgate-sim-output-tokens");
+
 pub struct AnthropicProvider {
-    client: reqwest::Client,
+    http: UpstreamHttp,
     /// Parsed once: parsing it per request showed in profiles.
-    url: reqwest::Url,
-    key: Option<String>,
-    timeout: Duration,
+    url: Uri,
+    key: Option<HeaderValue>,
     prompt_caching: bool,
 }
 
 impl AnthropicProvider {
     pub fn new(cfg: &AnthropicConfig, key: Option<String>) -> Result<Self, String> {
-        let client = super::upstream_client(cfg.connect_timeout_ms, cfg.max_idle_connections)?;
+        let timeout = Duration::from_millis(cfg.timeout_ms);
         Ok(Self {
-            client,
-            url: reqwest::Url::parse(&format!("{}/messages", cfg.base_url.trim_end_matches('/')))
-                .map_err(|e| format!("base_url {:?}: {e}", cfg.base_url))?,
-            key,
-            timeout: Duration::from_millis(cfg.timeout_ms),
+            http: UpstreamHttp::new(cfg.connect_timeout_ms, cfg.max_idle_connections, timeout)?,
+            url: upstream::endpoint(&cfg.base_url, "messages")?,
+            key: match key {
+                Some(k) => {
+                    Some(upstream::header_value(&k, true).map_err(|e| format!("API key {e}"))?)
+                }
+                None => None,
+            },
             prompt_caching: cfg.prompt_caching,
         })
     }
@@ -59,28 +67,18 @@ impl super::Provider for AnthropicProvider {
         let body = messages_request(&call.body, call.stream, self.prompt_caching)?;
         let bytes =
             serde_json::to_vec(&body).map_err(|e| ProviderError::Protocol(e.to_string()))?;
-        let mut req = self
-            .client
-            .post(self.url.clone())
-            .header("content-type", "application/json")
-            .header("anthropic-version", API_VERSION)
-            .body(bytes);
+        let mut headers = Vec::with_capacity(3);
+        headers.push((ANTHROPIC_VERSION, HeaderValue::from_static(API_VERSION)));
         if let Some(k) = &self.key {
-            req = req.header("x-api-key", k);
+            headers.push((API_KEY, k.clone()));
         }
         if let Some(n) = call.sim_output_tokens {
-            req = req.header("x-tollgate-sim-output-tokens", n.to_string());
+            headers.push((SIM_OUTPUT_TOKENS, HeaderValue::from(n)));
         }
-        let resp = tokio::time::timeout(self.timeout, req.send())
-            .await
-            .map_err(|_| ProviderError::Timeout(self.timeout.as_millis() as u64))?
-            .map_err(|e| super::classify(e, self.timeout))?;
-        if !resp.status().is_success() {
-            return Err(super::status_error(resp).await);
-        }
+        let resp = self.http.post_json(&self.url, &headers, bytes).await?;
         if call.stream {
             let mut translate = StreamTranslator::default();
-            let mut upstream = resp.bytes_stream();
+            let mut upstream = upstream::stream(resp);
             let stream = async_stream(move |tx| async move {
                 while let Some(item) = upstream.next().await {
                     match item {
@@ -92,9 +90,7 @@ impl super::Provider for AnthropicProvider {
                             }
                         }
                         Err(e) => {
-                            let _ = tx
-                                .send(Err(ProviderError::Protocol(format!("stream broke: {e}"))))
-                                .await;
+                            let _ = tx.send(Err(e)).await;
                             return;
                         }
                     }
@@ -102,10 +98,7 @@ impl super::Provider for AnthropicProvider {
             });
             return Ok(UpstreamReply::Stream(stream));
         }
-        let body = tokio::time::timeout(self.timeout, resp.bytes())
-            .await
-            .map_err(|_| ProviderError::Timeout(self.timeout.as_millis() as u64))?
-            .map_err(|e| super::classify(e, self.timeout))?;
+        let body = self.http.body(resp).await?;
         let msg: Value = serde_json::from_slice(&body)
             .map_err(|e| ProviderError::Protocol(format!("not JSON: {e}")))?;
         Ok(UpstreamReply::Complete(Bytes::from(

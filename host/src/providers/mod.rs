@@ -2,6 +2,7 @@
 //! built-in simulator. The pipeline never knows which one it talks to.
 
 mod anthropic;
+mod client;
 mod openai;
 mod openai_batch;
 pub mod sim;
@@ -239,12 +240,9 @@ pub fn http_client() -> reqwest::ClientBuilder {
     reqwest::Client::builder()
 }
 
-/// The HTTP client of an upstream API: pooled connections kept 90 s (at
-/// most `max_idle` of them idle: without a bound, the connections an
-/// overload opened stayed resident with their buffers, ~400 MiB after a
-/// burst of 5,000 calls in flight), no Nagle delay, no redirects: a
-/// redirected POST would be re-sent as a GET (or with the body and key to
-/// another host), so a 3xx is returned as the upstream's error.
+/// The client of an upstream API's rare calls (batches, files), with the
+/// chat client's settings (see `client::UpstreamHttp`): at most `max_idle`
+/// idle connections, no Nagle delay, no redirects.
 pub(crate) fn upstream_client(
     connect_timeout_ms: u64,
     max_idle: usize,
@@ -271,21 +269,12 @@ pub(crate) fn classify(e: reqwest::Error, timeout: std::time::Duration) -> Provi
     }
 }
 
-/// The error of a non-success answer: its status, the message of its body
-/// and its `Retry-After`, if any.
-pub(crate) async fn status_error(resp: reqwest::Response) -> ProviderError {
-    let status = resp.status().as_u16();
-    let retry_after_s = resp
-        .headers()
-        .get("retry-after")
+/// `Retry-After` in seconds (the HTTP-date form is not used by LLM APIs).
+fn retry_after(headers: &http::HeaderMap) -> Option<u64> {
+    headers
+        .get(http::header::RETRY_AFTER)
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse().ok());
-    let body = resp.bytes().await.unwrap_or_default();
-    ProviderError::Status {
-        status,
-        message: error_message(&body),
-        retry_after_s,
-    }
+        .and_then(|v| v.trim().parse().ok())
 }
 
 /// The message of an OpenAI-style error body, or the body itself.

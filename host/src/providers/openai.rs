@@ -3,15 +3,25 @@
 
 use std::time::Duration;
 
-use futures_util::StreamExt;
+use http::{HeaderName, HeaderValue, Uri, header};
 
+use super::client::{self as upstream, UpstreamHttp};
 use super::{ProviderError, UpstreamCall, UpstreamReply};
 use crate::config::OpenAiConfig;
 
+const SIM_OUTPUT_TOKENS: HeaderName = HeaderName::from_static("x-tollgate-sim-output-tokens");
+const SIM_FAULT: HeaderName = HeaderName::from_static("x-tollgate-sim-fault");
+const SIM_ATTEMPT: HeaderName = HeaderName::from_static("x-tollgate-sim-attempt");
+
 pub struct OpenAiProvider {
+    /// Chat calls.
+    http: UpstreamHttp,
+    /// Batch and file calls.
     pub(super) client: reqwest::Client,
     /// Parsed once: parsing it per request showed in profiles.
-    url: reqwest::Url,
+    url: Uri,
+    /// `Bearer <key>`, made once.
+    auth: Option<HeaderValue>,
     /// The API root (`.../v1`), for the files and batches endpoints.
     pub(super) base: String,
     pub(super) key: Option<String>,
@@ -25,18 +35,24 @@ pub struct OpenAiProvider {
 impl OpenAiProvider {
     pub fn new(cfg: &OpenAiConfig, key: Option<String>) -> Result<Self, String> {
         let client = super::upstream_client(cfg.connect_timeout_ms, cfg.max_idle_connections)?;
+        let timeout = Duration::from_millis(cfg.timeout_ms);
+        let auth = match &key {
+            Some(k) => Some(
+                upstream::header_value(&format!("Bearer {k}"), true)
+                    .map_err(|e| format!("API key {e}"))?,
+            ),
+            None => None,
+        };
         Ok(Self {
+            http: UpstreamHttp::new(cfg.connect_timeout_ms, cfg.max_idle_connections, timeout)?,
             client,
-            url: reqwest::Url::parse(&format!(
-                "{}/chat/completions",
-                cfg.base_url.trim_end_matches('/')
-            ))
-            .map_err(|e| format!("base_url {:?}: {e}", cfg.base_url))?,
+            url: upstream::endpoint(&cfg.base_url, "chat/completions")?,
+            auth,
             base: cfg.base_url.trim_end_matches('/').to_string(),
             batch: cfg.batch_api,
             batch_poll: Duration::from_millis(cfg.batch_poll_ms.max(1)),
             key,
-            timeout: Duration::from_millis(cfg.timeout_ms),
+            timeout,
             forward_sim_headers: cfg.forward_sim_headers,
         })
     }
@@ -62,43 +78,27 @@ impl super::Provider for OpenAiProvider {
     async fn chat(&self, call: UpstreamCall) -> Result<UpstreamReply, ProviderError> {
         let body =
             serde_json::to_vec(&call.body).map_err(|e| ProviderError::Protocol(e.to_string()))?;
-        let mut req = self
-            .client
-            .post(self.url.clone())
-            .header("content-type", "application/json")
-            .body(body);
-        if let Some(k) = &self.key {
-            req = req.bearer_auth(k);
+        let mut headers = Vec::with_capacity(4);
+        if let Some(a) = &self.auth {
+            headers.push((header::AUTHORIZATION, a.clone()));
         }
         if self.forward_sim_headers {
             if let Some(n) = call.sim_output_tokens {
-                req = req.header("x-tollgate-sim-output-tokens", n.to_string());
+                headers.push((SIM_OUTPUT_TOKENS, HeaderValue::from(n)));
             }
-            if let Some(f) = &call.sim_fault {
-                req = req
-                    .header("x-tollgate-sim-fault", f.as_str())
-                    .header("x-tollgate-sim-attempt", call.attempt.to_string());
+            if let Some(f) = call
+                .sim_fault
+                .as_deref()
+                .and_then(|f| HeaderValue::from_str(f).ok())
+            {
+                headers.push((SIM_FAULT, f));
+                headers.push((SIM_ATTEMPT, HeaderValue::from(call.attempt)));
             }
         }
-        // For streams the deadline covers the response head; the body may
-        // take as long as the model needs.
-        let resp = tokio::time::timeout(self.timeout, req.send())
-            .await
-            .map_err(|_| ProviderError::Timeout(self.timeout.as_millis() as u64))?
-            .map_err(|e| self.classify(e))?;
-        if !resp.status().is_success() {
-            return Err(super::status_error(resp).await);
-        }
+        let resp = self.http.post_json(&self.url, &headers, body).await?;
         if call.stream {
-            let stream = resp
-                .bytes_stream()
-                .map(|r| r.map_err(|e| ProviderError::Protocol(format!("stream broke: {e}"))));
-            return Ok(UpstreamReply::Stream(Box::pin(stream)));
+            return Ok(UpstreamReply::Stream(upstream::stream(resp)));
         }
-        let body = tokio::time::timeout(self.timeout, resp.bytes())
-            .await
-            .map_err(|_| ProviderError::Timeout(self.timeout.as_millis() as u64))?
-            .map_err(|e| self.classify(e))?;
-        Ok(UpstreamReply::Complete(body))
+        Ok(UpstreamReply::Complete(self.http.body(resp).await?))
     }
 }

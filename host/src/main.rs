@@ -270,12 +270,10 @@ fn release_freed_memory_promptly() {
     unsafe { libmimalloc_sys::mi_option_set_default(MI_OPTION_PURGE_DELAY, 0) };
 }
 
-/// Logs to stderr. The gateway writes a line per request: written from the
-/// request path that cost ~20-30 µs of CPU per request at 3,000 requests/s
-/// (one unbuffered write each), so `serve` hands lines to a background
-/// thread that writes them in batches. If the log sink stalls until 128k
-/// lines wait, further lines are dropped rather than stall requests (the
-/// ledger keeps every request). Other commands write directly.
+/// Logs to stderr. `serve` writes a line per request through a buffer a
+/// background thread writes out (see `log_writer`); if the log sink stalls,
+/// lines are dropped rather than stall requests (the ledger keeps every
+/// request). Other commands write directly.
 fn init_logging(level: &str, serving: bool) -> Option<tollgate::log_writer::FlushGuard> {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level));

@@ -75,6 +75,9 @@ pub fn draw(result: &Value, out: &Path) -> Result<()> {
         .iter()
         .fold((f64::INFINITY, 0.0f64), |(a, b), &v| (a.min(v), b.max(v)));
     anyhow::ensure!(ymax > 0.0, "no latency to draw");
+    // Headroom above the highest point, so that the legend (upper left)
+    // covers no point: it takes about the upper 40% of a panel.
+    let ytop = ymax * (ymax / ymin).powf(0.7).max(1.5);
     let (xmin, xmax) = rates
         .iter()
         .fold((f64::INFINITY, 0.0f64), |(a, b), &v| (a.min(v), b.max(v)));
@@ -105,7 +108,7 @@ pub fn draw(result: &Value, out: &Path) -> Result<()> {
             .y_label_area_size(56)
             .build_cartesian_2d(
                 (xmin * 0.8..xmax * 1.25).log_scale(),
-                (ymin * 0.7..ymax * 1.5).log_scale(),
+                (ymin * 0.7..ytop).log_scale(),
             )
             .map_err(err)?;
         chart

@@ -282,6 +282,22 @@ async fn an_infinite_loop_is_stopped_by_the_deadline() {
 }
 
 #[tokio::test]
+async fn the_deadline_holds_after_the_plugins_were_idle() {
+    // The clock of deadlines stops once no deadline is ahead (after a
+    // grace period of 200 ticks); the next call must start it again.
+    let rt = runtime();
+    let mut s = slot("hostile_fixture.wasm", "mode = \"loop\"");
+    s.timeout_ms = Some(20);
+    s.fuel = Some(0);
+    let p: Plugin<RouterKind> = rt.load(&s).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    let t = Instant::now();
+    let e = p.route(&view("x"), &candidates()).await.unwrap_err();
+    assert!(matches!(e, PluginError::Timeout { .. }), "{e}");
+    assert!(t.elapsed() < Duration::from_secs(2), "{:?}", t.elapsed());
+}
+
+#[tokio::test]
 async fn an_infinite_loop_runs_out_of_fuel() {
     let rt = runtime();
     let mut s = slot("hostile_fixture.wasm", "mode = \"loop\"");

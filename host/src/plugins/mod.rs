@@ -9,6 +9,7 @@
 //! fails is thrown away, never reused, so a bad call cannot poison the next.
 
 mod bindings;
+mod epoch;
 pub mod inspect;
 mod kinds;
 pub mod language;

@@ -1,4 +1,4 @@
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -19,7 +19,7 @@ pub struct Runtime {
     tick_ms: u64,
     idle_instances: usize,
     clock: Arc<dyn Clock>,
-    stop: Arc<AtomicBool>,
+    ticker: super::epoch::Ticker,
     /// Where compiled artifacts are kept, and the engine-settings part of their key.
     cache: Option<(std::path::PathBuf, u64)>,
     /// What the `spend` import reads, once the gateway has its counters.
@@ -27,12 +27,6 @@ pub struct Runtime {
     /// What the `embed` import answers with, once the gateway has looked
     /// for its model.
     embed: std::sync::OnceLock<super::state::EmbedSource>,
-}
-
-impl Drop for Runtime {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
-    }
 }
 
 impl Runtime {
@@ -71,22 +65,9 @@ impl Runtime {
         v0_1_0::Imports::add_to_linker::<_, HasSelf<StoreState>>(&mut linker, |s| s)
             .map_err(engine_err)?;
 
-        let stop = Arc::new(AtomicBool::new(false));
-        let ticker_engine = engine.weak();
-        let ticker_stop = stop.clone();
-        let tick = Duration::from_millis(cfg.epoch_tick_ms.max(1));
-        std::thread::Builder::new()
-            .name("tollgate-epoch".into())
-            .spawn(move || {
-                while !ticker_stop.load(Ordering::Relaxed) {
-                    std::thread::sleep(tick);
-                    match ticker_engine.upgrade() {
-                        Some(e) => e.increment_epoch(),
-                        None => break,
-                    }
-                }
-            })
-            .map_err(|e| LoadError::Engine(format!("cannot start epoch thread: {e}")))?;
+        let ticker =
+            super::epoch::Ticker::start(&engine, Duration::from_millis(cfg.epoch_tick_ms.max(1)))
+                .map_err(|e| LoadError::Engine(format!("cannot start epoch thread: {e}")))?;
 
         let cache = cfg.cache_dir.clone().map(|dir| {
             use std::hash::{Hash, Hasher};
@@ -106,7 +87,7 @@ impl Runtime {
             tick_ms: cfg.epoch_tick_ms.max(1),
             idle_instances: cfg.idle_instances,
             clock,
-            stop,
+            ticker,
         }))
     }
 
@@ -503,7 +484,9 @@ impl<K: Kind> Plugin<K> {
 
     /// Sets the call's deadline and fuel; returns the fuel it starts with.
     fn arm(&self, store: &mut Store<StoreState>, deadline_ms: u64, fuel: u64) -> u64 {
-        store.set_epoch_deadline(self.ticks(deadline_ms));
+        let ticks = self.ticks(deadline_ms);
+        self.runtime.ticker.arming(ticks);
+        store.set_epoch_deadline(ticks);
         let fuel = if self.limits.fuel == 0 {
             u64::MAX
         } else {

@@ -284,7 +284,7 @@ async fn an_infinite_loop_is_stopped_by_the_deadline() {
 #[tokio::test]
 async fn the_deadline_holds_after_the_plugins_were_idle() {
     // The clock of deadlines stops once no deadline is ahead (after a
-    // grace period of 200 ticks); the next call must start it again.
+    // grace period of 2 ticks); the next call must start it again.
     let rt = runtime();
     let mut s = slot("hostile_fixture.wasm", "mode = \"loop\"");
     s.timeout_ms = Some(20);

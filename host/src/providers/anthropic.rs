@@ -17,6 +17,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use futures_util::StreamExt;
 use http::{HeaderName, HeaderValue, Uri};
+use hyper_util::client::proxy::matcher::Matcher;
 use serde_json::{Map, Value, json};
 
 use super::client::{self as upstream, UpstreamHttp};
@@ -43,9 +44,16 @@ pub struct AnthropicProvider {
 impl AnthropicProvider {
     pub fn new(cfg: &AnthropicConfig, key: Option<String>) -> Result<Self, String> {
         let timeout = Duration::from_millis(cfg.timeout_ms);
+        let url = upstream::endpoint(&cfg.base_url, "messages")?;
         Ok(Self {
-            http: UpstreamHttp::new(cfg.connect_timeout_ms, cfg.max_idle_connections, timeout)?,
-            url: upstream::endpoint(&cfg.base_url, "messages")?,
+            http: UpstreamHttp::new(
+                cfg.connect_timeout_ms,
+                cfg.max_idle_connections,
+                timeout,
+                &url,
+                &Matcher::from_env(),
+            )?,
+            url,
             key: match key {
                 Some(k) => {
                     Some(upstream::header_value(&k, true).map_err(|e| format!("API key {e}"))?)

@@ -240,21 +240,26 @@ pub fn http_client() -> reqwest::ClientBuilder {
     reqwest::Client::builder()
 }
 
-/// The client of an upstream API's rare calls (batches, files), with the
-/// chat client's settings (see `client::UpstreamHttp`): at most `max_idle`
-/// idle connections, no Nagle delay, no redirects.
+/// A reqwest client with the chat client's settings (see
+/// `client::UpstreamHttp`): at most `max_idle` idle connections, no Nagle
+/// delay, no redirects. It serves an upstream API's rare calls (batches,
+/// files) and, through `proxy`, chat calls the environment sends through a
+/// proxy; without `proxy` it follows the proxy environment variables.
 pub(crate) fn upstream_client(
     connect_timeout_ms: u64,
     max_idle: usize,
+    proxy: Option<reqwest::Proxy>,
 ) -> Result<reqwest::Client, String> {
-    http_client()
+    let mut b = http_client()
         .redirect(reqwest::redirect::Policy::none())
         .connect_timeout(std::time::Duration::from_millis(connect_timeout_ms))
         .pool_idle_timeout(std::time::Duration::from_secs(90))
         .pool_max_idle_per_host(max_idle)
-        .tcp_nodelay(true)
-        .build()
-        .map_err(|e| e.to_string())
+        .tcp_nodelay(true);
+    if let Some(p) = proxy {
+        b = b.proxy(p);
+    }
+    b.build().map_err(|e| e.to_string())
 }
 
 /// A transport error as the pipeline sees it: a timeout (after `timeout`),

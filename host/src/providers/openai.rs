@@ -4,6 +4,7 @@
 use std::time::Duration;
 
 use http::{HeaderName, HeaderValue, Uri, header};
+use hyper_util::client::proxy::matcher::Matcher;
 
 use super::client::{self as upstream, UpstreamHttp};
 use super::{ProviderError, UpstreamCall, UpstreamReply};
@@ -34,7 +35,8 @@ pub struct OpenAiProvider {
 
 impl OpenAiProvider {
     pub fn new(cfg: &OpenAiConfig, key: Option<String>) -> Result<Self, String> {
-        let client = super::upstream_client(cfg.connect_timeout_ms, cfg.max_idle_connections)?;
+        let client =
+            super::upstream_client(cfg.connect_timeout_ms, cfg.max_idle_connections, None)?;
         let timeout = Duration::from_millis(cfg.timeout_ms);
         let auth = match &key {
             Some(k) => Some(
@@ -43,10 +45,17 @@ impl OpenAiProvider {
             ),
             None => None,
         };
+        let url = upstream::endpoint(&cfg.base_url, "chat/completions")?;
         Ok(Self {
-            http: UpstreamHttp::new(cfg.connect_timeout_ms, cfg.max_idle_connections, timeout)?,
+            http: UpstreamHttp::new(
+                cfg.connect_timeout_ms,
+                cfg.max_idle_connections,
+                timeout,
+                &url,
+                &Matcher::from_env(),
+            )?,
             client,
-            url: upstream::endpoint(&cfg.base_url, "chat/completions")?,
+            url,
             auth,
             base: cfg.base_url.trim_end_matches('/').to_string(),
             batch: cfg.batch_api,

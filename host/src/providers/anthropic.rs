@@ -17,7 +17,6 @@ use std::time::Duration;
 use bytes::Bytes;
 use futures_util::StreamExt;
 use http::{HeaderName, HeaderValue, Uri};
-use hyper_util::client::proxy::matcher::Matcher;
 use serde_json::{Map, Value, json};
 
 use super::client::{self as upstream, UpstreamHttp};
@@ -45,14 +44,14 @@ impl AnthropicProvider {
     pub fn new(cfg: &AnthropicConfig, key: Option<String>) -> Result<Self, String> {
         let timeout = Duration::from_millis(cfg.timeout_ms);
         let url = upstream::endpoint(&cfg.base_url, "messages")?;
+        let http = UpstreamHttp::to(
+            &url,
+            cfg.connect_timeout_ms,
+            cfg.max_idle_connections,
+            timeout,
+        )?;
         Ok(Self {
-            http: UpstreamHttp::new(
-                cfg.connect_timeout_ms,
-                cfg.max_idle_connections,
-                timeout,
-                &url,
-                &Matcher::from_env(),
-            )?,
+            http,
             url,
             key: match key {
                 Some(k) => {

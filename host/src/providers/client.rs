@@ -43,6 +43,23 @@ enum Route {
 }
 
 impl UpstreamHttp {
+    /// The client of `url`, through the proxy the environment names for it,
+    /// if any (see [`UpstreamHttp::new`]).
+    pub(crate) fn to(
+        url: &Uri,
+        connect_timeout_ms: u64,
+        max_idle: usize,
+        timeout: Duration,
+    ) -> Result<Self, String> {
+        Self::new(
+            connect_timeout_ms,
+            max_idle,
+            timeout,
+            url,
+            &Matcher::from_env(),
+        )
+    }
+
     /// Pooled connections kept 90 s (at most `max_idle` of them idle:
     /// without a bound, the connections an overload opened stayed resident
     /// with their buffers, ~400 MiB after a burst of 5,000 calls in flight),

@@ -4,7 +4,6 @@
 use std::time::Duration;
 
 use http::{HeaderName, HeaderValue, Uri, header};
-use hyper_util::client::proxy::matcher::Matcher;
 
 use super::client::{self as upstream, UpstreamHttp};
 use super::{ProviderError, UpstreamCall, UpstreamReply};
@@ -46,14 +45,14 @@ impl OpenAiProvider {
             None => None,
         };
         let url = upstream::endpoint(&cfg.base_url, "chat/completions")?;
+        let http = UpstreamHttp::to(
+            &url,
+            cfg.connect_timeout_ms,
+            cfg.max_idle_connections,
+            timeout,
+        )?;
         Ok(Self {
-            http: UpstreamHttp::new(
-                cfg.connect_timeout_ms,
-                cfg.max_idle_connections,
-                timeout,
-                &url,
-                &Matcher::from_env(),
-            )?,
+            http,
             client,
             url,
             auth,

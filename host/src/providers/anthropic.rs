@@ -12,14 +12,12 @@
 //! on in the usage, so the ledger bills writes at the cache-write price and
 //! reads at the cached-input price.
 
-use std::time::Duration;
-
 use bytes::Bytes;
 use futures_util::StreamExt;
-use http::{HeaderName, HeaderValue, Uri};
+use http::{HeaderName, HeaderValue};
 use serde_json::{Map, Value, json};
 
-use super::client::{self as upstream, UpstreamHttp};
+use super::client::{self as upstream, SIM_OUTPUT_TOKENS, UpstreamHttp};
 use super::sse::{SseSplitter, event_data};
 use super::{ProviderError, UpstreamCall, UpstreamReply};
 use crate::config::AnthropicConfig;
@@ -30,35 +28,24 @@ const API_VERSION: &str = "2023-06-01";
 
 const API_KEY: HeaderName = HeaderName::from_static("x-api-key");
 const ANTHROPIC_VERSION: HeaderName = HeaderName::from_static("anthropic-version");
-const SIM_OUTPUT_TOKENS: HeaderName = HeaderName::from_static("x-tollgate-sim-output-tokens");
 
 pub struct AnthropicProvider {
     http: UpstreamHttp,
-    /// Parsed once: parsing it per request showed in profiles.
-    url: Uri,
     key: Option<HeaderValue>,
     prompt_caching: bool,
 }
 
 impl AnthropicProvider {
     pub fn new(cfg: &AnthropicConfig, key: Option<String>) -> Result<Self, String> {
-        let timeout = Duration::from_millis(cfg.timeout_ms);
-        let url = upstream::endpoint(&cfg.base_url, "messages")?;
-        let http = UpstreamHttp::to(
-            &url,
-            cfg.connect_timeout_ms,
-            cfg.max_idle_connections,
-            timeout,
-        )?;
         Ok(Self {
-            http,
-            url,
-            key: match key {
-                Some(k) => {
-                    Some(upstream::header_value(&k, true).map_err(|e| format!("API key {e}"))?)
-                }
-                None => None,
-            },
+            http: UpstreamHttp::to(
+                &cfg.base_url,
+                "messages",
+                cfg.connect_timeout_ms,
+                cfg.max_idle_connections,
+                cfg.timeout_ms,
+            )?,
+            key: key.as_deref().map(upstream::key_header).transpose()?,
             prompt_caching: cfg.prompt_caching,
         })
     }
@@ -82,7 +69,7 @@ impl super::Provider for AnthropicProvider {
         if let Some(n) = call.sim_output_tokens {
             headers.push((SIM_OUTPUT_TOKENS, HeaderValue::from(n)));
         }
-        let resp = self.http.post_json(&self.url, &headers, bytes).await?;
+        let resp = self.http.post_json(&headers, bytes).await?;
         if call.stream {
             let mut translate = StreamTranslator::default();
             let mut upstream = upstream::stream(resp);

@@ -31,8 +31,14 @@ type BoxError = Box<dyn StdError + Send + Sync>;
 /// An upstream answer's body, whichever way it came.
 pub(crate) type Body = UnsyncBoxBody<Bytes, BoxError>;
 
-/// One upstream API's connection pool and deadline.
+/// The header a simulator upstream reads the expected completion length from.
+pub(crate) const SIM_OUTPUT_TOKENS: HeaderName =
+    HeaderName::from_static("x-tollgate-sim-output-tokens");
+
+/// One upstream endpoint: its URL, connection pool and deadline.
 pub(crate) struct UpstreamHttp {
+    /// Parsed once: parsing it per request showed in profiles.
+    url: Uri,
     route: Route,
     timeout: Duration,
 }
@@ -43,14 +49,17 @@ enum Route {
 }
 
 impl UpstreamHttp {
-    /// The client of `url`, through the proxy the environment names for it,
-    /// if any (see [`UpstreamHttp::new`]).
+    /// The client of `path` under `base_url`, through the proxy the
+    /// environment names for it, if any (see [`UpstreamHttp::new`]).
     pub(crate) fn to(
-        url: &Uri,
+        base_url: &str,
+        path: &str,
         connect_timeout_ms: u64,
         max_idle: usize,
-        timeout: Duration,
+        timeout_ms: u64,
     ) -> Result<Self, String> {
+        let timeout = Duration::from_millis(timeout_ms);
+        let url = endpoint(base_url, path)?;
         Self::new(
             connect_timeout_ms,
             max_idle,
@@ -71,10 +80,10 @@ impl UpstreamHttp {
         connect_timeout_ms: u64,
         max_idle: usize,
         timeout: Duration,
-        url: &Uri,
+        url: Uri,
         proxies: &Matcher,
     ) -> Result<Self, String> {
-        if let Some(proxy) = proxies.intercept(url) {
+        if let Some(proxy) = proxies.intercept(&url) {
             let mut p = reqwest::Proxy::all(proxy.uri().to_string())
                 .map_err(|e| format!("proxy {}: {e}", proxy.uri()))?;
             // Credentials in the proxy's URL: an HTTP proxy gets them as a
@@ -86,6 +95,7 @@ impl UpstreamHttp {
             }
             let client = super::upstream_client(connect_timeout_ms, max_idle, Some(p))?;
             return Ok(Self {
+                url,
                 route: Route::Proxied(client),
                 timeout,
             });
@@ -107,6 +117,7 @@ impl UpstreamHttp {
             .pool_timer(TokioTimer::new())
             .build(tls);
         Ok(Self {
+            url,
             route: Route::Direct(Box::new(client)),
             timeout,
         })
@@ -117,13 +128,12 @@ impl UpstreamHttp {
     /// the upstream's error, with its message and `Retry-After`.
     pub(crate) async fn post_json(
         &self,
-        uri: &Uri,
         headers: &[(HeaderName, HeaderValue)],
         body: Vec<u8>,
     ) -> Result<Response<Body>, ProviderError> {
         let resp = match &self.route {
             Route::Direct(client) => {
-                let mut req = Request::post(uri.clone());
+                let mut req = Request::post(self.url.clone());
                 if let Some(h) = req.headers_mut() {
                     h.insert(
                         header::CONTENT_TYPE,
@@ -150,7 +160,7 @@ impl UpstreamHttp {
             }
             Route::Proxied(client) => {
                 let mut req = client
-                    .post(uri.to_string())
+                    .post(self.url.to_string())
                     .header(header::CONTENT_TYPE, "application/json")
                     .body(body);
                 for (name, value) in headers {
@@ -213,16 +223,17 @@ fn chain(e: &dyn StdError) -> String {
     msg
 }
 
-/// A header value made once at start (an API key, a version).
-pub(crate) fn header_value(value: &str, secret: bool) -> Result<HeaderValue, String> {
+/// The header value of an API key (`Bearer sk-...` or the bare key), made
+/// once at start and kept out of debug output.
+pub(crate) fn key_header(value: &str) -> Result<HeaderValue, String> {
     let mut v = HeaderValue::from_str(value)
-        .map_err(|_| "contains characters a header cannot carry".to_string())?;
-    v.set_sensitive(secret);
+        .map_err(|_| "API key contains characters a header cannot carry".to_string())?;
+    v.set_sensitive(true);
     Ok(v)
 }
 
 /// The URL of an endpoint under `base_url`, parsed at start.
-pub(crate) fn endpoint(base_url: &str, path: &str) -> Result<Uri, String> {
+fn endpoint(base_url: &str, path: &str) -> Result<Uri, String> {
     let url = format!("{}/{path}", base_url.trim_end_matches('/'));
     let uri: Uri = url
         .parse()
@@ -250,8 +261,8 @@ mod tests {
 
     #[test]
     fn keys_that_cannot_be_headers_are_refused() {
-        assert!(header_value("Bearer sk-abc", true).unwrap().is_sensitive());
-        assert!(header_value("sk-\nabc", true).is_err());
+        assert!(key_header("Bearer sk-abc").unwrap().is_sensitive());
+        assert!(key_header("sk-\nabc").is_err());
     }
 
     fn no_proxy() -> Matcher {
@@ -261,8 +272,8 @@ mod tests {
     #[tokio::test]
     async fn a_closed_port_is_a_connect_error_with_its_cause() {
         let uri = endpoint("http://127.0.0.1:9/v1", "chat/completions").unwrap();
-        let http = UpstreamHttp::new(500, 4, Duration::from_secs(2), &uri, &no_proxy()).unwrap();
-        match http.post_json(&uri, &[], b"{}".to_vec()).await {
+        let http = UpstreamHttp::new(500, 4, Duration::from_secs(2), uri, &no_proxy()).unwrap();
+        match http.post_json(&[], b"{}".to_vec()).await {
             Err(ProviderError::Connect(m)) => assert!(m.contains("refused"), "{m}"),
             other => panic!("{:?}", other.map(|r| r.status())),
         }
@@ -301,10 +312,10 @@ mod tests {
         // The upstream's name does not resolve: only the proxy can reach it.
         let uri = endpoint("http://upstream.invalid/v1", "chat/completions").unwrap();
         let proxies = Matcher::builder().http(proxy).build();
-        let http = UpstreamHttp::new(500, 4, Duration::from_secs(5), &uri, &proxies).unwrap();
-        let key = header_value("Bearer sk-test", true).unwrap();
+        let http = UpstreamHttp::new(500, 4, Duration::from_secs(5), uri, &proxies).unwrap();
+        let key = key_header("Bearer sk-test").unwrap();
         let resp = http
-            .post_json(&uri, &[(header::AUTHORIZATION, key)], b"{}".to_vec())
+            .post_json(&[(header::AUTHORIZATION, key)], b"{}".to_vec())
             .await
             .unwrap();
         assert_eq!(
@@ -331,7 +342,7 @@ mod tests {
             .http("http://127.0.0.1:1")
             .no("127.0.0.1")
             .build();
-        let http = UpstreamHttp::new(500, 4, Duration::from_secs(2), &uri, &proxies).unwrap();
+        let http = UpstreamHttp::new(500, 4, Duration::from_secs(2), uri, &proxies).unwrap();
         assert!(matches!(http.route, Route::Direct(_)));
     }
 }

@@ -3,13 +3,12 @@
 
 use std::time::Duration;
 
-use http::{HeaderName, HeaderValue, Uri, header};
+use http::{HeaderName, HeaderValue, header};
 
-use super::client::{self as upstream, UpstreamHttp};
+use super::client::{self as upstream, SIM_OUTPUT_TOKENS, UpstreamHttp};
 use super::{ProviderError, UpstreamCall, UpstreamReply};
 use crate::config::OpenAiConfig;
 
-const SIM_OUTPUT_TOKENS: HeaderName = HeaderName::from_static("x-tollgate-sim-output-tokens");
 const SIM_FAULT: HeaderName = HeaderName::from_static("x-tollgate-sim-fault");
 const SIM_ATTEMPT: HeaderName = HeaderName::from_static("x-tollgate-sim-attempt");
 
@@ -18,13 +17,10 @@ pub struct OpenAiProvider {
     http: UpstreamHttp,
     /// Batch and file calls.
     pub(super) client: reqwest::Client,
-    /// Parsed once: parsing it per request showed in profiles.
-    url: Uri,
-    /// `Bearer <key>`, made once.
-    auth: Option<HeaderValue>,
+    /// `Bearer <key>`, made once; batch calls send it too.
+    pub(super) auth: Option<HeaderValue>,
     /// The API root (`.../v1`), for the files and batches endpoints.
     pub(super) base: String,
-    pub(super) key: Option<String>,
     pub(super) timeout: Duration,
     forward_sim_headers: bool,
     /// Deferred requests go through `/batches` (else one by one).
@@ -36,31 +32,24 @@ impl OpenAiProvider {
     pub fn new(cfg: &OpenAiConfig, key: Option<String>) -> Result<Self, String> {
         let client =
             super::upstream_client(cfg.connect_timeout_ms, cfg.max_idle_connections, None)?;
-        let timeout = Duration::from_millis(cfg.timeout_ms);
-        let auth = match &key {
-            Some(k) => Some(
-                upstream::header_value(&format!("Bearer {k}"), true)
-                    .map_err(|e| format!("API key {e}"))?,
-            ),
-            None => None,
-        };
-        let url = upstream::endpoint(&cfg.base_url, "chat/completions")?;
+        let auth = key
+            .map(|k| upstream::key_header(&format!("Bearer {k}")))
+            .transpose()?;
         let http = UpstreamHttp::to(
-            &url,
+            &cfg.base_url,
+            "chat/completions",
             cfg.connect_timeout_ms,
             cfg.max_idle_connections,
-            timeout,
+            cfg.timeout_ms,
         )?;
         Ok(Self {
             http,
             client,
-            url,
             auth,
             base: cfg.base_url.trim_end_matches('/').to_string(),
             batch: cfg.batch_api,
             batch_poll: Duration::from_millis(cfg.batch_poll_ms.max(1)),
-            key,
-            timeout,
+            timeout: Duration::from_millis(cfg.timeout_ms),
             forward_sim_headers: cfg.forward_sim_headers,
         })
     }
@@ -103,7 +92,7 @@ impl super::Provider for OpenAiProvider {
                 headers.push((SIM_ATTEMPT, HeaderValue::from(call.attempt)));
             }
         }
-        let resp = self.http.post_json(&self.url, &headers, body).await?;
+        let resp = self.http.post_json(&headers, body).await?;
         if call.stream {
             return Ok(UpstreamReply::Stream(upstream::stream(resp)));
         }

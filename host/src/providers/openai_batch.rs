@@ -70,8 +70,8 @@ pub fn answers(n: usize, output: &str, errors: &str) -> Vec<Result<Bytes, Provid
 
 impl OpenAiProvider {
     fn authed(&self, req: reqwest::RequestBuilder) -> reqwest::RequestBuilder {
-        match &self.key {
-            Some(k) => req.bearer_auth(k),
+        match &self.auth {
+            Some(a) => req.header(http::header::AUTHORIZATION, a.clone()),
             None => req,
         }
     }

@@ -26,8 +26,12 @@ model_dir = {model:?}
 [ledger]
 flush_interval_ms = 20
 
+# These tests are about what the cache answers, not about deadlines: the
+# default 5 ms deadline fails the lookup open ("bypass") when the parallel
+# gateways here load their embedding models on the same two cores.
 [plugins.cache_policy]
 path = "{{plugins}}/default_cache_policy.wasm"
+timeout_ms = 1000
 config = {{ ttl_seconds = 600, semantic = {{ min_similarity = 0.85 }} }}
 "#,
         model = model_dir.display().to_string()
@@ -50,6 +54,14 @@ async fn ask_as(gw: &Proc, tenant: &str, user: &str, q: &str) -> Asked {
     )
     .await;
     assert_eq!(r.status, 200, "{q}: {}", r.text);
+    if r.header("x-tollgate-cache") == "bypass" {
+        // Never expected here: the policy failed open. Say why (the log is
+        // written in batches, so give it a moment).
+        std::thread::sleep(Duration::from_millis(200));
+        let log = gw.log.lock().unwrap();
+        let failed: Vec<_> = log.iter().filter(|l| l.contains("plugin failed")).collect();
+        panic!("{q}: the cache policy was bypassed: {failed:?}");
+    }
     Asked {
         id: r.header("x-tollgate-request-id").to_string(),
         cache: r.header("x-tollgate-cache").to_string(),

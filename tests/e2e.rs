@@ -610,6 +610,76 @@ async fn a_client_that_hangs_up_mid_call_still_leaves_its_accounted_row() {
     assert!(cost.unwrap() > 0.0, "the billed call is priced");
 }
 
+#[tokio::test]
+async fn past_max_in_flight_requests_are_refused_at_once_and_a_stream_holds_its_place_to_the_end() {
+    let gw = gateway(
+        "[server]\nmax_in_flight = 2\n[providers.sim]\nkind = \"sim\"\nlatency_ms = 1500\n",
+    );
+    let in_flight = |what: &'static str| {
+        let base = gw.base.clone();
+        async move { metric(&base, &format!("tollgate_in_flight{{value=\"{what}\"}}")).await }
+    };
+    assert_eq!(in_flight("limit").await, 2.0);
+    let base = gw.base.clone();
+    let plain = tokio::spawn(async move { chat(&base, &[], ask("a slow answer")).await });
+    let base = gw.base.clone();
+    let streamed = tokio::spawn(async move {
+        let mut body = ask("a slow stream");
+        body["stream"] = json!(true);
+        chat(&base, &[], body).await
+    });
+    let t = Instant::now();
+    while in_flight("requests").await < 2.0 {
+        assert!(
+            t.elapsed() < Duration::from_secs(10),
+            "the two calls never ran"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+
+    let started = Instant::now();
+    let refused = chat(&gw.base, &[], ask("one too many")).await;
+    assert!(
+        started.elapsed() < Duration::from_millis(1000),
+        "refused at once"
+    );
+    assert_eq!(refused.status, 503, "{}", refused.text);
+    assert_eq!(refused.header("retry-after"), "1");
+    let e = refused.json();
+    assert_eq!(e["error"]["code"], "overloaded");
+    assert_eq!(e["error"]["type"], "server_error");
+    assert!(
+        e["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("limit of 2 requests in flight"),
+        "{e}"
+    );
+
+    let plain = plain.await.unwrap();
+    assert_eq!(plain.status, 200, "{}", plain.text);
+    let streamed = streamed.await.unwrap();
+    assert_eq!(streamed.status, 200, "{}", streamed.text);
+    let (events, done, _) = sse_events(&streamed.text);
+    assert!(done && !events.is_empty(), "{}", streamed.text);
+
+    // Both places are given back once the responses are sent.
+    let t = Instant::now();
+    while in_flight("requests").await > 0.0 {
+        assert!(
+            t.elapsed() < Duration::from_secs(10),
+            "places not given back"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(in_flight("refused_total").await, 1.0);
+    assert_eq!(
+        metric(&gw.base, "tollgate_requests_total{status=\"5xx\"}").await,
+        1.0
+    );
+    assert_eq!(chat(&gw.base, &[], ask("room again")).await.status, 200);
+}
+
 impl Proc {
     fn ledger(&self) -> rusqlite::Connection {
         tollgate::ledger::open_db(&self._dir.path().join("tollgate-ledger.sqlite")).unwrap()

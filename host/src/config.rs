@@ -66,6 +66,9 @@ pub struct ServerConfig {
     /// Apply edits of the config file without a restart (SIGHUP and the
     /// admin API's `POST /v1/config/reload` work either way).
     pub watch_config: bool,
+    /// Chat requests in flight at most; past it new ones are refused at
+    /// once with 503 `overloaded` (0: no bound). See [`crate::in_flight`].
+    pub max_in_flight: usize,
 }
 
 impl Default for ServerConfig {
@@ -75,6 +78,7 @@ impl Default for ServerConfig {
             max_body_bytes: 10 * 1024 * 1024,
             drain_timeout_ms: 30_000,
             watch_config: true,
+            max_in_flight: 10_000,
         }
     }
 }

@@ -63,6 +63,8 @@ pub struct Metrics {
     embeddings: IntGaugeVec,
     config_reloads: IntCounterVec,
     killed: IntCounter,
+    /// `requests` (held now), `limit`, `refused_total`: see [`crate::in_flight`].
+    in_flight: IntGaugeVec,
     pub retries: IntCounter,
     breaker_state: IntGaugeVec,
     pub budget_alerts: IntCounterVec,
@@ -255,6 +257,12 @@ impl Metrics {
                 "1 while a provider+model's breaker is open or half-open.",
                 &["provider", "model"],
             ),
+            in_flight: gauge_vec(
+                &r,
+                "tollgate_in_flight",
+                "Chat requests in flight under server.max_in_flight (requests, limit), and those refused with 503 overloaded (refused_total).",
+                &["value"],
+            ),
             killed: counter(
                 &r,
                 "tollgate_killed_total",
@@ -359,6 +367,17 @@ impl Metrics {
     pub fn config_reload(&self, applied: bool) {
         let result = if applied { "applied" } else { "refused" };
         self.config_reloads.with_label_values(&[result]).inc();
+    }
+
+    /// Brings the in-flight bound's numbers up to date before a scrape.
+    pub fn in_flight(&self, f: &crate::in_flight::InFlight) {
+        for (value, n) in [
+            ("requests", f.current() as i64),
+            ("limit", f.limit() as i64),
+            ("refused_total", f.refused() as i64),
+        ] {
+            self.in_flight.with_label_values(&[value]).set(n);
+        }
     }
 
     /// Brings the embedding counters up to date before a scrape.

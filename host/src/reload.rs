@@ -222,6 +222,7 @@ async fn apply(gw: &Arc<Gateway>, old: &Config, new: &Config) -> Result<ReloadRe
     config.server.listen = live.config.server.listen.clone();
     config.server.drain_timeout_ms = live.config.server.drain_timeout_ms;
     config.server.watch_config = live.config.server.watch_config;
+    config.server.max_in_flight = live.config.server.max_in_flight;
     config.admin = live.config.admin.clone();
     config.runtime = live.config.runtime.clone();
     config.embeddings = live.config.embeddings.clone();
@@ -261,6 +262,10 @@ fn restart_only_changes(old: &Config, new: &Config) -> Vec<String> {
         (
             "server.drain_timeout_ms",
             new.server.drain_timeout_ms != old.server.drain_timeout_ms,
+        ),
+        (
+            "server.max_in_flight",
+            new.server.max_in_flight != old.server.max_in_flight,
         ),
         ("admin", new.admin != old.admin),
         ("runtime", new.runtime != old.runtime),

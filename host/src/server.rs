@@ -20,6 +20,7 @@ use tokio::net::TcpListener;
 use tokio::sync::mpsc;
 
 use crate::api::ApiError;
+use crate::in_flight::Place;
 use crate::pipeline::{Gateway, Identity, Reply, ReplyBody};
 use crate::providers::{Provider, SimProvider, UpstreamCall, UpstreamReply};
 
@@ -112,6 +113,58 @@ pub async fn read_body(
     }
 }
 
+/// The 503 for a request past `server.max_in_flight`: no ledger row and no
+/// body read, so that refusing stays cheap while the gateway is overloaded.
+fn overloaded(gw: &Gateway, e: &ApiError) -> Response<Body> {
+    gw.metrics.request(e.status.as_u16(), 0.0);
+    let mut r = error_response(e);
+    r.headers_mut().insert(
+        header::RETRY_AFTER,
+        HeaderValue::from(crate::in_flight::RETRY_AFTER_SECONDS),
+    );
+    r
+}
+
+/// A response that keeps its request's place in flight until its body is
+/// sent or dropped (a stream holds it to its last event).
+fn holding(place: Place, r: Response<Body>) -> Response<Body> {
+    if !place.is_held() {
+        return r;
+    }
+    r.map(|body| {
+        Holding {
+            body,
+            _place: place,
+        }
+        .boxed_unsync()
+    })
+}
+
+struct Holding {
+    body: Body,
+    _place: Place,
+}
+
+impl hyper::body::Body for Holding {
+    type Data = Bytes;
+    type Error = Infallible;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<Frame<Bytes>, Infallible>>> {
+        std::pin::Pin::new(&mut self.body).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        self.body.size_hint()
+    }
+}
+
 fn not_found(path: &str) -> Response<Body> {
     error_response(&ApiError::new(
         StatusCode::NOT_FOUND,
@@ -146,6 +199,10 @@ async fn route(gw: Arc<Gateway>, req: Request<Incoming>) -> Response<Body> {
     }
     match (path.as_str(), &method) {
         ("/v1/chat/completions" | "/chat/completions", &Method::POST) => {
+            let place = match gw.in_flight.enter() {
+                Ok(p) => p,
+                Err(e) => return overloaded(&gw, &e),
+            };
             let live = gw.live.load();
             let max = live.config.server.max_body_bytes;
             let identity = Identity::from_headers(req.headers(), &live.config.identity);
@@ -157,7 +214,7 @@ async fn route(gw: Arc<Gateway>, req: Request<Incoming>) -> Response<Body> {
                 Ok(id) => id,
                 Err(e) => return into_response(gw.reject(None, &e)),
             };
-            into_response(gw.chat(id, body).await)
+            holding(place, into_response(gw.chat(id, body).await))
         }
         ("/v1/feedback" | "/feedback", &Method::POST) => {
             let (parts, body) = match read_body(req, 64 * 1024).await {
@@ -199,6 +256,7 @@ async fn route(gw: Arc<Gateway>, req: Request<Incoming>) -> Response<Body> {
             if let Some(e) = gw.runtime.embedder() {
                 gw.metrics.embeddings(&e.stats);
             }
+            gw.metrics.in_flight(&gw.in_flight);
             let text = gw.metrics.render(
                 &gw.live.load().plugins,
                 gw.ledger.as_ref().map(|l| l.stats()),

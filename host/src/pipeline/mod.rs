@@ -199,6 +199,8 @@ pub struct Gateway {
     /// The embedding model semantic lookups use (also the plugins' `embed`).
     pub embedder: Option<crate::plugins::EmbedSource>,
     semantic_off_warned: std::sync::atomic::AtomicBool,
+    /// Chat requests in flight, bounded by `server.max_in_flight`.
+    pub in_flight: crate::in_flight::InFlight,
     pub spend: Arc<SpendCounters>,
     pub clock: Arc<dyn Clock>,
     pub metrics: Metrics,
@@ -296,6 +298,7 @@ impl Gateway {
             ),
             embedder,
             semantic_off_warned: Default::default(),
+            in_flight: crate::in_flight::InFlight::new(config.server.max_in_flight),
             runtime,
             live: ArcSwap::from_pointee(Live {
                 config: Arc::new(config.clone()),

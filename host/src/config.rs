@@ -282,7 +282,8 @@ impl Default for EmbeddingsConfig {
 #[derive(Debug, Clone, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct RuntimeConfig {
-    /// Resolution of plugin deadlines.
+    /// How often the clock of plugin deadlines ticks while a call may be
+    /// running: a call past its deadline is stopped within a tick of it.
     pub epoch_tick_ms: u64,
     /// The largest memory cap any plugin may be given; sizes the instance pool.
     pub max_memory_mib: u64,
@@ -299,7 +300,7 @@ pub struct RuntimeConfig {
 impl Default for RuntimeConfig {
     fn default() -> Self {
         Self {
-            epoch_tick_ms: 1,
+            epoch_tick_ms: 2,
             max_memory_mib: 256,
             max_instances: 256,
             idle_instances: 8,

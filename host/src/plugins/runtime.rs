@@ -406,9 +406,12 @@ impl<K: Kind> Plugin<K> {
         })
     }
 
+    /// Ticks until the epoch callback first looks at the clock. The first
+    /// tick can come right after arming, so this alone could stop a call
+    /// early: [`past_deadline`] decides, and lets it go on to the next tick
+    /// while its deadline is ahead.
     fn ticks(&self, ms: u64) -> u64 {
-        // One extra tick: the deadline is never shorter than asked.
-        ms.div_ceil(self.runtime.tick_ms) + 1
+        ms.div_ceil(self.runtime.tick_ms).max(1)
     }
 
     /// A new instance with `init` run on it.
@@ -438,7 +441,7 @@ impl<K: Kind> Plugin<K> {
         }
         let mut store = Store::new(&self.runtime.engine, state);
         store.limiter(|s| &mut s.limiter);
-        store.epoch_deadline_trap();
+        store.epoch_deadline_callback(|ctx| past_deadline(ctx.data()));
         let armed_fuel = self.arm(
             &mut store,
             self.limits.init_deadline_ms,
@@ -485,7 +488,9 @@ impl<K: Kind> Plugin<K> {
     /// Sets the call's deadline and fuel; returns the fuel it starts with.
     fn arm(&self, store: &mut Store<StoreState>, deadline_ms: u64, fuel: u64) -> u64 {
         let ticks = self.ticks(deadline_ms);
-        self.runtime.ticker.arming(ticks);
+        // The clock keeps ticking one tick past the first look, the one at
+        // which a call armed just before a tick finds its deadline passed.
+        self.runtime.ticker.arming(ticks + 1);
         store.set_epoch_deadline(ticks);
         let fuel = if self.limits.fuel == 0 {
             u64::MAX
@@ -656,6 +661,16 @@ impl<K: Kind> Plugin<K> {
                 PluginError::Trap { plugin, message }
             }
         }
+    }
+}
+
+/// At an epoch deadline: stop the call (as a timeout) if its wall-clock
+/// deadline has passed, else look again at the next tick. Deadlines are
+/// exact to the tick this way, never early, whatever the tick's phase.
+fn past_deadline(state: &StoreState) -> wasmtime::Result<wasmtime::UpdateDeadline> {
+    match state.deadline {
+        Some(d) if std::time::Instant::now() < d => Ok(wasmtime::UpdateDeadline::Continue(1)),
+        _ => Err(Trap::Interrupt.into()),
     }
 }
 

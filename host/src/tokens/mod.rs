@@ -2,6 +2,7 @@
 //! and hashing. Both run in the host because they are hot, and because every
 //! plugin would otherwise carry its own multi-megabyte tokenizer tables.
 
+mod ascii;
 mod vocab;
 
 use std::sync::LazyLock;
@@ -18,10 +19,18 @@ pub struct Encoding {
     vocab: Vocab,
     /// Tells the two encodings apart in the per-thread memo's keys.
     memo_tag: u8,
+    /// The same split, by hand where ASCII decides it (the pieces tokens
+    /// never cross).
+    ascii: ascii::Flavor,
 }
 
 impl Encoding {
-    fn new(vocab: &'static [u8], patterns: &[(&str, bool)], memo_tag: u8) -> Self {
+    fn new(
+        vocab: &'static [u8],
+        patterns: &[(&str, bool)],
+        memo_tag: u8,
+        ascii: ascii::Flavor,
+    ) -> Self {
         let bytes = BytePairEncoding::from_dictionary((0..=255u8).map(|b| vec![b]), None);
         // The patterns are constants, tested below; a failure here is a
         // build defect, not something a request can cause.
@@ -31,13 +40,8 @@ impl Encoding {
             pre,
             vocab: Vocab::parse(vocab),
             memo_tag,
+            ascii,
         }
-    }
-
-    /// The pieces the encoding's regex splits `text` into; tokens never
-    /// cross them.
-    fn split<'a>(&'a self, text: &'a str) -> impl Iterator<Item = &'a str> {
-        self.pre.split(text)
     }
 }
 
@@ -58,6 +62,7 @@ static O200K: LazyLock<Encoding> = LazyLock::new(|| {
         include_bytes!(concat!(env!("OUT_DIR"), "/o200k.vocab")),
         &[(&pat1, false), ("\\s+\\s", true), ("\\s+", false)],
         0x80,
+        ascii::Flavor::O200k,
     )
 });
 
@@ -67,6 +72,7 @@ static CL100K: LazyLock<Encoding> = LazyLock::new(|| {
         include_bytes!(concat!(env!("OUT_DIR"), "/cl100k.vocab")),
         &[(pat1, false), ("\\s+\\s", true), ("\\s+", false)],
         0,
+        ascii::Flavor::Cl100k,
     )
 });
 
@@ -114,9 +120,13 @@ pub fn forget_memo() {
 /// Tokens in `text`: pre-tokenize, then byte-pair merge each piece, with
 /// each short piece's count memoised.
 fn count_with(enc: &'static Encoding, text: &str) -> usize {
+    count_pieces(enc, ascii::pieces(text, enc.ascii, &enc.pre))
+}
+
+fn count_pieces<'a>(enc: &'static Encoding, pieces: impl Iterator<Item = &'a str>) -> usize {
     MEMO.with(|memo| {
         let mut memo = memo.borrow_mut();
-        enc.split(text)
+        pieces
             .map(|piece| {
                 let bytes = piece.as_bytes();
                 if bytes.len() > MEMO_PIECE {

@@ -982,7 +982,7 @@ impl Gateway {
             rec.decisions.push(Decision {
                 kind: "budget",
                 plugin: "host".into(),
-                digest: String::new(),
+                digest: "".into(),
                 decision: format!("downgrade to {model}: {}", exceeded.message()),
             });
             *ladder = vec![model];
@@ -1253,8 +1253,8 @@ pub(crate) async fn load_slot<K: Kind>(
 fn decided<K: Kind>(rec: &mut Row, slot: &Slot<K>, decision: String) {
     rec.decisions.push(Decision {
         kind: K::KIND.world(),
-        plugin: slot.plugin.name().to_string(),
-        digest: slot.plugin.digest().to_string(),
+        plugin: slot.plugin.shared_name(),
+        digest: slot.plugin.shared_digest(),
         decision,
     });
 }
@@ -1374,15 +1374,15 @@ fn entry_labels(
     model: &str,
     prompt_version: &str,
 ) -> cache::EntryLabels {
-    let mut tags = vec![
-        format!("tenant:{}", id.tenant),
-        format!("feature:{}", id.feature),
-        format!("model:{model}"),
-    ];
+    // Built on every cached answer: `concat` sizes each tag once.
+    let mut tags = Vec::with_capacity(4 + id.tags.len());
+    tags.push(["tenant:", &id.tenant].concat());
+    tags.push(["feature:", &id.feature].concat());
+    tags.push(["model:", model].concat());
     if !prompt_version.is_empty() {
-        tags.push(format!("prompt:{prompt_version}"));
+        tags.push(["prompt:", prompt_version].concat());
     }
-    tags.extend(id.tags.iter().map(|(k, v)| format!("{k}:{v}")));
+    tags.extend(id.tags.iter().map(|(k, v)| [k.as_str(), ":", v].concat()));
     cache::EntryLabels {
         tenant: id.tenant.clone(),
         user: (scope == crate::plugins::types::CacheScope::TenantUser).then(|| id.user.clone()),

@@ -187,7 +187,7 @@ impl Runtime {
         let plugin = Plugin {
             language,
             name: Arc::from(slot.display_name()),
-            digest,
+            digest: digest.into(),
             compiled: Compiled {
                 from_cache: cached,
                 ms: compile_ms,
@@ -316,7 +316,7 @@ pub struct Plugin<K: Kind> {
     name: Arc<str>,
     /// What the plugin was written in; sets the limits the slot left unset.
     language: super::language::Language,
-    digest: String,
+    digest: Arc<str>,
     compiled: Compiled,
     runtime: Arc<Runtime>,
     pre: K::Pre,
@@ -343,6 +343,16 @@ impl<K: Kind> Plugin<K> {
     /// sha256 of the component bytes, hex.
     pub fn digest(&self) -> &str {
         &self.digest
+    }
+
+    /// The name, shared (for records that outlive a call).
+    pub fn shared_name(&self) -> Arc<str> {
+        self.name.clone()
+    }
+
+    /// The digest, shared.
+    pub fn shared_digest(&self) -> Arc<str> {
+        self.digest.clone()
     }
 
     pub fn stats(&self) -> &PluginStats {

@@ -25,7 +25,7 @@
 
 use bpe_openai::Tokenizer;
 
-#[derive(Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) enum Flavor {
     O200k,
     Cl100k,
@@ -176,9 +176,9 @@ fn punctuation(s: &[u8], i: usize, flavor: Flavor) -> usize {
     }
 }
 
-/// The piece a run of whitespace from `i` gives, and the bytes read: the
-/// whole run and the byte after it (the regex's run goes on through
-/// whitespace that is not ASCII).
+/// The piece a run of whitespace from `i` gives, and the end of the bytes
+/// read: the whole run and the bytes after it, as for the other pieces
+/// (the regex's run goes on through whitespace that is not ASCII).
 fn whitespace(s: &[u8], i: usize) -> (usize, usize) {
     let end = run(s, i, is_ws);
     let read_to = end + 3;
@@ -208,16 +208,7 @@ mod tests {
             let enc = encoding(flavor);
             let ours: Vec<&str> = pieces(text, flavor, &enc.pre).collect();
             let regex: Vec<&str> = enc.pre.split(text).collect();
-            assert_eq!(
-                ours,
-                regex,
-                "{} {text:?}",
-                if flavor == Flavor::O200k {
-                    "o200k"
-                } else {
-                    "cl100k"
-                }
-            );
+            assert_eq!(ours, regex, "{flavor:?} {text:?}");
         }
     }
 

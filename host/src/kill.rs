@@ -192,12 +192,10 @@ pub fn prompt_version(
     {
         if m.get("role").and_then(|r| r.as_str()) == Some("system") {
             any = true;
-            hasher.update(
-                m.get("content")
-                    .map(|c| c.to_string())
-                    .unwrap_or_default()
-                    .as_bytes(),
-            );
+            // The content's compact JSON, written straight into the hash.
+            if let Some(c) = m.get("content") {
+                let _ = serde_json::to_writer(&mut hasher, c);
+            }
             hasher.update(b"\0");
         }
     }

@@ -664,7 +664,19 @@ impl Ledger {
 
 /// 24 hex characters of BLAKE3 over a canonical JSON body.
 pub fn request_hash(canonical_json: &str) -> String {
-    let mut h = blake3::hash(canonical_json.as_bytes()).to_hex().to_string();
+    short_hex(blake3::hash(canonical_json.as_bytes()))
+}
+
+/// [`request_hash`] of `body`'s compact JSON, written straight into the
+/// hash when the body itself is not kept.
+pub fn request_hash_of(body: &serde_json::Map<String, serde_json::Value>) -> String {
+    let mut h = blake3::Hasher::new();
+    let _ = serde_json::to_writer(&mut h, body);
+    short_hex(h.finalize())
+}
+
+fn short_hex(hash: blake3::Hash) -> String {
+    let mut h = hash.to_hex().to_string();
     h.truncate(24);
     h
 }
@@ -672,6 +684,14 @@ pub fn request_hash(canonical_json: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_body_hashes_as_its_json_text_does() {
+        let body =
+            serde_json::json!({"model": "m", "messages": [{"role": "user", "content": "é \"q\""}]});
+        let map = body.as_object().unwrap();
+        assert_eq!(request_hash_of(map), request_hash(&body.to_string()));
+    }
 
     fn row(id: &str) -> Row {
         Row {

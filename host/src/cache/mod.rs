@@ -74,18 +74,47 @@ pub fn key(
     prompt_version: &str,
     body: &Map<String, Value>,
 ) -> CacheKey {
-    key_of_canonical(scope, tenant, user, prompt_version, canonical(body))
+    key_of_json(
+        scope,
+        tenant,
+        user,
+        prompt_version,
+        &canonical_json(&Canonical(body)),
+    )
 }
 
-/// The fields of `body` that change the answer.
-fn canonical(body: &Map<String, Value>) -> Map<String, Value> {
-    let mut canonical = Map::new();
-    for f in KEY_FIELDS {
-        if let Some(v) = body.get(f) {
-            canonical.insert(f.to_string(), v.clone());
-        }
+/// The fields of a request body that change the answer, borrowed: it
+/// serialises as the JSON object of those fields in key order, with
+/// nothing copied. (A body is a sorted map, so its order is the key order.)
+struct Canonical<'a>(&'a Map<String, Value>);
+
+impl Canonical<'_> {
+    fn fields(&self) -> impl Iterator<Item = (&String, &Value)> {
+        self.0
+            .iter()
+            .filter(|(k, _)| KEY_FIELDS.contains(&k.as_str()))
     }
-    canonical
+}
+
+impl serde::Serialize for Canonical<'_> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_map(self.fields())
+    }
+}
+
+/// The fields of `body` that change the answer, as an owned object (for a
+/// key that leaves something out, see `semantic::context_key`).
+fn canonical(body: &Map<String, Value>) -> Map<String, Value> {
+    Canonical(body)
+        .fields()
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect()
+}
+
+/// Compact JSON, as `Value::to_string` writes it; serialising plain JSON
+/// values into memory cannot fail.
+fn canonical_json(v: &impl serde::Serialize) -> Vec<u8> {
+    serde_json::to_vec(v).unwrap_or_default()
 }
 
 fn key_of_canonical(
@@ -95,7 +124,17 @@ fn key_of_canonical(
     prompt_version: &str,
     canonical: Map<String, Value>,
 ) -> CacheKey {
-    let json = Value::Object(canonical).to_string();
+    let json = canonical_json(&Value::Object(canonical));
+    key_of_json(scope, tenant, user, prompt_version, &json)
+}
+
+fn key_of_json(
+    scope: CacheScope,
+    tenant: &str,
+    user: &str,
+    prompt_version: &str,
+    json: &[u8],
+) -> CacheKey {
     let mut h = blake3::Hasher::new();
     let mut part = |bytes: &[u8]| {
         h.update(&(bytes.len() as u64).to_le_bytes());
@@ -111,7 +150,7 @@ fn key_of_canonical(
             part(user.as_bytes());
         }
     }
-    part(json.as_bytes());
+    part(json);
     *h.finalize().as_bytes()
 }
 
@@ -271,6 +310,22 @@ mod tests {
 
     fn body(v: Value) -> Map<String, Value> {
         v.as_object().unwrap().clone()
+    }
+
+    #[test]
+    fn the_borrowed_canonical_body_writes_what_the_owned_one_does() {
+        let b = body(json!({
+            "stream": true, "model": "m", "user": "u", "seed": 7,
+            "messages": [{"role": "user", "content": "q \"quoted\" é"}],
+            "temperature": 0.25, "tools": [{"type": "function"}], "metadata": {"a": 1},
+        }));
+        let owned = Value::Object(canonical(&b)).to_string();
+        assert_eq!(canonical_json(&Canonical(&b)), owned.as_bytes());
+        assert!(!owned.contains("stream") && !owned.contains("metadata"));
+        assert_eq!(
+            key(CacheScope::Tenant, "a", "", "v", &b),
+            key_of_canonical(CacheScope::Tenant, "a", "", "v", canonical(&b))
+        );
     }
 
     #[test]

@@ -226,7 +226,7 @@ impl Accounting {
             tokens_saved = row.tokens_saved,
             cost_usd = cost,
             estimated,
-            cached_answer = admitted,
+            admitted_to_cache = admitted,
             latency_ms = latency_ms as u64,
             "request done"
         );

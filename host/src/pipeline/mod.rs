@@ -552,10 +552,12 @@ impl Gateway {
         rec.model_asked = req.model.clone();
         rec.stream = req.stream;
         if self.ledger.is_some() {
-            let canonical = serde_json::to_string(&req.body).unwrap_or_default();
-            rec.request_hash = ledger::request_hash(&canonical);
             if live.config.ledger.record_bodies {
+                let canonical = serde_json::to_string(&req.body).unwrap_or_default();
+                rec.request_hash = ledger::request_hash(&canonical);
                 rec.request_body = Some(canonical);
+            } else {
+                rec.request_hash = ledger::request_hash_of(&req.body);
             }
         }
         if live.providers.get(&req.model).is_none() {

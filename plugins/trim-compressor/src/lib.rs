@@ -18,6 +18,8 @@
 //! min_duplicate_chars = 200   # shorter repeated messages ("yes", "ok") are kept
 //! ```
 
+use std::borrow::Cow;
+
 use serde::Deserialize;
 use tollgate_sdk::{Compression, Compressor, KeptMessage, Message, RequestView, Rewrite};
 
@@ -65,7 +67,7 @@ impl TrimCompressor {
     pub fn clean_text(&self, text: &str, stats: &mut Stats) -> String {
         let mut out = String::with_capacity(text.len());
         let mut in_fence = false;
-        let mut prev_line: Option<String> = None;
+        let mut prev_line: Option<Cow<'_, str>> = None;
         let mut repeats = 0usize;
         let mut folded = 0usize;
         let mut blank_run = 0usize;
@@ -82,7 +84,7 @@ impl TrimCompressor {
             let trimmed_end = raw.trim_end();
             let is_fence = trimmed_end.trim_start().starts_with("```");
             let line = if in_fence || is_fence {
-                trimmed_end.to_string()
+                Cow::Borrowed(trimmed_end)
             } else {
                 collapse_inner_spaces(trimmed_end)
             };
@@ -106,7 +108,7 @@ impl TrimCompressor {
             }
             blank_run = 0;
 
-            if prev_line.as_deref() == Some(line.as_str()) {
+            if prev_line.as_deref() == Some(&*line) {
                 repeats += 1;
                 if repeats >= self.max_repeats {
                     folded += 1;
@@ -125,7 +127,9 @@ impl TrimCompressor {
         if out.ends_with('\n') {
             out.pop();
         }
-        out.trim_end_matches('\n').to_string()
+        let end = out.trim_end_matches('\n').len();
+        out.truncate(end);
+        out
     }
 
     /// Decides what to keep for a list of messages.
@@ -160,10 +164,15 @@ impl TrimCompressor {
     }
 }
 
-/// Collapses runs of spaces and tabs after the line's indentation.
-fn collapse_inner_spaces(line: &str) -> String {
+/// Collapses runs of spaces and tabs after the line's indentation; most
+/// lines have none, and are returned as they are.
+fn collapse_inner_spaces(line: &str) -> Cow<'_, str> {
     let indent_len = line.len() - line.trim_start_matches([' ', '\t']).len();
     let (indent, rest) = line.split_at(indent_len);
+    let clean = !rest.contains('\t') && !rest.contains("  ");
+    if clean {
+        return Cow::Borrowed(line);
+    }
     let mut out = String::with_capacity(line.len());
     out.push_str(indent);
     let mut prev_space = false;
@@ -178,7 +187,7 @@ fn collapse_inner_spaces(line: &str) -> String {
             prev_space = false;
         }
     }
-    out
+    Cow::Owned(out)
 }
 
 impl Compressor for TrimCompressor {

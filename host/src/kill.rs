@@ -192,9 +192,9 @@ pub fn prompt_version(
     {
         if m.get("role").and_then(|r| r.as_str()) == Some("system") {
             any = true;
-            // The content's compact JSON, written straight into the hash.
+            // The content's compact JSON (as `to_string` writes it).
             if let Some(c) = m.get("content") {
-                let _ = serde_json::to_writer(&mut hasher, c);
+                hasher.update(&serde_json::to_vec(c).unwrap_or_default());
             }
             hasher.update(b"\0");
         }

@@ -437,7 +437,7 @@ pub fn sim_handler(
                     .and_then(|v| v.parse().ok())
                     .unwrap_or(1),
             };
-            match sim.chat(call).await {
+            match sim.chat(&call).await {
                 Ok(UpstreamReply::Complete(b)) => json_response(StatusCode::OK, b),
                 Ok(UpstreamReply::Stream(s)) => sim_events(s.map(Result::unwrap_or_default)),
                 Err(e) => sim_error(e, "api_error"),

@@ -790,7 +790,8 @@ impl Gateway {
                 rec,
             );
         }
-        let mut body = req.body.clone();
+        // The parsed body is not read again: it goes upstream as it is.
+        let mut body = std::mem::take(&mut req.body);
         if req.stream {
             // Always ask for usage, so streamed calls are billed exactly.
             let mut opts = match body.remove("stream_options") {
@@ -1007,7 +1008,7 @@ impl Gateway {
         &self,
         live: &Live,
         ladder: &[String],
-        body: serde_json::Map<String, Value>,
+        mut body: serde_json::Map<String, Value>,
         stream: bool,
         id: &Identity,
         calls: &mut Vec<ledger::CallRecord>,
@@ -1031,7 +1032,7 @@ impl Gateway {
                 failed.push(format!("{model}: circuit open"));
                 continue;
             }
-            let mut body = body.clone();
+            // One body goes down the ladder: each rung sets its model.
             body.insert("model".into(), Value::String(target.upstream_model.clone()));
             let mut call = UpstreamCall {
                 body,
@@ -1043,7 +1044,7 @@ impl Gateway {
             for n in 0..=policy.max_retries {
                 call.attempt = n + 1;
                 self.metrics.upstream_calls.with_label_values(&labels).inc();
-                let result = target.provider.chat(call.clone()).await;
+                let result = target.provider.chat(&call).await;
                 let ok = result.is_ok();
                 if let Some(state) = self.breakers.record(&key, ok, policy, self.clock.now_ms()) {
                     tracing::warn!(provider = %target.provider_name, model = %model, "circuit breaker {state:?}");
@@ -1098,6 +1099,7 @@ impl Gateway {
                     }
                 }
             }
+            body = call.body;
         }
         if failed.is_empty() {
             return Err(no_upstream());

@@ -57,7 +57,7 @@ impl super::Provider for AnthropicProvider {
         "anthropic"
     }
 
-    async fn chat(&self, call: UpstreamCall) -> Result<UpstreamReply, ProviderError> {
+    async fn chat(&self, call: &UpstreamCall) -> Result<UpstreamReply, ProviderError> {
         let body = messages_request(&call.body, call.stream, self.prompt_caching)?;
         let bytes =
             serde_json::to_vec(&body).map_err(|e| ProviderError::Protocol(e.to_string()))?;

@@ -79,7 +79,7 @@ impl ProviderError {
 pub trait Provider: Send + Sync {
     /// `sim` or `openai`, for the ledger and headers.
     fn kind(&self) -> &'static str;
-    async fn chat(&self, call: UpstreamCall) -> Result<UpstreamReply, ProviderError>;
+    async fn chat(&self, call: &UpstreamCall) -> Result<UpstreamReply, ProviderError>;
     /// Answers non-streamed calls through the provider's batch API, in
     /// order; None when the provider has none.
     async fn batch(&self, _calls: Vec<UpstreamCall>) -> Option<BatchAnswers> {
@@ -94,7 +94,7 @@ pub async fn complete(
     mut call: UpstreamCall,
 ) -> Result<Bytes, ProviderError> {
     call.stream = false;
-    match provider.chat(call).await? {
+    match provider.chat(&call).await? {
         UpstreamReply::Complete(b) => Ok(b),
         UpstreamReply::Stream(_) => Err(ProviderError::Protocol(
             "a stream where a complete answer was asked for".into(),

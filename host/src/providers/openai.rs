@@ -72,7 +72,7 @@ impl super::Provider for OpenAiProvider {
         Some(self.run_batch(calls).await)
     }
 
-    async fn chat(&self, call: UpstreamCall) -> Result<UpstreamReply, ProviderError> {
+    async fn chat(&self, call: &UpstreamCall) -> Result<UpstreamReply, ProviderError> {
         let body =
             serde_json::to_vec(&call.body).map_err(|e| ProviderError::Protocol(e.to_string()))?;
         let mut headers = Vec::with_capacity(4);

@@ -426,11 +426,11 @@ impl super::Provider for SimProvider {
         Some(Ok(out))
     }
 
-    async fn chat(&self, call: UpstreamCall) -> Result<UpstreamReply, ProviderError> {
-        if let Some(e) = Self::fault(&call).or_else(|| self.random_fault()) {
+    async fn chat(&self, call: &UpstreamCall) -> Result<UpstreamReply, ProviderError> {
+        if let Some(e) = Self::fault(call).or_else(|| self.random_fault()) {
             return Err(e);
         }
-        let kind = Self::fault_kind(&call);
+        let kind = Self::fault_kind(call);
         let slow = kind
             .and_then(|k| k.strip_prefix("slow:"))
             .and_then(|ms| ms.parse::<u64>().ok())
@@ -448,7 +448,7 @@ impl super::Provider for SimProvider {
                 "connection reset by peer (simulated)".into(),
             ));
         }
-        let a = self.answer(&call)?;
+        let a = self.answer(call)?;
         // An upstream that reports no usage at all (some OpenAI-compatible servers).
         let no_usage = call.sim_fault.as_deref() == Some("no-usage");
         if call.stream {

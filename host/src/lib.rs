@@ -11,6 +11,7 @@ pub mod cache;
 pub mod clock;
 pub mod config;
 pub mod embed;
+pub mod headers;
 pub mod in_flight;
 pub mod kill;
 pub mod ledger;

@@ -432,7 +432,7 @@ pub fn sim_handler(
                 sim_fault: id.sim_fault,
                 attempt: parts
                     .headers
-                    .get("x-tollgate-sim-attempt")
+                    .get(crate::headers::SIM_ATTEMPT)
                     .and_then(|v| v.to_str().ok())
                     .and_then(|v| v.parse().ok())
                     .unwrap_or(1),
@@ -497,7 +497,7 @@ async fn sim_messages(sim: &SimProvider, req: Request<Incoming>) -> Response<Bod
     };
     let output_tokens = parts
         .headers
-        .get("x-tollgate-sim-output-tokens")
+        .get(crate::headers::SIM_OUTPUT_TOKENS)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse().ok());
     match crate::providers::sim_anthropic::answer(sim, &body, output_tokens) {

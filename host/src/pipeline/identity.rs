@@ -1,9 +1,10 @@
 //! Who a request is for, from the `x-tollgate-*` headers.
 
-use http::HeaderMap;
+use http::{HeaderMap, HeaderName};
 
 use crate::api::ApiError;
 use crate::config::IdentityConfig;
+use crate::headers as h;
 
 const MAX_LEN: usize = 256;
 const MAX_TAGS: usize = 32;
@@ -29,7 +30,7 @@ pub struct Identity {
     pub callback_url: Option<String>,
 }
 
-fn value(headers: &HeaderMap, name: &str) -> Result<Option<String>, ApiError> {
+fn value(headers: &HeaderMap, name: &HeaderName) -> Result<Option<String>, ApiError> {
     let Some(v) = headers.get(name) else {
         return Ok(None);
     };
@@ -61,7 +62,7 @@ impl Identity {
     }
 
     pub fn from_headers(headers: &HeaderMap, defaults: &IdentityConfig) -> Result<Self, ApiError> {
-        let step = match value(headers, "x-tollgate-step")? {
+        let step = match value(headers, &h::STEP)? {
             Some(s) => s.parse().map_err(|_| {
                 ApiError::invalid(
                     "invalid_header",
@@ -70,7 +71,7 @@ impl Identity {
             })?,
             None => 0,
         };
-        let sim_output_tokens = match value(headers, "x-tollgate-sim-output-tokens")? {
+        let sim_output_tokens = match value(headers, &h::SIM_OUTPUT_TOKENS)? {
             Some(s) => Some(s.parse().map_err(|_| {
                 ApiError::invalid(
                     "invalid_header",
@@ -81,8 +82,8 @@ impl Identity {
         };
         let mut tags = Vec::new();
         for (name, _) in headers.iter() {
-            if let Some(key) = name.as_str().strip_prefix("x-tollgate-tag-")
-                && let Some(v) = value(headers, name.as_str())?
+            if let Some(key) = name.as_str().strip_prefix(h::TAG_PREFIX)
+                && let Some(v) = value(headers, name)?
             {
                 if tags.len() == MAX_TAGS {
                     return Err(ApiError::invalid(
@@ -93,18 +94,18 @@ impl Identity {
                 tags.push((key.to_string(), v));
             }
         }
-        let d = Self::defaults(defaults);
+        let or = |v: Option<String>, d: &String| v.unwrap_or_else(|| d.clone());
         Ok(Self {
-            tenant: value(headers, "x-tollgate-tenant")?.unwrap_or(d.tenant),
-            user: value(headers, "x-tollgate-user")?.unwrap_or(d.user),
-            feature: value(headers, "x-tollgate-feature")?.unwrap_or(d.feature),
-            task: value(headers, "x-tollgate-task")?.unwrap_or_default(),
+            tenant: or(value(headers, &h::TENANT)?, &defaults.default_tenant),
+            user: or(value(headers, &h::USER)?, &defaults.default_user),
+            feature: or(value(headers, &h::FEATURE)?, &defaults.default_feature),
+            task: value(headers, &h::TASK)?.unwrap_or_default(),
             step,
             tags,
             sim_output_tokens,
-            sim_fault: value(headers, "x-tollgate-sim-fault")?,
-            prompt_version: value(headers, "x-tollgate-prompt-version")?,
-            deferrable: match value(headers, "x-tollgate-deferrable")?.as_deref() {
+            sim_fault: value(headers, &h::SIM_FAULT)?,
+            prompt_version: value(headers, &h::PROMPT_VERSION)?,
+            deferrable: match value(headers, &h::DEFERRABLE)?.as_deref() {
                 None | Some("false") | Some("0") => false,
                 Some("true") | Some("1") => true,
                 Some(_) => {
@@ -114,7 +115,7 @@ impl Identity {
                     ));
                 }
             },
-            callback_url: value(headers, "x-tollgate-callback-url")?,
+            callback_url: value(headers, &h::CALLBACK_URL)?,
         })
     }
 }

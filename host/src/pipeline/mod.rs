@@ -44,6 +44,7 @@ use crate::budget::{Scopes, SpendCounters};
 use crate::cache::{self, CachedAnswer, MemoryStore};
 use crate::clock::{Clock, utc_day};
 use crate::config::{Config, FailMode};
+use crate::headers;
 use crate::ledger::{self, Decision, Ledger, LedgerOptions, Row};
 use crate::metrics::Metrics;
 use crate::plugins::types::{
@@ -88,7 +89,7 @@ const DEFAULT_MAX_OUTPUT: u32 = 4096;
 /// A response ready for the HTTP layer.
 pub struct Reply {
     pub status: StatusCode,
-    pub headers: Vec<(&'static str, String)>,
+    pub headers: Vec<(http::HeaderName, String)>,
     pub body: ReplyBody,
 }
 
@@ -526,7 +527,7 @@ impl Gateway {
         }
         Reply {
             status: e.status,
-            headers: vec![("x-tollgate-request-id", request_id.to_string())],
+            headers: vec![(headers::REQUEST_ID, request_id.to_string())],
             body: ReplyBody::Json(e.body()),
         }
     }
@@ -821,7 +822,7 @@ impl Gateway {
                     rec.error_code = Some("upstream_unavailable".into());
                     self.record_answered(rec, started);
                     let mut reply = self.reply_fixed(rid, &req, &view, text, "fallback-answer");
-                    reply.headers.push(("x-tollgate-fallback", "answer".into()));
+                    reply.headers.push((headers::FALLBACK, "answer".into()));
                     return Ok(reply);
                 }
                 (Err(e), _) => return Err(e),
@@ -843,15 +844,15 @@ impl Gateway {
             batch_discount: None,
         };
         let headers = vec![
-            ("x-tollgate-request-id", rid.to_string()),
-            ("x-tollgate-model", model),
-            ("x-tollgate-cache", cache_outcome.to_string()),
+            (headers::REQUEST_ID, rid.to_string()),
+            (headers::MODEL, model),
+            (headers::CACHE, cache_outcome.to_string()),
         ];
         match reply {
             UpstreamReply::Complete(body) => {
                 let cost = acct.complete_json(&body).await;
                 let mut headers = headers;
-                headers.push(("x-tollgate-cost-usd", format_cost(cost)));
+                headers.push((headers::COST_USD, format_cost(cost)));
                 Ok(Reply {
                     status: StatusCode::OK,
                     headers,
@@ -922,9 +923,9 @@ impl Gateway {
         Ok(Reply {
             status: StatusCode::ACCEPTED,
             headers: vec![
-                ("x-tollgate-request-id", rid.to_string()),
-                ("x-tollgate-model", model),
-                ("x-tollgate-deferred", "queued".into()),
+                (headers::REQUEST_ID, rid.to_string()),
+                (headers::MODEL, model),
+                (headers::DEFERRED, "queued".into()),
             ],
             body: ReplyBody::Json(Bytes::from(queued.to_string())),
         })
@@ -1120,18 +1121,18 @@ impl Gateway {
         similarity: Option<f32>,
     ) -> Reply {
         let headers = vec![
-            ("x-tollgate-request-id", rid.to_string()),
-            ("x-tollgate-model", hit.model.clone()),
-            ("x-tollgate-cache", "hit".to_string()),
-            ("x-tollgate-cache-origin", hit.origin.clone()),
+            (headers::REQUEST_ID, rid.to_string()),
+            (headers::MODEL, hit.model.clone()),
+            (headers::CACHE, "hit".to_string()),
+            (headers::CACHE_ORIGIN, hit.origin.clone()),
             (
-                "x-tollgate-cache-match",
+                headers::CACHE_MATCH,
                 match similarity {
                     Some(s) => format!("semantic; similarity={s:.3}"),
                     None => "exact".to_string(),
                 },
             ),
-            ("x-tollgate-cost-usd", format_cost(Some(0.0))),
+            (headers::COST_USD, format_cost(Some(0.0))),
         ];
         let body = if req.stream {
             let events = api::completion_sse(
@@ -1191,10 +1192,10 @@ impl Gateway {
         Reply {
             status: StatusCode::OK,
             headers: vec![
-                ("x-tollgate-request-id", rid.to_string()),
-                ("x-tollgate-model", served_as.to_string()),
-                ("x-tollgate-cache", "bypass".to_string()),
-                ("x-tollgate-cost-usd", format_cost(Some(0.0))),
+                (headers::REQUEST_ID, rid.to_string()),
+                (headers::MODEL, served_as.to_string()),
+                (headers::CACHE, "bypass".to_string()),
+                (headers::COST_USD, format_cost(Some(0.0))),
             ],
             body,
         }

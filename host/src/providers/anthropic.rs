@@ -17,10 +17,11 @@ use futures_util::StreamExt;
 use http::{HeaderName, HeaderValue};
 use serde_json::{Map, Value, json};
 
-use super::client::{self as upstream, SIM_OUTPUT_TOKENS, UpstreamHttp};
+use super::client::{self as upstream, UpstreamHttp};
 use super::sse::{SseSplitter, event_data};
 use super::{ProviderError, UpstreamCall, UpstreamReply};
 use crate::config::AnthropicConfig;
+use crate::headers::SIM_OUTPUT_TOKENS;
 
 /// `max_tokens` is required by the Messages API; used when the client set none.
 const DEFAULT_MAX_TOKENS: u64 = 4096;

@@ -31,10 +31,6 @@ type BoxError = Box<dyn StdError + Send + Sync>;
 /// An upstream answer's body, whichever way it came.
 pub(crate) type Body = UnsyncBoxBody<Bytes, BoxError>;
 
-/// The header a simulator upstream reads the expected completion length from.
-pub(crate) const SIM_OUTPUT_TOKENS: HeaderName =
-    HeaderName::from_static("x-tollgate-sim-output-tokens");
-
 /// One upstream endpoint: its URL, connection pool and deadline.
 pub(crate) struct UpstreamHttp {
     /// Parsed once: parsing it per request showed in profiles.

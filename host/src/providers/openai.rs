@@ -3,14 +3,12 @@
 
 use std::time::Duration;
 
-use http::{HeaderName, HeaderValue, header};
+use http::{HeaderValue, header};
 
-use super::client::{self as upstream, SIM_OUTPUT_TOKENS, UpstreamHttp};
+use super::client::{self as upstream, UpstreamHttp};
 use super::{ProviderError, UpstreamCall, UpstreamReply};
 use crate::config::OpenAiConfig;
-
-const SIM_FAULT: HeaderName = HeaderName::from_static("x-tollgate-sim-fault");
-const SIM_ATTEMPT: HeaderName = HeaderName::from_static("x-tollgate-sim-attempt");
+use crate::headers::{SIM_ATTEMPT, SIM_FAULT, SIM_OUTPUT_TOKENS};
 
 pub struct OpenAiProvider {
     /// Chat calls.

@@ -215,8 +215,8 @@ async fn one(client: &reqwest::Client, url: &str, i: usize) -> Result<f64> {
     let r = client
         .post(url)
         .header("content-type", "application/json")
-        .header("x-tollgate-tenant", "bench")
-        .header("x-tollgate-sim-output-tokens", "40")
+        .header(tollgate::headers::TENANT, "bench")
+        .header(tollgate::headers::SIM_OUTPUT_TOKENS, "40")
         .body(body.to_string())
         .send()
         .await?;

@@ -21,6 +21,8 @@ names! {
     PROMPT_VERSION = "x-tollgate-prompt-version";
     DEFERRABLE = "x-tollgate-deferrable";
     CALLBACK_URL = "x-tollgate-callback-url";
+    /// Who makes an admin change (the admin API's audit log).
+    ACTOR = "x-tollgate-actor";
     /// Simulator controls: they reach the simulator only.
     SIM_OUTPUT_TOKENS = "x-tollgate-sim-output-tokens";
     SIM_FAULT = "x-tollgate-sim-fault";

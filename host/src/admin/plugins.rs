@@ -47,7 +47,7 @@ fn refused(status: StatusCode, code: &'static str, message: impl Into<String>) -
 /// Who made a change: `x-tollgate-actor`, or "admin".
 pub fn actor(headers: &http::HeaderMap) -> String {
     headers
-        .get("x-tollgate-actor")
+        .get(crate::headers::ACTOR)
         .and_then(|v| v.to_str().ok())
         .map(str::trim)
         .filter(|s| !s.is_empty() && s.len() <= 128)

@@ -287,25 +287,26 @@ fn progress_bar(len: usize, label: &str, show: bool) -> indicatif::ProgressBar {
 }
 
 fn headers(r: &TraceRequest, step: u32) -> reqwest::header::HeaderMap {
-    use reqwest::header::{CONTENT_TYPE, HeaderMap, HeaderValue};
+    use crate::headers as th;
+    use reqwest::header::{CONTENT_TYPE, HeaderMap, HeaderName, HeaderValue};
     let mut h = HeaderMap::new();
     h.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
-    let mut put = |name: &'static str, value: &str| {
+    let mut put = |name: HeaderName, value: &str| {
         if !value.is_empty()
             && let Ok(v) = HeaderValue::from_str(value)
         {
             h.insert(name, v);
         }
     };
-    put("x-tollgate-tenant", &r.tenant);
-    put("x-tollgate-user", &r.user);
-    put("x-tollgate-feature", &r.feature);
-    put("x-tollgate-task", &r.task);
+    put(th::TENANT, &r.tenant);
+    put(th::USER, &r.user);
+    put(th::FEATURE, &r.feature);
+    put(th::TASK, &r.task);
     if step > 0 {
-        put("x-tollgate-step", &step.to_string());
+        put(th::STEP, &step.to_string());
     }
     if let Some(n) = r.output_tokens {
-        put("x-tollgate-sim-output-tokens", &n.to_string());
+        put(th::SIM_OUTPUT_TOKENS, &n.to_string());
     }
     h
 }
@@ -325,7 +326,7 @@ async fn send(request: reqwest::RequestBuilder) -> Sent {
             let status = resp.status().as_u16();
             let gateway_id = resp
                 .headers()
-                .get("x-tollgate-request-id")
+                .get(crate::headers::REQUEST_ID)
                 .and_then(|v| v.to_str().ok())
                 .map(str::to_string);
             let body = resp.bytes().await.unwrap_or_default();

@@ -125,39 +125,121 @@ impl Default for Config {
 
 pub struct DefaultCachePolicy {
     cfg: Config,
-    /// Markers split into lowercase words once, at init.
-    personal: Vec<Vec<String>>,
-    how_to: Vec<Vec<String>>,
-    dynamic: Vec<Vec<String>>,
+    markers: Markers,
+}
+
+/// The kinds of marker a question can contain, as bits of one mask.
+const DYNAMIC: u8 = 1;
+const PERSONAL: u8 = 2;
+const HOW_TO: u8 = 4;
+
+/// One marker split into lowercase words.
+struct Marker {
+    first: String,
+    rest: Vec<String>,
+    kind: u8,
+}
+
+/// Every marker of every kind, grouped by the length of its first word:
+/// each word of a question is compared only with the few markers whose
+/// first word is as long (string equality checks the length first, so these
+/// comparisons are cheap), not with every marker of every kind. Grouping
+/// by length beats a sorted list with binary search here: ordering strings
+/// compares bytes, which in WebAssembly is a loop per byte.
+struct Markers(Vec<Vec<Marker>>);
+
+impl Markers {
+    fn new(kinds: [(&[String], u8); 3]) -> Self {
+        let mut by_len: Vec<Vec<Marker>> = Vec::new();
+        for (markers, kind) in kinds {
+            for m in markers {
+                let mut words = m.split_whitespace().map(lowered);
+                if let Some(first) = words.next() {
+                    let len = first.len();
+                    if by_len.len() <= len {
+                        by_len.resize_with(len + 1, Vec::new);
+                    }
+                    by_len[len].push(Marker {
+                        first,
+                        rest: words.collect(),
+                        kind,
+                    });
+                }
+            }
+        }
+        Self(by_len)
+    }
+
+    /// The kinds of marker (a word, or several in a row) found in `ws`.
+    fn found(&self, ws: &[&str]) -> u8 {
+        let mut kinds = 0;
+        for (i, w) in ws.iter().enumerate() {
+            let Some(same_len) = self.0.get(w.len()) else {
+                continue;
+            };
+            let following = &ws[i + 1..];
+            // The first byte first: a whole-string comparison is a call.
+            let first_byte = w.as_bytes().first();
+            for m in same_len
+                .iter()
+                .filter(|m| m.first.as_bytes().first() == first_byte && m.first == *w)
+            {
+                if following.len() >= m.rest.len()
+                    && following.iter().zip(&m.rest).all(|(a, b)| a == b)
+                {
+                    kinds |= m.kind;
+                }
+            }
+        }
+        kinds
+    }
 }
 
 /// Lowercase `text` once; words are slices of it, split on anything that is
 /// not a letter, a digit or an apostrophe (typographic ones normalised).
+///
+/// Most messages are ASCII, and handled byte by byte: compiled to
+/// WebAssembly, Unicode case mapping and character classes cost several
+/// times more per character than the byte tests.
 fn lowered(text: &str) -> String {
-    text.to_lowercase().replace('’', "'")
+    if text.is_ascii() {
+        return text.to_ascii_lowercase();
+    }
+    let lower = text.to_lowercase();
+    if lower.contains('’') {
+        lower.replace('’', "'")
+    } else {
+        lower
+    }
 }
 
 fn words(lowered: &str) -> Vec<&str> {
+    if !lowered.is_ascii() {
+        return unicode_words(lowered);
+    }
+    let mut out = Vec::new();
+    let mut start = None;
+    for (i, b) in lowered.bytes().enumerate() {
+        match (b.is_ascii_alphanumeric() || b == b'\'', start) {
+            (true, None) => start = Some(i),
+            (false, Some(s)) => {
+                out.push(&lowered[s..i]);
+                start = None;
+            }
+            _ => {}
+        }
+    }
+    if let Some(s) = start {
+        out.push(&lowered[s..]);
+    }
+    out
+}
+
+fn unicode_words(lowered: &str) -> Vec<&str> {
     lowered
         .split(|c: char| !(c.is_alphanumeric() || c == '\''))
         .filter(|w| !w.is_empty())
         .collect()
-}
-
-fn split_markers(markers: &[String]) -> Vec<Vec<String>> {
-    markers
-        .iter()
-        .map(|m| m.split_whitespace().map(lowered).collect::<Vec<_>>())
-        .filter(|parts| !parts.is_empty())
-        .collect()
-}
-
-/// True when one of `markers` (a word, or several in a row) occurs in `ws`.
-fn has_marker(ws: &[&str], markers: &[Vec<String>]) -> bool {
-    markers.iter().any(|parts| {
-        ws.windows(parts.len())
-            .any(|win| win.iter().zip(parts).all(|(w, p)| w == p))
-    })
 }
 
 impl DefaultCachePolicy {
@@ -172,9 +254,11 @@ impl DefaultCachePolicy {
             return Err("semantic.min_similarity must be in (0, 1]".into());
         }
         Ok(Self {
-            personal: split_markers(&cfg.personal_markers),
-            how_to: split_markers(&cfg.how_to_markers),
-            dynamic: split_markers(&cfg.dynamic_markers),
+            markers: Markers::new([
+                (&cfg.personal_markers, PERSONAL),
+                (&cfg.how_to_markers, HOW_TO),
+                (&cfg.dynamic_markers, DYNAMIC),
+            ]),
             cfg,
         })
     }
@@ -203,12 +287,13 @@ impl DefaultCachePolicy {
         }
         let lower = lowered(last_user);
         let ws = words(&lower);
-        if has_marker(&ws, &self.dynamic) {
+        let found = self.markers.found(&ws);
+        if found & DYNAMIC != 0 {
             return CacheDecision::Bypass("question about the present".into());
         }
         let personal = personal_tag
             || self.cfg.personal_features.iter().any(|f| f == feature)
-            || (has_marker(&ws, &self.personal) && !has_marker(&ws, &self.how_to));
+            || (found & PERSONAL != 0 && found & HOW_TO == 0);
         CacheDecision::Lookup(CacheLookup {
             scope: if personal {
                 CacheScope::TenantUser
@@ -362,6 +447,47 @@ mod tests {
             CacheDecision::Lookup(l) => Some(l.scope),
             CacheDecision::Bypass(_) => None,
         }
+    }
+
+    #[test]
+    fn ascii_text_is_split_and_lowercased_like_any_other() {
+        for text in [
+            "",
+            "How do I reset my password?",
+            "  it's   MY account's key,please!! 42x ",
+            "a",
+            "'quoted' end'",
+            "tabs\tand\nnew-lines_and_underscores",
+        ] {
+            assert_eq!(lowered(text), text.to_lowercase(), "{text:?}");
+            assert_eq!(words(text), unicode_words(text), "{text:?}");
+        }
+        assert_eq!(lowered("Ünïcode’s"), "ünïcode's");
+        assert_eq!(words("ünïcode's café"), vec!["ünïcode's", "café"]);
+    }
+
+    #[test]
+    fn markers_of_one_or_several_words_are_found_wherever_they_start() {
+        let p = DefaultCachePolicy::from_config("").unwrap();
+        let found = |q: &str| {
+            let lower = lowered(q);
+            p.markers.found(&words(&lower))
+        };
+        assert_eq!(
+            found("Is there a way to export my invoices?"),
+            HOW_TO | PERSONAL
+        );
+        assert_eq!(found("how to rotate keys"), HOW_TO);
+        assert_eq!(
+            found("How can they rotate keys"),
+            0,
+            "\"how can\" alone is no marker"
+        );
+        assert_eq!(found("what changed right now"), DYNAMIC);
+        assert_eq!(found("I’m locked out"), PERSONAL, "typographic apostrophe");
+        assert_eq!(found("where is the billing page"), HOW_TO);
+        assert_eq!(found("where"), 0, "a marker's first word at the end");
+        assert_eq!(found(""), 0);
     }
 
     #[test]

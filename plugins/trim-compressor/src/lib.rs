@@ -149,7 +149,7 @@ impl TrimCompressor {
                 stats.dropped_messages += 1;
                 continue;
             }
-            let content = if m.text_only {
+            let content = if m.text_only && !already_clean(&m.content) {
                 let cleaned = self.clean_text(&m.content, &mut stats);
                 (cleaned != m.content).then_some(cleaned)
             } else {
@@ -162,6 +162,46 @@ impl TrimCompressor {
         }
         (kept, stats)
     }
+}
+
+/// True when [`TrimCompressor::clean_text`] has nothing to do: no line
+/// ends in whitespace, none has a tab or a run of spaces after its
+/// indentation, no blank line follows a blank line, no line repeats the one
+/// before it and the text does not end with a newline. Most messages are
+/// like this, and one pass over them is much cheaper than building the
+/// cleaned copy to compare. It may refuse a text the clean-up leaves as it
+/// was (spaces inside a code fence); never the other way round.
+fn already_clean(text: &str) -> bool {
+    if text.ends_with('\n') {
+        return false;
+    }
+    let mut prev: Option<&str> = None;
+    for line in text.split('\n') {
+        if line.is_empty() {
+            if prev == Some("") {
+                return false;
+            }
+        } else if prev == Some(line)
+            || line.ends_with(char::is_whitespace)
+            || has_inner_run(line.trim_start_matches([' ', '\t']))
+        {
+            return false;
+        }
+        prev = Some(line);
+    }
+    true
+}
+
+/// A tab, or two spaces in a row.
+fn has_inner_run(rest: &str) -> bool {
+    let mut prev_space = false;
+    for &c in rest.as_bytes() {
+        if c == b'\t' || (c == b' ' && prev_space) {
+            return true;
+        }
+        prev_space = c == b' ';
+    }
+    false
 }
 
 /// Collapses runs of spaces and tabs after the line's indentation; most
@@ -275,6 +315,43 @@ mod tests {
         let sources: Vec<u32> = kept.iter().map(|k| k.source).collect();
         assert_eq!(sources, vec![0, 1, 3, 4]);
         assert_eq!(stats.dropped_messages, 1);
+    }
+
+    /// Every text of up to six characters from an alphabet of the
+    /// characters the clean-up treats specially: whenever the fast check
+    /// says a text is clean, the full clean-up leaves it unchanged.
+    #[test]
+    fn the_fast_check_never_skips_a_text_the_clean_up_would_change() {
+        let alphabet = [' ', '\t', '\n', 'a', 'b', '`', '\u{a0}'];
+        for max_repeats in [1, 3] {
+            let c = TrimCompressor::from_config(&format!(r#"{{"max_repeats": {max_repeats}}}"#))
+                .unwrap();
+            let mut clean = 0;
+            let mut texts = vec![String::new()];
+            for _ in 0..6 {
+                let mut longer = Vec::new();
+                for t in &texts {
+                    for ch in alphabet {
+                        let mut t = t.clone();
+                        t.push(ch);
+                        if already_clean(&t) {
+                            clean += 1;
+                            let mut s = Stats::default();
+                            assert_eq!(c.clean_text(&t, &mut s), t, "{t:?}");
+                            assert_eq!(s, Stats::default(), "{t:?}");
+                        }
+                        longer.push(t);
+                    }
+                }
+                texts = longer;
+            }
+            assert!(clean > 1000, "{clean}");
+        }
+        let prose = "What is the capital of France?\n\nAnswer briefly.\n    indented line";
+        assert!(already_clean(prose));
+        for changed in ["a  b", "a\tb", "a \nb", "a\n\n\nb", "a\na", "a\n", "\n"] {
+            assert!(!already_clean(changed), "{changed:?}");
+        }
     }
 
     #[test]

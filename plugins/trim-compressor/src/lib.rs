@@ -209,8 +209,7 @@ fn has_inner_run(rest: &str) -> bool {
 fn collapse_inner_spaces(line: &str) -> Cow<'_, str> {
     let indent_len = line.len() - line.trim_start_matches([' ', '\t']).len();
     let (indent, rest) = line.split_at(indent_len);
-    let clean = !rest.contains('\t') && !rest.contains("  ");
-    if clean {
+    if !has_inner_run(rest) {
         return Cow::Borrowed(line);
     }
     let mut out = String::with_capacity(line.len());
